@@ -1,0 +1,1 @@
+"""The .lic container: reader, writer and specification (FORMAT.md)."""

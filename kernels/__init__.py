@@ -1,0 +1,1 @@
+"""Compute kernels: plain PyTorch references and Triton implementations, with dispatchers."""

@@ -1,0 +1,34 @@
+"""BiWKV dispatcher: Triton on CUDA tensors, the PyTorch reference everywhere else.
+
+Set ``LALIC_FORCE_REFERENCE=1`` to use the reference on every device (debugging).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .biwkv_ref import biwkv_reference
+
+
+def _use_triton(k: torch.Tensor) -> bool:
+    if not k.is_cuda or os.environ.get("LALIC_FORCE_REFERENCE", "") not in ("", "0"):
+        return False
+    try:
+        from . import biwkv_triton  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def biwkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional WKV with the official kernel's semantics; see ``biwkv_ref`` for the definition.
+
+    ``w``, ``u``: (C,) decay and boost, already divided by T; ``k``, ``v``: (B, T, C).
+    """
+    if _use_triton(k):
+        from .biwkv_triton import biwkv_triton
+
+        return biwkv_triton(w, u, k, v)
+    return biwkv_reference(w, u, k, v)

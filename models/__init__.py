@@ -1,0 +1,1 @@
+"""Networks (LALIC, MambaIC, the bundled default model), weights and model cards."""
