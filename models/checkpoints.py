@@ -1,0 +1,80 @@
+"""Loading weights: official checkpoints (.pth/.pth.tar/.pt) and our safetensors files.
+
+Official checkpoints are pickles; they are only ever opened with ``torch.load(weights_only=True)``,
+which refuses anything but tensors and plain containers, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import MissingWeightsError, ModelError
+
+_EB_OLD = re.compile(r"(entropy_bottleneck)\._(matrix|bias|factor)(\d+)$")
+_EB_PLURAL = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
+
+
+def unwrap_checkpoint(obj) -> dict:
+    """The state dict inside a checkpoint: ``obj["state_dict"]``, ``["model_state_dict"]``, ``["model"]`` or ``obj``."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(torch.is_tensor(v) for v in inner.values()):
+                return inner
+        if any(torch.is_tensor(v) for v in obj.values()):
+            return obj
+    raise ModelError("the checkpoint holds no state dict (expected a dict of tensors or a 'state_dict' entry)")
+
+
+def normalize_keys(sd: dict, strip_all_module: bool = False) -> dict:
+    """Undo training wrappers and old naming: ``module.`` prefixes (DataParallel), CompressAI 1.2.6's
+    ``entropy_bottleneck._matrix0`` style names, and ``.downsample.`` -> ``.skip.`` (official eval's rename)."""
+    out = {}
+    for key, value in sd.items():
+        if not torch.is_tensor(value):
+            continue
+        k = key.replace("module.", "") if strip_all_module else re.sub(r"^(module\.)+", "", key)
+        k = k.replace(".downsample.", ".skip.")
+        m = _EB_OLD.search(k)
+        if m:
+            k = k[: m.start()] + f"{m.group(1)}.{_EB_PLURAL[m.group(2)]}.{m.group(3)}"
+        out[k] = value
+    return out
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """Read a checkpoint or safetensors file into a plain {name: tensor} dict (CPU, keys normalised)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorsError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorsError, OSError, ValueError) as e:
+            raise ModelError(f"cannot read {path.name}: {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors of many kinds; weights_only refuses code objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load {path.name} as a weights-only checkpoint: {first[:200]}") from None
+    return normalize_keys(unwrap_checkpoint(obj))
+
+
+def fingerprint(model: torch.nn.Module) -> bytes:
+    """16-byte fingerprint of a model's exact weights: SHA-256 over its state dict in sorted key order
+    (name, dtype, shape, raw bytes of the float32/int32 tensors).  Stored in every .lic header."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.digest()[:16]

@@ -1,0 +1,252 @@
+"""Entropy models with CompressAI-compatible parameters and buffers.
+
+``EntropyBottleneck`` (factorized prior, Balle et al. 2018) and ``GaussianConditional``
+keep CompressAI's names (``_quantized_cdf``, ``_offset``, ``_cdf_length``, ``scale_table``,
+``quantiles`` whose middle column holds the medians, ``matrices.N`` ...) so that official
+checkpoints load unchanged, and reproduce its training/eval semantics.  The integer CDF
+tables stored in a checkpoint are used as they are; they are computed only when a model is
+built or retrained (``update``), and then saved with the weights, so that every machine
+codes with exactly the same tables.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..entropy.tables import CdfTables, gaussian_cdf_tables, gaussian_scale_table, pmf_to_cdf_tables
+
+_TABLE_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length")
+
+
+class _LowerBoundFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bound):
+        ctx.save_for_backward(x, bound)
+        return torch.max(x, bound)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bound = ctx.saved_tensors
+        pass_through = (x >= bound) | (grad < 0)
+        return pass_through * grad, None
+
+
+class LowerBound(nn.Module):
+    """max(x, bound) whose gradient still pushes values up from below the bound."""
+
+    def __init__(self, bound: float):
+        super().__init__()
+        self.register_buffer("bound", torch.Tensor([float(bound)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LowerBoundFn.apply(x, self.bound.to(x.dtype))
+
+
+def quantize_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+class EntropyModel(nn.Module):
+    def __init__(self, likelihood_bound: float = 1e-9):
+        super().__init__()
+        self.use_likelihood_bound = likelihood_bound > 0
+        if self.use_likelihood_bound:
+            self.likelihood_lower_bound = LowerBound(likelihood_bound)
+        for name in _TABLE_BUFFERS:
+            self.register_buffer(name, torch.IntTensor())
+        self._tables_cache: CdfTables | None = None
+
+    def quantize(self, inputs: torch.Tensor, mode: str, means: torch.Tensor | None = None) -> torch.Tensor:
+        if mode == "noise":
+            return inputs + torch.empty_like(inputs).uniform_(-0.5, 0.5)
+        outputs = inputs - means if means is not None else inputs
+        outputs = torch.round(outputs)
+        if mode == "dequantize":
+            return outputs + means if means is not None else outputs
+        if mode == "symbols":
+            return outputs.int()
+        raise ValueError(f"unknown quantization mode {mode!r}")
+
+    def has_tables(self) -> bool:
+        return self._offset.numel() > 0
+
+    def tables(self) -> CdfTables:
+        """The integer CDF tables as a validated numpy ``CdfTables`` (cached)."""
+        if self._tables_cache is None:
+            if not self.has_tables():
+                raise RuntimeError("entropy model has no CDF tables; call update() first")
+            self._tables_cache = CdfTables.from_arrays(
+                self._quantized_cdf.cpu().numpy(), self._cdf_length.cpu().numpy(), self._offset.cpu().numpy()
+            )
+        return self._tables_cache
+
+    def _set_tables(self, quantized_cdf, cdf_length, offset) -> None:
+        dev = self._offset.device
+        self._quantized_cdf = torch.tensor(np.array(quantized_cdf), dtype=torch.int32, device=dev)
+        self._cdf_length = torch.tensor(np.array(cdf_length), dtype=torch.int32, device=dev)
+        self._offset = torch.tensor(np.array(offset), dtype=torch.int32, device=dev)
+        self._tables_cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # table buffers change shape with update(): take the checkpoint's shapes
+        for name in _TABLE_BUFFERS + getattr(self, "_resizable_buffers", ()):
+            key = prefix + name
+            if key in state_dict:
+                cur = getattr(self, name)
+                setattr(self, name, torch.empty_like(cur, device=cur.device).resize_(state_dict[key].shape))
+        self._tables_cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class EntropyBottleneck(EntropyModel):
+    """Factorized prior over each channel of z (CompressAI ``EntropyBottleneck`` semantics)."""
+
+    def __init__(self, channels: int, tail_mass: float = 1e-9, init_scale: float = 10.0, filters=(3, 3, 3, 3)):
+        super().__init__()
+        self.channels = int(channels)
+        self.filters = tuple(int(f) for f in filters)
+        self.init_scale = float(init_scale)
+        self.tail_mass = float(tail_mass)
+        self.quantiles = nn.Parameter(torch.Tensor([-init_scale, 0, init_scale]).repeat(channels, 1, 1))
+        target = float(np.log(2 / self.tail_mass - 1))
+        self.register_buffer("target", torch.Tensor([-target, 0, target]))
+        # registered after likelihood_lower_bound, as in CompressAI, so the state-dict order matches
+        self.matrices = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        fs = (1,) + self.filters + (1,)
+        scale = self.init_scale ** (1 / (len(self.filters) + 1))
+        for i in range(len(self.filters) + 1):
+            init = float(np.log(np.expm1(1 / scale / fs[i + 1])))
+            self.matrices.append(nn.Parameter(torch.full((channels, fs[i + 1], fs[i]), init)))
+            self.biases.append(nn.Parameter(torch.empty(channels, fs[i + 1], 1).uniform_(-0.5, 0.5)))
+            if i < len(self.filters):
+                self.factors.append(nn.Parameter(torch.zeros(channels, fs[i + 1], 1)))
+
+    def medians(self) -> torch.Tensor:
+        """(C, 1, 1) medians of the learned densities."""
+        return self.quantiles[:, :, 1:2]
+
+    def _logits_cumulative(self, inputs: torch.Tensor, stop_gradient: bool) -> torch.Tensor:
+        logits = inputs
+        for i in range(len(self.filters) + 1):
+            m, b = self.matrices[i], self.biases[i]
+            if stop_gradient:
+                m, b = m.detach(), b.detach()
+            logits = torch.matmul(F.softplus(m), logits) + b
+            if i < len(self.factors):
+                f = self.factors[i].detach() if stop_gradient else self.factors[i]
+                logits = logits + torch.tanh(f) * torch.tanh(logits)
+        return logits
+
+    def _likelihood(self, inputs: torch.Tensor, stop_gradient: bool = False):
+        lower = self._logits_cumulative(inputs - 0.5, stop_gradient)
+        upper = self._logits_cumulative(inputs + 0.5, stop_gradient)
+        return torch.sigmoid(upper) - torch.sigmoid(lower), lower, upper
+
+    def forward(self, x: torch.Tensor, training: bool | None = None):
+        """Returns (noisy or quantized x, likelihoods); x is (B, C, ...)."""
+        if training is None:
+            training = self.training
+        xt = x.transpose(0, 1)
+        shape = xt.shape
+        values = xt.reshape(shape[0], 1, -1)
+        outputs = self.quantize(values, "noise" if training else "dequantize", self.medians())
+        likelihood, _, _ = self._likelihood(outputs)
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+        outputs = outputs.reshape(shape).transpose(0, 1).contiguous()
+        likelihood = likelihood.reshape(shape).transpose(0, 1).contiguous()
+        return outputs, likelihood
+
+    def loss(self) -> torch.Tensor:
+        """Auxiliary loss that moves ``quantiles`` to the tail_mass/2, median and 1-tail_mass/2 points."""
+        logits = self._logits_cumulative(self.quantiles, stop_gradient=True)
+        return torch.abs(logits - self.target).sum()
+
+    # --- coding ------------------------------------------------------------------------
+    def symbols(self, z: torch.Tensor) -> torch.Tensor:
+        return self.quantize(z, "symbols", self.medians().detach().view(1, -1, 1, 1))
+
+    def dequantize(self, symbols: torch.Tensor) -> torch.Tensor:
+        return symbols.to(self.quantiles.dtype) + self.medians().detach().view(1, -1, 1, 1)
+
+    def indexes(self, shape) -> torch.Tensor:
+        B, C, H, W = shape
+        return torch.arange(C, dtype=torch.int32).view(1, C, 1, 1).expand(B, C, H, W)
+
+    @torch.no_grad()
+    def update(self, force: bool = False) -> bool:
+        """Compute the integer CDF tables from the learned densities (CompressAI ``update``)."""
+        if self.has_tables() and not force:
+            return False
+        q = self.quantiles.detach().float().cpu()
+        medians = q[:, 0, 1]
+        minima = torch.clamp(torch.ceil(medians - q[:, 0, 0]).int(), min=0)
+        maxima = torch.clamp(torch.ceil(q[:, 0, 2] - medians).int(), min=0)
+        pmf_start = medians - minima
+        pmf_length = maxima + minima + 1
+        max_length = int(pmf_length.max())
+        samples = (torch.arange(max_length)[None, :] + pmf_start[:, None, None]).to(self.quantiles.device)
+        pmf, lower, upper = self._likelihood(samples, stop_gradient=True)
+        pmf = pmf[:, 0, :].float().cpu()
+        tail_mass = (torch.sigmoid(lower[:, 0, :1]) + torch.sigmoid(-upper[:, 0, -1:])).float().cpu()
+        cdf = pmf_to_cdf_tables(pmf.numpy(), tail_mass[:, 0].numpy(), pmf_length.numpy())
+        self._set_tables(cdf, (pmf_length + 2).numpy(), (-minima).numpy())
+        return True
+
+
+class GaussianConditional(EntropyModel):
+    """Gaussian likelihood with per-element scales and means; coded through a table of 64 scales."""
+
+    def __init__(self, scale_bound: float = 0.11, tail_mass: float = 1e-9):
+        super().__init__()
+        self.tail_mass = float(tail_mass)
+        self.register_buffer("scale_table", torch.Tensor())
+        self.register_buffer("scale_bound", torch.Tensor([float(scale_bound)]))
+        self.lower_bound_scale = LowerBound(scale_bound)
+        self._resizable_buffers = ("scale_table",)
+
+    @staticmethod
+    def _standardized_cumulative(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.erfc(-(2**-0.5) * x)
+
+    def likelihood(self, inputs: torch.Tensor, scales: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
+        values = inputs - means if means is not None else inputs
+        scales = self.lower_bound_scale(scales)
+        values = torch.abs(values)
+        upper = self._standardized_cumulative((0.5 - values) / scales)
+        lower = self._standardized_cumulative((-0.5 - values) / scales)
+        return upper - lower
+
+    def forward(self, inputs, scales, means=None, training: bool | None = None):
+        if training is None:
+            training = self.training
+        outputs = self.quantize(inputs, "noise" if training else "dequantize", means)
+        likelihood = self.likelihood(outputs, scales, means)
+        if self.use_likelihood_bound:
+            likelihood = self.likelihood_lower_bound(likelihood)
+        return outputs, likelihood
+
+    def build_indexes(self, scales: torch.Tensor) -> torch.Tensor:
+        """Index of the CDF table for each scale: the first table scale >= the (bounded) scale.
+
+        Same result as CompressAI's loop ``63 - sum(scales <= s for s in table[:-1])``.
+        """
+        scales = torch.max(scales, self.scale_bound.to(scales.dtype))
+        table = self.scale_table[:-1].to(device=scales.device, dtype=scales.dtype).contiguous()
+        return torch.searchsorted(table, scales.contiguous(), right=False).int()
+
+    @torch.no_grad()
+    def update_scale_table(self, scale_table=None, force: bool = False) -> bool:
+        if self.has_tables() and not force:
+            return False
+        st = gaussian_scale_table() if scale_table is None else np.asarray(scale_table, dtype=np.float32)
+        t = gaussian_cdf_tables(st, tail_mass=self.tail_mass)
+        self.scale_table = torch.as_tensor(np.array(st), dtype=torch.float32, device=self.scale_bound.device)
+        self._set_tables(t.quantized_cdf, t.cdf_length, t.offset)
+        return True

@@ -1,0 +1,395 @@
+"""LALIC: learned image compression with Bi-RWKV linear attention (Feng et al., CVPR 2025).
+
+A faithful re-implementation of the official model (sjtu-medialab/RwkvCompress, ``models/lalic.py``):
+the same modules, the same state-dict keys and shapes, and the same computation, so official
+checkpoints give the paper's results.  The entropy model is ELIC's space-channel context model
+(SCCTX) with RWKV channel-context blocks: uneven channel groups, a checkerboard spatial context
+inside each group, and parameter aggregation with channel-mix blocks.
+
+Coding works on one image at a time.  ``compress`` returns the list of streams in container order:
+the hyper-latent z first, then for every channel group an anchor stream and a non-anchor stream.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..entropy.coder import decode_with_indexes, encode_with_indexes
+from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
+from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter_aggregation
+
+# ---------------------------------------------------------------------------------------------
+# checkerboard helpers: anchors are the positions with (i + j) even
+
+
+def unembed(y: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (2, B, C, H, W/2): [anchors, non-anchors], packed row by row."""
+    B, C, H, W = y.shape
+    out = y.new_empty((2, B, C, H, W // 2))
+    out[0, ..., 0::2, :] = y[..., 0::2, 0::2]
+    out[0, ..., 1::2, :] = y[..., 1::2, 1::2]
+    out[1, ..., 0::2, :] = y[..., 0::2, 1::2]
+    out[1, ..., 1::2, :] = y[..., 1::2, 0::2]
+    return out
+
+
+def embed(y_: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unembed`."""
+    _, B, C, H, W2 = y_.shape
+    y = y_.new_empty((B, C, H, W2 * 2))
+    y[..., 0::2, 0::2] = y_[0, ..., 0::2, :]
+    y[..., 1::2, 1::2] = y_[0, ..., 1::2, :]
+    y[..., 0::2, 1::2] = y_[1, ..., 0::2, :]
+    y[..., 1::2, 0::2] = y_[1, ..., 1::2, :]
+    return y
+
+
+def checkerboard_mask(h: int, w: int, anchor: bool, device=None) -> torch.Tensor:
+    ij = torch.arange(h, device=device).view(h, 1) + torch.arange(w, device=device).view(1, w)
+    return ((ij % 2 == 0) == anchor).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# latent-codec containers, named as in CompressAI so that state-dict keys match
+
+
+class _GaussianLatent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gaussian_conditional = GaussianConditional()
+
+
+class CheckerboardGroup(nn.Module):
+    """One channel group: checkerboard spatial context + parameter aggregation + Gaussian conditional."""
+
+    def __init__(self, g: int, side_ch: int, min_ch: int):
+        super().__init__()
+        self.entropy_parameters = parameter_aggregation(2 * g + side_ch, 2 * g, min_ch)
+        self.context_prediction = CheckerboardMaskedConv2d(g, 2 * g, kernel_size=5, stride=1, padding=2)
+        self.y = _GaussianLatent()
+
+    @property
+    def gaussian_conditional(self) -> GaussianConditional:
+        return self.y.gaussian_conditional
+
+    def forward(self, y: torch.Tensor, side: torch.Tensor):
+        """Training/evaluation pass ("two-pass" checkerboard).  Returns (y_hat, likelihoods)."""
+        B, g, H, W = y.shape
+        anchor = checkerboard_mask(H, W, True, y.device)
+        non_anchor = 1.0 - anchor
+        zero_ctx = y.new_zeros((B, 2 * g, H, W))
+        p_a = self.entropy_parameters(torch.cat([zero_ctx, side], dim=1))
+        s_a, m_a = p_a.chunk(2, dim=1)
+        y_hat_a = (quantize_ste(y - m_a) + m_a) * anchor
+        p_n = self.entropy_parameters(torch.cat([self.context_prediction(y_hat_a), side], dim=1))
+        s_n, m_n = p_n.chunk(2, dim=1)
+        y_hat_n = (quantize_ste(y - m_n) + m_n) * non_anchor
+        scales = s_a * anchor + s_n * non_anchor
+        means = m_a * anchor + m_n * non_anchor
+        _, likelihoods = self.gaussian_conditional(y, scales, means)
+        return y_hat_a + y_hat_n, likelihoods
+
+    def code(self, side: torch.Tensor, step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Anchor pass then non-anchor pass on packed half-grids (the order the streams are coded in).
+
+        ``step(i, scales, means)`` codes pass ``i`` (0 anchors, 1 non-anchors) and returns its
+        dequantised values, packed (B, g, H, W/2); the same routine drives encoder and decoder.
+        """
+        side_ = unembed(side)
+        B, _, H, W2 = side_.shape[1:]
+        g = self.context_prediction.in_channels
+        y_hat_ = side.new_zeros((2, B, g, H, W2))
+        for i in (0, 1):
+            if i == 0:
+                ctx = side.new_zeros((B, 2 * g, H, W2))
+            else:
+                ctx = unembed(self.context_prediction(embed(y_hat_)))[1]
+            params = self.entropy_parameters(torch.cat([ctx, side_[i]], dim=1))
+            scales, means = params.chunk(2, dim=1)
+            y_hat_[i] = step(i, scales, means)
+        return embed(y_hat_)
+
+
+class ChannelGroups(nn.Module):
+    def __init__(self, groups: list[int], M: int, N: int):
+        super().__init__()
+        self.groups = list(groups)
+        self.channel_context = nn.ModuleDict(
+            {
+                f"y{k}": nn.Sequential(
+                    nn.Conv2d(sum(groups[:k]), M, 3, padding=1),
+                    RwkvBlock(M, hidden_rate=8),
+                    RwkvBlock(M, hidden_rate=8),
+                    nn.Conv2d(M, groups[k] * 2, 1),
+                )
+                for k in range(1, len(groups))
+            }
+        )
+        self.latent_codec = nn.ModuleDict(
+            {f"y{k}": CheckerboardGroup(g, (k > 0) * 2 * g + M, 2 * N) for k, g in enumerate(groups)}
+        )
+
+    def side_params(self, k: int, hyper_params: torch.Tensor, y_hats: list[torch.Tensor]) -> torch.Tensor:
+        if k == 0:
+            return hyper_params
+        ctx = self.channel_context[f"y{k}"](torch.cat(y_hats, dim=1))
+        return torch.cat([ctx, hyper_params], dim=1)
+
+
+class _Hyper(nn.Module):
+    def __init__(self, entropy_bottleneck: EntropyBottleneck, h_a: nn.Module, h_s: nn.Module):
+        super().__init__()
+        self.entropy_bottleneck = entropy_bottleneck
+        self.h_a = h_a
+        self.h_s = h_s
+
+
+class _Hyperprior(nn.Module):
+    def __init__(self, y: ChannelGroups, hyper: _Hyper):
+        super().__init__()
+        self.y = y
+        self.hyper = hyper
+
+
+@dataclass
+class LALICConfig:
+    N: int = 128
+    M: int = 320
+    dims: tuple = (96, 144, 256, 320, 256, 192)
+    depths: tuple = (2, 4, 6, 6)
+    groups: tuple | None = None  # default: (16, 16, 32, 64, M - 128)
+
+    def resolved_groups(self) -> list[int]:
+        return list(self.groups) if self.groups else [16, 16, 32, 64, self.M - 128]
+
+    def to_dict(self) -> dict:
+        return {"N": self.N, "M": self.M, "dims": list(self.dims), "depths": list(self.depths), "groups": self.resolved_groups()}
+
+
+@dataclass
+class Coded:
+    """Result of :meth:`LALIC.compress`: streams in container order plus what the decoder needs to know."""
+
+    streams: list[bytes]
+    z_shape: tuple[int, int]
+    y_hat: torch.Tensor | None = None
+    debug: dict = field(default_factory=dict)
+
+
+class LALIC(nn.Module):
+    """The LALIC network.  ``LALIC()`` is the official default configuration (66.1 M parameters)."""
+
+    #: official evaluation pads images (centred, zeros) to a multiple of this
+    pad_multiple = 128
+    #: the network itself needs multiples of this (y at 1/16, z at 1/64)
+    size_multiple = 64
+
+    def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False):
+        super().__init__()
+        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None)
+        N1, N2, N3, N4, N5, N6 = dims
+        L1, L2, L3, L4 = depths
+        groups = self.config.resolved_groups()
+        if sum(groups) != N4:
+            raise ValueError(f"channel groups {groups} must add up to the latent width dims[3] = {N4}")
+        self.groups = groups
+        M = N4  # the official model uses dims[3] as the latent width
+        blocks = lambda n, d: [RwkvBlock(d, checkpointing=checkpointing) for _ in range(n)]  # noqa: E731
+
+        self.g_a = nn.Sequential(
+            conv(3, N1, 5), *blocks(L1, N1), conv(N1, N2, 3), *blocks(L2, N2), conv(N2, N3, 3), *blocks(L3, N3), conv(N3, N4, 3)
+        )
+        self.g_s = nn.Sequential(
+            deconv(N4, N3, 3), *blocks(L3, N3), deconv(N3, N2, 3), *blocks(L2, N2), deconv(N2, N1, 3), *blocks(L1, N1), deconv(N1, 3, 5)
+        )
+        h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
+        h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, N4, 5))
+        self.latent_codec = _Hyperprior(ChannelGroups(groups, M, N), _Hyper(EntropyBottleneck(N6), h_a, h_s))
+        # the official model also registers the hyper transforms at the top level (aliased keys)
+        self.h_a = h_a
+        self.h_s = h_s
+
+    # --- convenient accessors ----------------------------------------------------------------
+    @property
+    def entropy_bottleneck(self) -> EntropyBottleneck:
+        return self.latent_codec.hyper.entropy_bottleneck
+
+    @property
+    def channel_groups(self) -> ChannelGroups:
+        return self.latent_codec.y
+
+    def group(self, k: int) -> CheckerboardGroup:
+        return self.latent_codec.y.latent_codec[f"y{k}"]
+
+    def gaussian_conditionals(self) -> list[GaussianConditional]:
+        return [self.group(k).gaussian_conditional for k in range(len(self.groups))]
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.entropy_bottleneck.loss()
+
+    def update(self, force: bool = False) -> bool:
+        """Compute the integer CDF tables (only where missing, unless ``force``)."""
+        updated = self.entropy_bottleneck.update(force=force)
+        for gc in self.gaussian_conditionals():
+            updated |= gc.update_scale_table(force=force)
+        return updated
+
+    # --- rate hooks (identity here; the variable-rate model scales the latent) ---------------------
+    def latent_gain(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def latent_inverse_gain(self, y_hat: torch.Tensor) -> torch.Tensor:
+        return y_hat
+
+    # --- forward (training / rate estimation) -----------------------------------------------------
+    def forward(self, x: torch.Tensor) -> dict:
+        y = self.latent_gain(self.g_a(x))
+        eb = self.entropy_bottleneck
+        z = self.h_a(y)
+        z_tilde, z_likelihoods = eb(z)
+        medians = eb.medians().view(1, -1, 1, 1)
+        z_hat = quantize_ste(z - medians) + medians
+        hyper_params = self.h_s(z_hat)
+        y_split = y.split(self.groups, dim=1)
+        y_hats, likelihoods = [], []
+        for k in range(len(self.groups)):
+            side = self.channel_groups.side_params(k, hyper_params, y_hats)
+            y_hat_k, lik_k = self.group(k)(y_split[k], side)
+            y_hats.append(y_hat_k)
+            likelihoods.append(lik_k)
+        y_hat = torch.cat(y_hats, dim=1)
+        x_hat = self.g_s(self.latent_inverse_gain(y_hat))
+        return {
+            "x_hat": x_hat,
+            "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods},
+            "y": y,
+            "y_hat": y_hat,
+            "z": z,
+            "z_hat": z_hat,
+        }
+
+    # --- coding ---------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+            raise ValueError(f"expected one RGB image of shape (1, 3, H, W); got {tuple(x.shape)}")
+        m = self.size_multiple
+        if x.shape[2] % m or x.shape[3] % m:
+            raise ValueError(f"image size {tuple(x.shape[2:])} must be a multiple of {m}; pad it first")
+
+    def num_streams(self) -> int:
+        return 1 + 2 * len(self.groups)
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor, debug: bool = False) -> Coded:
+        """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams."""
+        self.check_input(x)
+        y = self.latent_gain(self.g_a(x))
+        eb = self.entropy_bottleneck
+        z = self.h_a(y)
+        z_sym = eb.symbols(z)
+        streams = [encode_with_indexes(z_sym.cpu().numpy(), eb.indexes(z.shape).numpy(), eb.tables())]
+        z_hat = eb.dequantize(z_sym)
+        dbg: dict = {"y": y, "z": z, "z_hat": z_hat, "means": [], "scale_indexes": []} if debug else {}
+        y_split = y.split(self.groups, dim=1)
+
+        def make_step(k: int):
+            y_packed = unembed(y_split[k])
+            gc = self.group(k).gaussian_conditional
+
+            def step(i, scales, means):
+                indexes = gc.build_indexes(scales)
+                sym = torch.round(y_packed[i] - means).int()
+                streams.append(encode_with_indexes(sym.cpu().numpy(), indexes.cpu().numpy(), gc.tables()))
+                if debug:
+                    dbg["means"].append(means)
+                    dbg["scale_indexes"].append(indexes)
+                return sym.to(means.dtype) + means
+
+            return step
+
+        y_hat = self._code_groups(self.h_s(z_hat), make_step)
+        return Coded(streams, tuple(z.shape[-2:]), y_hat, dbg)
+
+    @torch.no_grad()
+    def decompress(self, streams: list[bytes], z_shape: tuple[int, int]) -> dict:
+        """Decode the streams of :meth:`compress`; returns ``x_hat`` (clamped to [0, 1]) and ``y_hat``."""
+        if len(streams) != self.num_streams():
+            raise ValueError(f"expected {self.num_streams()} streams, got {len(streams)}")
+        eb = self.entropy_bottleneck
+        device = eb.quantiles.device
+        zh, zw = z_shape
+        z_shape4 = (1, eb.channels, zh, zw)
+        z_sym = decode_with_indexes(streams[0], eb.indexes(z_shape4).numpy(), eb.tables())
+        z_hat = eb.dequantize(torch.from_numpy(z_sym).to(device))
+        pos = iter(range(1, len(streams)))
+
+        def make_step(k: int):
+            gc = self.group(k).gaussian_conditional
+
+            def step(i, scales, means):
+                indexes = gc.build_indexes(scales)
+                sym = decode_with_indexes(streams[next(pos)], indexes.cpu().numpy(), gc.tables())
+                return torch.from_numpy(sym).to(device=means.device, dtype=means.dtype) + means
+
+            return step
+
+        y_hat = self._code_groups(self.h_s(z_hat), make_step)
+        x_hat = self.g_s(self.latent_inverse_gain(y_hat)).clamp_(0, 1)
+        return {"x_hat": x_hat, "y_hat": y_hat, "z_hat": z_hat}
+
+    def _code_groups(self, hyper_params: torch.Tensor, make_step) -> torch.Tensor:
+        y_hats: list[torch.Tensor] = []
+        for k in range(len(self.groups)):
+            side = self.channel_groups.side_params(k, hyper_params, y_hats)
+            y_hats.append(self.group(k).code(side, make_step(k)))
+        return torch.cat(y_hats, dim=1)
+
+    # --- construction from state dicts -------------------------------------------------------------
+    @staticmethod
+    def config_from_state_dict(sd: dict) -> LALICConfig:
+        """Infer (N, dims, depths, groups) from tensor shapes, so any checkpoint of this architecture loads.
+
+        N only sets the minimum width 2N of the parameter-aggregation ramp; the smallest middle
+        width of the ramps is used (loading then checks every shape).
+        """
+
+        def indices(pattern: str) -> list[int]:
+            rx = re.compile(pattern)
+            return sorted({int(m.group(1)) for k in sd if (m := rx.fullmatch(k))})
+
+        try:
+            convs = indices(r"g_a\.(\d+)\.weight")
+            blocks = indices(r"g_a\.(\d+)\.gamma1")
+            if len(convs) != 4:
+                raise ValueError(f"g_a has {len(convs)} convolutions, LALIC has 4")
+            dims = [sd[f"g_a.{i}.weight"].shape[0] for i in convs]
+            depths = [sum(1 for b in blocks if convs[i] < b < convs[i + 1]) for i in range(3)]
+            dims.append(sd["latent_codec.hyper.h_a.0.weight"].shape[0])
+            dims.append(sd["latent_codec.hyper.entropy_bottleneck.quantiles"].shape[0])
+            depths.append(len(indices(r"latent_codec\.hyper\.h_a\.(\d+)\.gamma1")))
+            groups = [
+                sd[f"latent_codec.y.latent_codec.y{k}.context_prediction.weight"].shape[1]
+                for k in indices(r"latent_codec\.y\.latent_codec\.y(\d+)\.context_prediction\.weight")
+            ]
+            mids = [
+                sd[f"latent_codec.y.latent_codec.y{k}.entropy_parameters.{i}.mix.weight"].shape[0]
+                for k in range(len(groups))
+                for i in (0, 2)
+            ]
+        except (KeyError, IndexError, AttributeError, TypeError) as e:
+            raise ValueError(f"not a LALIC state dict (missing or malformed: {e})") from None
+        if not groups:
+            raise ValueError("not a LALIC state dict (no channel groups)")
+        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups))
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, strict: bool = True) -> "LALIC":
+        cfg = cls.config_from_state_dict(sd)
+        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups)
+        model.load_state_dict(sd, strict=strict)
+        return model
