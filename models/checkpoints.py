@@ -52,12 +52,12 @@ def load_state_dict_file(path: str | Path) -> dict:
     if not path.is_file():
         raise MissingWeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"cannot read {path.name}: {e}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -78,3 +78,35 @@ def fingerprint(model: torch.nn.Module) -> bytes:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.digest()[:16]
+
+
+#: buffers that stay float32 in fp16 weight files (they define coding tables or tiny bounds)
+_KEEP_FP32 = ("scale_table", "scale_bound", "lambdas", ".bound", "quantiles", "target")
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, metadata: dict | None = None) -> Path:
+    """Write a model as safetensors: CDF tables computed if missing (int32), floats in fp16 unless
+    ``fp16=False``, the aliased top-level ``h_a``/``h_s`` keys left out (restored on load)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    model.update(force=False)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(("h_a.", "h_s.")):
+            continue
+        v = v.detach().cpu().contiguous()
+        if fp16 and v.is_floating_point() and not k.endswith(_KEEP_FP32):
+            v = v.half()
+        tensors[k] = v
+    meta = {"format": "lalic-codec weights v1", "architecture": type(model).__name__}
+    if hasattr(model, "config"):
+        meta["config"] = json.dumps(model.config.to_dict())
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path

@@ -240,15 +240,17 @@ class LALIC(nn.Module):
         return updated
 
     # --- rate hooks (identity here; the variable-rate model scales the latent) ---------------------
-    def latent_gain(self, y: torch.Tensor) -> torch.Tensor:
+    variable_rate = False
+
+    def latent_gain(self, y: torch.Tensor, quality=None) -> torch.Tensor:
         return y
 
-    def latent_inverse_gain(self, y_hat: torch.Tensor) -> torch.Tensor:
+    def latent_inverse_gain(self, y_hat: torch.Tensor, quality=None) -> torch.Tensor:
         return y_hat
 
     # --- forward (training / rate estimation) -----------------------------------------------------
-    def forward(self, x: torch.Tensor) -> dict:
-        y = self.latent_gain(self.g_a(x))
+    def forward(self, x: torch.Tensor, quality=None) -> dict:
+        y = self.latent_gain(self.g_a(x), quality)
         eb = self.entropy_bottleneck
         z = self.h_a(y)
         z_tilde, z_likelihoods = eb(z)
@@ -263,7 +265,7 @@ class LALIC(nn.Module):
             y_hats.append(y_hat_k)
             likelihoods.append(lik_k)
         y_hat = torch.cat(y_hats, dim=1)
-        x_hat = self.g_s(self.latent_inverse_gain(y_hat))
+        x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality))
         return {
             "x_hat": x_hat,
             "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods},
@@ -285,10 +287,10 @@ class LALIC(nn.Module):
         return 1 + 2 * len(self.groups)
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, debug: bool = False) -> Coded:
+    def compress(self, x: torch.Tensor, quality=None, debug: bool = False) -> Coded:
         """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams."""
         self.check_input(x)
-        y = self.latent_gain(self.g_a(x))
+        y = self.latent_gain(self.g_a(x), quality)
         eb = self.entropy_bottleneck
         z = self.h_a(y)
         z_sym = eb.symbols(z)
@@ -316,7 +318,7 @@ class LALIC(nn.Module):
         return Coded(streams, tuple(z.shape[-2:]), y_hat, dbg)
 
     @torch.no_grad()
-    def decompress(self, streams: list[bytes], z_shape: tuple[int, int]) -> dict:
+    def decompress(self, streams: list[bytes], z_shape: tuple[int, int], quality=None) -> dict:
         """Decode the streams of :meth:`compress`; returns ``x_hat`` (clamped to [0, 1]) and ``y_hat``."""
         if len(streams) != self.num_streams():
             raise ValueError(f"expected {self.num_streams()} streams, got {len(streams)}")
@@ -339,7 +341,7 @@ class LALIC(nn.Module):
             return step
 
         y_hat = self._code_groups(self.h_s(z_hat), make_step)
-        x_hat = self.g_s(self.latent_inverse_gain(y_hat)).clamp_(0, 1)
+        x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality)).clamp_(0, 1)
         return {"x_hat": x_hat, "y_hat": y_hat, "z_hat": z_hat}
 
     def _code_groups(self, hyper_params: torch.Tensor, make_step) -> torch.Tensor:
@@ -393,3 +395,68 @@ class LALIC(nn.Module):
         model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups)
         model.load_state_dict(sd, strict=strict)
         return model
+
+
+#: rate-distortion trade-offs of the variable-rate model's quality ladder 1..8 (loss = R + lambda 255^2 MSE)
+DEFAULT_LAMBDAS = tuple(float(f"{0.0018 * (0.0483 / 0.0018) ** (i / 7):.6f}") for i in range(8))
+
+
+class VariableRateLALIC(LALIC):
+    """LALIC with per-channel gain vectors on the latent, one per quality level (Cui et al., CVPR 2021).
+
+    ``y`` is multiplied by ``exp(log_gain[q])`` before quantisation and the decoded latent by
+    ``exp(log_inv_gain[q])`` before synthesis.  A continuous quality q in [1, L] interpolates the
+    log-gains of the two neighbouring levels, so one network covers the whole rate range.
+    """
+
+    variable_rate = True
+    pad_multiple = 64
+
+    def __init__(self, *args, lambdas=DEFAULT_LAMBDAS, **kwargs):
+        super().__init__(*args, **kwargs)
+        M = self.config.dims[3]
+        lam = torch.tensor(lambdas, dtype=torch.float32)
+        self.register_buffer("lambdas", lam)
+        # high-rate theory: the quantisation step scales like lambda^(-1/2)
+        init = 0.5 * torch.log(lam / lam[-1])
+        self.log_gain = nn.Parameter(init.view(-1, 1).repeat(1, M))
+        self.log_inv_gain = nn.Parameter(-init.view(-1, 1).repeat(1, M))
+
+    @property
+    def num_levels(self) -> int:
+        return self.lambdas.numel()
+
+    def _interp(self, table: torch.Tensor, quality) -> torch.Tensor:
+        q = torch.as_tensor(quality, dtype=table.dtype, device=table.device).reshape(-1)
+        L = self.num_levels
+        if bool(((q < 1) | (q > L)).any()):
+            raise ValueError(f"quality must lie in [1, {L}]")
+        pos = q - 1
+        lo = pos.floor().clamp(max=L - 2).long()
+        f = (pos - lo).unsqueeze(1)
+        return ((1 - f) * table[lo] + f * table[lo + 1]).unsqueeze(-1).unsqueeze(-1)
+
+    def lambda_for(self, quality) -> torch.Tensor:
+        """Lambda of a (possibly fractional) quality, interpolated log-linearly."""
+        return torch.exp(self._interp(torch.log(self.lambdas).unsqueeze(1), quality)).reshape(-1)
+
+    def latent_gain(self, y, quality=None):
+        if quality is None:
+            raise ValueError("the variable-rate model needs a quality")
+        return y * torch.exp(self._interp(self.log_gain, quality))
+
+    def latent_inverse_gain(self, y_hat, quality=None):
+        if quality is None:
+            raise ValueError("the variable-rate model needs a quality")
+        return y_hat * torch.exp(self._interp(self.log_inv_gain, quality))
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, strict: bool = True) -> "VariableRateLALIC":
+        cfg = LALIC.config_from_state_dict(sd)
+        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()))
+        model.load_state_dict(sd, strict=strict)
+        return model
+
+
+#: the bundled default model's architecture (about 7.3 M parameters)
+DEFAULT_CONFIG = dict(N=32, M=128, dims=(48, 64, 96, 128, 96, 64), depths=(0, 1, 2, 1), groups=(8, 8, 16, 32, 64))

@@ -1,4 +1,4 @@
-"""Independent pure-Python implementation of formats/FORMAT-entropy.md.
+"""Independent pure-Python implementation of formats/FORMAT.md section 12.
 
 Written from the specification only: it does not import constriction nor
 lalic_codec.entropy.coder.  It uses plain Python integers (no numpy arithmetic) so

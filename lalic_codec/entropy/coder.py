@@ -1,6 +1,6 @@
 """Range coding of integer symbols with per-element CDF tables (constriction backend).
 
-The normative description of the stream is ``formats/FORMAT-entropy.md``; this module
+The normative description of the stream is ``formats/FORMAT.md`` section 12; this module
 implements it.  Summary:
 
 * Model: table row ``i`` with integer CDF ``F_0 = 0 < F_1 < ... < F_m = 65536``

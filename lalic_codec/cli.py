@@ -1,0 +1,328 @@
+"""The ``codec`` command.
+
+Start-up matters: ``codec --help``, ``codec --version`` and ``codec info`` never import torch
+(the networks are imported inside the commands that need them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import BadInputError, CodecError, OutputExistsError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".gif", ".tga"}
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM", ".tga": "TGA"}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _say(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        click.echo(msg, err=True)
+
+
+def _fail(err: BaseException) -> int:
+    if isinstance(err, CodecError):
+        click.echo(f"codec: error: {err}", err=True)
+        return err.exit_code
+    if os.environ.get("LALIC_DEBUG"):
+        raise err
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    click.echo(f"codec: internal error: {type(err).__name__}: {detail} (set LALIC_DEBUG=1 for a traceback)", err=True)
+    return 1
+
+
+def read_input(path: str, max_bytes: int = 2**31) -> bytes:
+    if path == "-":
+        data = sys.stdin.buffer.read(max_bytes + 1)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise BadInputError(f"{path}: no such file")
+        if p.is_dir():
+            raise BadInputError(f"{path}: is a folder (give a folder as output too to process it)")
+        try:
+            if p.stat().st_size > max_bytes:
+                raise BadInputError(f"{path}: larger than {max_bytes} bytes")
+            data = p.read_bytes()
+        except OSError as e:
+            raise BadInputError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > max_bytes:
+        raise BadInputError("input larger than 2 GiB")
+    return data
+
+
+def write_output(path: str, data_or_writer, force: bool) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over the target.
+
+    ``data_or_writer`` is bytes or a callable taking a binary file object.  Nothing is left behind
+    on failure, and an existing file is replaced only with ``force``.
+    """
+    if path == "-":
+        import io
+
+        buf = io.BytesIO()
+        data_or_writer(buf) if callable(data_or_writer) else buf.write(data_or_writer)
+        sys.stdout.buffer.write(buf.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    p = Path(path)
+    if p.exists() and not force:
+        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
+    if p.is_dir():
+        raise BadInputError(f"{path} is a folder")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInputError(f"{parent}: no such folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        with os.fdopen(fd, "wb") as f:
+            data_or_writer(f) if callable(data_or_writer) else f.write(data_or_writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _output_format(path: str) -> str:
+    if path == "-":
+        return "PNG"
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    if suffix not in OUTPUT_FORMATS:
+        raise BadInputError(f"{path}: unknown output format {suffix!r} (use .png, .jpg, .webp, .bmp, .tif or .ppm)")
+    return OUTPUT_FORMATS[suffix]
+
+
+def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: str) -> int:
+    """Process (input, output) pairs; report bad files and go on; return the exit status."""
+    from tqdm import tqdm
+
+    failures, done, skipped = [], 0, 0
+    with tqdm(pairs, unit="file", disable=quiet or None, file=sys.stderr, leave=False) as bar:
+        for src, dst in bar:
+            if skip_existing and Path(dst).exists():
+                skipped += 1
+                continue
+            try:
+                job(str(src), str(dst))
+                done += 1
+            except KeyboardInterrupt:
+                raise
+            except CodecError as e:
+                failures.append((src, e))
+            except Exception as e:  # one bad file must not stop the batch
+                if os.environ.get("LALIC_DEBUG"):
+                    raise
+                failures.append((src, CodecError(f"{type(e).__name__}: {e}")))
+    parts = [f"{verb} {done} file{'s' * (done != 1)}"]
+    if skipped:
+        parts.append(f"skipped {skipped} existing")
+    if failures:
+        parts.append(f"{len(failures)} failed")
+    _say(", ".join(parts), quiet and not failures)
+    for src, e in failures:
+        click.echo(f"  {src}: {e}", err=True)
+    return failures[0][1].exit_code if failures else 0
+
+
+def _pairs(src_dir: Path, dst_dir: Path, suffixes: set[str], out_suffix: str):
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise BadInputError(f"{dst_dir} is not a folder")
+    files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise BadInputError(f"{src_dir}: no input files found")
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    return [(p, dst_dir / (p.stem + out_suffix)) for p in files]
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="codec")
+def main():
+    """lalic-codec: compress images with learned codecs into .lic files.
+
+    \b
+      codec encode photo.png photo.lic          (bundled default model)
+      codec decode photo.lic photo.png
+      codec info photo.lic
+      codec encode photos/ compressed/          (whole folders)
+      cat a.png | codec encode - - | codec decode - b.png
+    """
+
+
+def _common_model_options(f):
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="where the network runs")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="weights file (official checkpoint or .safetensors)")(f)
+    return f
+
+
+@main.command()
+@click.argument("input", metavar="IN")
+@click.argument("output", metavar="OUT")
+@click.option("--model", default="default", show_default=True, help="default (bundled), lalic or mambaic (these need --weights)")
+@click.option("--quality", "-q", type=float, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
+@click.option("--target-bpp", type=float, default=None, help="largest quality whose file is at most this many bits per pixel")
+@_common_model_options
+@click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
+@click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
+@click.option("--psnr", "report_psnr", is_flag=True, help="also decode the result and print its PSNR")
+@click.option("--quiet", is_flag=True, help="print nothing but errors")
+def encode(input, output, model, quality, target_bpp, device, weights, force, skip_existing, report_psnr, quiet):
+    """Compress image IN into OUT (.lic).  IN and OUT may be folders, or - for stdin/stdout."""
+    from ._runtime import tune_allocator
+
+    tune_allocator()
+    try:
+        if quality is not None and target_bpp is not None:
+            raise click.UsageError("give --quality or --target-bpp, not both")
+        if target_bpp is not None and not target_bpp > 0:
+            raise BadInputError("--target-bpp must be positive")
+        from . import pipeline
+
+        lm = pipeline.load_model(model, weights, device)
+
+        def job(src: str, dst: str) -> None:
+            data = read_input(src)
+            im = pipeline.open_image(data)
+            if target_bpp is not None:
+                res = pipeline.encode_to_target(im, lm, target_bpp)
+            else:
+                res = pipeline.encode_image(im, lm, quality)
+            write_output(dst, res.data, force)
+            msg = f"{src} -> {dst}: {res.width}x{res.height}, {len(res.data)} bytes, {res.bpp:.4f} bpp"
+            if lm.variable_rate:
+                msg += f", quality {res.quality:g}"
+            if report_psnr:
+                ref = pipeline.open_image(data)
+                dec = pipeline.decode_bytes(res.data, weights, device)
+                msg += f", PSNR {pipeline.image_psnr(ref, dec.image):.2f} dB"
+            for note in res.notes:
+                msg += f" ({note})"
+            if src != "-" or dst != "-":
+                _say(msg, quiet)
+
+        if input != "-" and Path(input).is_dir():
+            pairs = _pairs(Path(input), Path(output), IMAGE_SUFFIXES, ".lic")
+            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded"))
+        job(input, output)
+    except click.UsageError:
+        raise
+    except KeyboardInterrupt:
+        click.echo("codec: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        sys.exit(_fail(e))
+
+
+@main.command()
+@click.argument("input", metavar="IN")
+@click.argument("output", metavar="OUT")
+@_common_model_options
+@click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
+@click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
+@click.option("--format", "out_format", default=None, help="output format for folders and stdout (png, jpg, webp, bmp, tif, ppm)")
+@click.option("--quiet", is_flag=True, help="print nothing but errors")
+def decode(input, output, device, weights, force, skip_existing, out_format, quiet):
+    """Decompress IN (.lic) into image OUT; the format follows OUT's extension (PNG by default)."""
+    from ._runtime import tune_allocator
+
+    tune_allocator()
+    try:
+        from . import pipeline
+
+        ext = "." + out_format.lower().lstrip(".") if out_format else None
+
+        def job(src: str, dst: str) -> None:
+            data = read_input(src)
+            res = pipeline.decode_bytes(data, weights, device)
+            fmt_name = _output_format(ext if (dst == "-" and ext) else dst)
+            write_output(dst, lambda f: pipeline.save_image(res.image, f, fmt_name), force)
+            if dst != "-":
+                _say(f"{src} -> {dst}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
+
+        if input != "-" and Path(input).is_dir():
+            pairs = _pairs(Path(input), Path(output), {".lic"}, ext or ".png")
+            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded"))
+        job(input, output)
+    except KeyboardInterrupt:
+        click.echo("codec: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        sys.exit(_fail(e))
+
+
+@main.command()
+@click.argument("file", metavar="FILE")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def info(file, as_json):
+    """Describe a .lic file without decoding it (header, metadata, streams, CRC check)."""
+    try:
+        from .formats import container
+
+        data = read_input(file)
+        d = container.read_info(data)
+        d["bpp"] = 8.0 * d["file_bytes"] / (d["width"] * d["height"])
+        if as_json:
+            click.echo(json.dumps(d, indent=2))
+        else:
+            lines = [
+                f"file:        {file} ({d['file_bytes']} bytes, {d['bpp']:.4f} bpp)",
+                f"format:      .lic version {d['format_version']}",
+                f"image:       {d['width']}x{d['height']} {d['colour_mode']}, {d['bit_depth']}-bit",
+                f"model:       {d['model_id']} (weights {d['weights_fingerprint']})",
+                f"quality:     {d['quality']:g}" if d["quality"] else "quality:     fixed-rate model",
+                f"entropy:     parameters computed on {d['device_class_name']}",
+                f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
+                f"streams:     {d['stream_bytes_total']} bytes ({', '.join(str(n) for n in d['tiles'][0]['stream_bytes'])})",
+            ]
+            if d.get("metadata"):
+                lines.append(f"metadata:    {d['metadata']['content_bytes']} bytes ({d['metadata']['compressed_bytes']} compressed)")
+            if d.get("alpha"):
+                lines.append(f"alpha:       {d['alpha']['content_bytes']} bytes ({d['alpha']['compressed_bytes']} compressed)")
+            lines.append("integrity:   all CRCs OK" if d["crc_ok"] else "integrity:   CORRUPT: " + "; ".join(d["crc_errors"]))
+            click.echo("\n".join(lines))
+        if not d["crc_ok"]:
+            from .errors import CrcMismatchError
+
+            sys.exit(CrcMismatchError.exit_code)
+    except Exception as e:
+        sys.exit(_fail(e))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def train(ctx):
+    """Train or export the default model (see: codec train --help)."""
+    from .train import cli as train_cli
+
+    train_cli.main(args=ctx.args, prog_name="codec train", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()

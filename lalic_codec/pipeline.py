@@ -1,0 +1,446 @@
+"""Images to .lic bytes and back: the layer between the CLI (or the Python API) and the networks.
+
+encode: image -> orientation, colour mode, metadata -> RGB tensor -> centred zero padding ->
+model.compress -> streams -> container.  decode: container -> model (checked against the
+header's weights fingerprint) -> model.decompress -> crop -> restore mode, alpha and metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, ModelError, UnknownModelError, WeightsMismatchError
+from . import models as _models_pkg
+from .formats import container as fmt
+from .models.checkpoints import fingerprint, load_state_dict_file
+
+MODELS_DIR = Path(_models_pkg.__file__).resolve().parent  # works for wheel and editable installs
+#: bundled variable-rate model: model id -> weights file inside the package
+BUNDLED = {"default-v1": "default-v1.safetensors"}
+DEFAULT_MODEL = "default-v1"
+DEFAULT_QUALITY = 4.0
+#: largest image accepted by default (pixels); the container enforces the same bound
+MAX_PIXELS = fmt.Limits().max_pixels
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    model_id: str
+    fingerprint: bytes
+    device: torch.device
+
+    @property
+    def variable_rate(self) -> bool:
+        return bool(getattr(self.model, "variable_rate", False))
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was requested but no CUDA GPU is available")
+    if device not in ("cpu", "cuda"):
+        raise BadInputError(f"unknown device {device!r} (use cpu, cuda or auto)")
+    return torch.device(device)
+
+
+def _float_state(sd: dict) -> dict:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def _with_aliases(sd: dict) -> dict:
+    """Restore the top-level h_a/h_s aliases that our weight files leave out."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.startswith("latent_codec.hyper.h_a.") or k.startswith("latent_codec.hyper.h_s."):
+            out.setdefault(k[len("latent_codec.hyper."):], v)
+    return out
+
+
+def build_from_state_dict(sd: dict, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
+    """Construct the right network for a state dict; returns (model, model id)."""
+    from .models.lalic import LALIC, VariableRateLALIC
+
+    sd = _with_aliases(_float_state(sd))
+    try:
+        if "lambdas" in sd and "log_gain" in sd:
+            return VariableRateLALIC.from_state_dict(sd), "lalic-vr"
+        if "g_a.0.weight" in sd and any(k.startswith("latent_codec.y.channel_context") for k in sd):
+            return LALIC.from_state_dict(sd), "lalic"
+        if any(k.startswith("context_vss") or k.startswith("cc_mean_transforms") for k in sd):
+            from .models.mambaic import MambaIC  # noqa: F401  (issue: MambaIC support)
+
+            return MambaIC.from_state_dict(sd), "mambaic"
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"the weights do not fit the {model_name or 'detected'} architecture: {first[:300]}") from None
+    except ImportError:
+        raise UnknownModelError("MambaIC weights are not supported by this version") from None
+    raise ModelError("unrecognised weights: neither a LALIC nor a MambaIC state dict")
+
+
+def load_model(model: str = DEFAULT_MODEL, weights: str | Path | None = None, device: str | None = "auto") -> LoadedModel:
+    """Load (once per process) the bundled model or a weights file, on ``device``."""
+    dev = resolve_device(device)
+    if weights is None:
+        if model in ("default", DEFAULT_MODEL):
+            model = DEFAULT_MODEL
+        if model not in BUNDLED:
+            raise MissingWeightsError(
+                f"model {model!r} has no bundled weights; pass --weights PATH (e.g. the official checkpoint)"
+            )
+        path = MODELS_DIR / BUNDLED[model]
+        if not path.is_file():
+            raise MissingWeightsError(f"the bundled weights {path.name} are missing from this installation")
+    else:
+        path = Path(weights)
+    try:
+        stat = path.stat()
+    except OSError:
+        raise MissingWeightsError(f"weights file not found: {path}") from None
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(dev))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        sd = load_state_dict_file(path)
+        net, kind = build_from_state_dict(sd, model)
+        net.update(force=False)  # tables stored with the weights are used as they are
+        net = net.to(dev).eval()
+        model_id = model if weights is None else kind
+        loaded = LoadedModel(net, model_id, fingerprint(net), dev)
+        _cache[key] = loaded
+        return loaded
+
+
+def clear_model_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# images in
+
+
+@dataclass
+class PreparedImage:
+    rgb: np.ndarray  # (H, W, 3) uint8
+    mode: fmt.ColourMode
+    bit_depth: int
+    alpha: np.ndarray | None  # (H, W) uint8 or uint16
+    metadata: fmt.Metadata
+    notes: list
+
+
+def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image, refusing decompression bombs before they are decoded."""
+    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        im = Image.open(src)
+        if im.width * im.height > max_pixels:
+            raise LimitExceededError(f"image is {im.width}x{im.height}, more than the limit of {max_pixels} pixels")
+        im.load()
+        return im
+    except Image.DecompressionBombError as e:
+        raise LimitExceededError(f"image too large: {e}") from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, CodecError):
+            raise
+        raise BadInputError(f"not a readable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _palette_bytes(im: Image.Image) -> bytes:
+    pal = im.getpalette() or []
+    pal = bytes(pal[:768])
+    return pal + bytes(768 - len(pal))
+
+
+def prepare_image(im: Image.Image) -> PreparedImage:
+    """Apply EXIF orientation and bring any Pillow mode to 8-bit RGB, remembering how to restore it."""
+    notes: list[str] = []
+    icc = im.info.get("icc_profile") or None
+    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block must not stop the encode
+        notes.append("EXIF orientation could not be read and was ignored")
+    exif = im.info.get("exif") or None
+    if exif is None:
+        e = im.getexif()
+        exif = e.tobytes() if len(e) else None
+    bit_depth = 8
+    alpha = None
+    palette = None
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I") else 1.0
+        if mode == "I" and a.max(initial=0) <= 255:
+            hi = 255.0
+        else:
+            bit_depth = 16
+        g = np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
+        im = Image.fromarray(g, "L")
+        if bit_depth == 16:
+            notes.append("16-bit image coded at 8 bits per sample")
+        mode = "L"
+    if mode == "1":
+        im, mode = im.convert("L"), "L"
+    if mode == "P" and ("transparency" in im.info or im.palette is not None and im.palette.mode == "RGBA"):
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode == "PA":
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode == "P":
+        palette = _palette_bytes(im)
+        cm = fmt.ColourMode.P
+        rgb = im.convert("RGB")
+    elif mode == "L":
+        cm, rgb = fmt.ColourMode.L, im.convert("RGB")
+    elif mode == "LA":
+        cm = fmt.ColourMode.LA
+        alpha = np.asarray(im.getchannel("A"), dtype=np.uint8)
+        rgb = im.convert("L").convert("RGB")
+    elif mode in ("RGBA", "RGBa"):
+        cm = fmt.ColourMode.RGBA
+        im = im.convert("RGBA")
+        alpha = np.asarray(im.getchannel("A"), dtype=np.uint8)
+        rgb = im.convert("RGB")
+    else:
+        if mode not in ("RGB",):
+            notes.append(f"{mode} image converted to RGB")
+        cm, rgb = fmt.ColourMode.RGB, im.convert("RGB")
+        if mode == "CMYK":
+            icc = None  # a CMYK profile does not describe the RGB data we code
+    meta = fmt.Metadata(icc=icc, exif=exif, xmp=xmp, palette=palette)
+    return PreparedImage(np.asarray(rgb, dtype=np.uint8), cm, bit_depth, alpha, meta, notes)
+
+
+def centred_padding(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding up to a multiple, centred as the official evaluation does."""
+    H = -(-h // multiple) * multiple
+    W = -(-w // multiple) * multiple
+    left, top = (W - w) // 2, (H - h) // 2
+    return left, W - w - left, top, H - h - top
+
+
+def _to_tensor(rgb: np.ndarray, pad, device) -> torch.Tensor:
+    x = torch.from_numpy(np.array(rgb.transpose(2, 0, 1))).float().div_(255.0).unsqueeze(0)
+    l, r, t, b = pad
+    return torch.nn.functional.pad(x, (l, r, t, b)).to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# encode / decode
+
+
+@dataclass
+class EncodeResult:
+    data: bytes
+    width: int
+    height: int
+    quality: float
+    notes: list
+
+    @property
+    def bpp(self) -> float:
+        return 8.0 * len(self.data) / (self.width * self.height)
+
+
+def _device_class(dev: torch.device) -> int:
+    return int(fmt.DeviceClass.CUDA if dev.type == "cuda" else fmt.DeviceClass.CPU)
+
+
+def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None) -> EncodeResult:
+    prep = prepare_image(im)
+    H, W = prep.rgb.shape[:2]
+    if lm.variable_rate:
+        q = DEFAULT_QUALITY if quality is None else float(quality)
+        L = lm.model.num_levels
+        if not (1.0 <= q <= L):
+            raise BadInputError(f"quality must be between 1 and {L}, got {q:g}")
+    else:
+        if quality is not None:
+            prep.notes.append(f"model {lm.model_id} has a fixed rate; --quality ignored")
+        q = 0.0
+    pad = centred_padding(H, W, lm.model.pad_multiple)
+    x = _to_tensor(prep.rgb, pad, lm.device)
+    with torch.inference_mode():
+        coded = lm.model.compress(x, quality=torch.tensor([q], device=lm.device) if lm.variable_rate else None)
+    header = fmt.Header(
+        model_id=lm.model_id,
+        weights_fingerprint=lm.fingerprint,
+        quality=q,
+        width=W,
+        height=H,
+        colour_mode=prep.mode,
+        bit_depth=prep.bit_depth if prep.mode in (fmt.ColourMode.L, fmt.ColourMode.LA) else 8,
+        device_class=_device_class(lm.device),
+        streams_per_tile=len(coded.streams),
+    )
+    alpha = prep.alpha.tobytes() if prep.alpha is not None else None
+    if alpha is not None and header.bit_depth == 16:
+        alpha = (prep.alpha.astype("<u2") * 257).tobytes()
+    tile = fmt.Tile(0, 0, W, H, pad, coded.streams)
+    data = fmt.write(fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=[tile]))
+    return EncodeResult(data, W, H, q, prep.notes)
+
+
+def encode_to_target(im: Image.Image, lm: LoadedModel, target_bpp: float, iterations: int = 7) -> EncodeResult:
+    """The highest quality whose file is at most ``target_bpp`` (bisection over continuous quality).
+
+    If even the lowest quality is larger, that smallest file is returned with a note."""
+    if not lm.variable_rate:
+        raise BadInputError(f"model {lm.model_id} has a fixed rate; --target-bpp needs a variable-rate model")
+    lo, hi = 1.0, float(lm.model.num_levels)
+    best = encode_image(im, lm, lo)
+    if best.bpp > target_bpp:
+        best.notes.append(f"target {target_bpp:g} bpp is below the smallest file this model makes")
+        return best
+    top = encode_image(im, lm, hi)
+    if top.bpp <= target_bpp:
+        return top
+    for _ in range(iterations):
+        mid = round((lo + hi) / 2, 4)
+        res = encode_image(im, lm, mid)
+        if res.bpp <= target_bpp:
+            lo, best = mid, res
+        else:
+            hi = mid
+    return best
+
+
+def model_for_file(header: fmt.Header, weights: str | Path | None, device: str | None) -> LoadedModel:
+    if weights is None:
+        if header.model_id not in BUNDLED:
+            raise MissingWeightsError(
+                f"this file was encoded with model {header.model_id!r} (weights {header.weights_fingerprint.hex()}); "
+                "pass the same weights with --weights PATH"
+            )
+        lm = load_model(header.model_id, None, device)
+    else:
+        lm = load_model(header.model_id, weights, device)
+    if lm.fingerprint != header.weights_fingerprint:
+        raise WeightsMismatchError(
+            f"the file was encoded with weights {header.weights_fingerprint.hex()}, "
+            f"but the weights given have fingerprint {lm.fingerprint.hex()}"
+        )
+    return lm
+
+
+@dataclass
+class DecodeResult:
+    image: Image.Image
+    header: fmt.Header
+    notes: list
+
+
+def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | None = "auto", limits: fmt.Limits | None = None) -> DecodeResult:
+    lic = fmt.read(data, limits)
+    h = lic.header
+    lm = model_for_file(h, weights, device)
+    if len(lic.tiles[0].streams) != lm.model.num_streams():
+        raise fmt_corrupt(f"the file has {len(lic.tiles[0].streams)} streams per tile; model {h.model_id} uses {lm.model.num_streams()}")
+    canvas = np.zeros((h.height, h.width, 3), dtype=np.uint8)
+    q = torch.tensor([h.quality], device=lm.device) if lm.variable_rate else None
+    for tile in lic.tiles:
+        l, r, t, b = tile.pad
+        Hp, Wp = tile.h + t + b, tile.w + l + r
+        m = lm.model.size_multiple
+        if Hp % m or Wp % m:
+            raise fmt_corrupt(f"tile at ({tile.x}, {tile.y}): padded size {Wp}x{Hp} is not a multiple of {m}")
+        with torch.inference_mode():
+            out = lm.model.decompress(tile.streams, (Hp // 64, Wp // 64), quality=q)
+        x_hat = out["x_hat"][0, :, t : t + tile.h, l : l + tile.w]
+        canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = to_uint8(x_hat)
+    return DecodeResult(restore_image(canvas, lic), h, [])
+
+
+def fmt_corrupt(msg: str):
+    from .errors import CorruptFileError
+
+    return CorruptFileError(msg)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8, rounding to nearest."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def restore_image(rgb: np.ndarray, lic: fmt.LicFile) -> Image.Image:
+    h = lic.header
+    im = Image.fromarray(rgb, "RGB")
+    cm = h.colour_mode
+    if cm in (fmt.ColourMode.L, fmt.ColourMode.LA):
+        im = im.convert("L")
+    elif cm == fmt.ColourMode.P:
+        pal = Image.new("P", (1, 1))
+        pal.putpalette(lic.metadata.palette)
+        im = im.quantize(palette=pal, dither=Image.Dither.NONE)
+    if cm in (fmt.ColourMode.RGBA, fmt.ColourMode.LA) and lic.alpha is not None:
+        if h.bit_depth == 16:
+            a = np.frombuffer(lic.alpha, dtype="<u2").reshape(h.height, h.width)
+            a = np.round(a / 257.0).astype(np.uint8)
+        else:
+            a = np.frombuffer(lic.alpha, dtype=np.uint8).reshape(h.height, h.width)
+        im.putalpha(Image.fromarray(a, "L"))
+    md = lic.metadata
+    if md.icc:
+        im.info["icc_profile"] = md.icc
+    if md.exif:
+        im.info["exif"] = md.exif
+    if md.xmp:
+        im.info["xmp"] = md.xmp
+    return im
+
+
+def save_image(im: Image.Image, fp, fmt_name: str) -> None:
+    """Write a decoded image with its metadata in the requested format (PNG, JPEG, WebP, TIFF, BMP...)."""
+    fmt_name = fmt_name.upper()
+    kw = {}
+    if im.info.get("icc_profile") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
+        kw["icc_profile"] = im.info["icc_profile"]
+    if im.info.get("exif") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
+        kw["exif"] = im.info["exif"]
+    if fmt_name == "JPEG":
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGB" if im.mode != "LA" else "L")
+        kw["quality"] = 95
+    if fmt_name == "WEBP":
+        kw["lossless"] = True
+    try:
+        im.save(fp, format=fmt_name, **kw)
+    except (KeyError, ValueError) as e:
+        raise BadInputError(f"cannot write {fmt_name} images: {e}") from None
+
+
+def image_psnr(reference: Image.Image, decoded: Image.Image) -> float:
+    """PSNR (dB) of the decoded RGB image against the oriented RGB reference."""
+    ref = prepare_image(reference).rgb
+    return psnr(ref, np.asarray(decoded.convert("RGB"), dtype=np.uint8))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)

@@ -1,0 +1,424 @@
+"""Training pipeline for the variable-rate default model (``codec train`` / ``python -m lalic_codec.train``).
+
+* Data: any folder of images; random crops (256 by default; a 512 fine-tune crops up to 512 and
+  at most the image) and flips, decoded in DataLoader workers.  Which file, which crop and which
+  quality level every sample gets is a pure function of (seed, sample index), so a resumed run
+  sees exactly the batches an uninterrupted run would have seen.
+* Loss: bpp + lambda_q * 255^2 * MSE per sample, with q drawn uniformly from the quality ladder,
+  plus the factorized prior's auxiliary quantile loss on its own optimizer.  Adam, linear warm-up,
+  constant rate, cosine decay over the last part of the run, gradient clipping; bf16 autocast on CUDA.
+* Checkpoints hold model, optimizers, scheduler, step and RNG state; a JSONL log holds losses and
+  periodic validation (estimated bpp and PSNR at several qualities on a few validation images).
+* ``export`` turns a checkpoint into the shipped safetensors file (fp16 weights, int32 CDF tables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+from ._runtime import tune_allocator
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
+DEFAULT_TRAIN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
+DEFAULT_VAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak"
+
+
+@dataclass
+class TrainConfig:
+    data: str = str(DEFAULT_TRAIN_DIR)
+    val_data: str = str(DEFAULT_VAL_DIR)
+    out: str = "runs/default"
+    steps: int = 100_000
+    batch: int = 8
+    accum: int = 1
+    crop: int = 256
+    lr: float = 1e-4
+    aux_lr: float = 1e-3
+    warmup: int = 500
+    decay_start: float = 0.8  # fraction of `steps` after which the rate decays (cosine) to lr/20
+    clip: float = 1.0
+    seed: int = 0
+    workers: int = 1
+    log_every: int = 20
+    val_every: int = 500
+    val_count: int = 6
+    val_qualities: tuple = (1.0, 4.0, 8.0)
+    ckpt_every: int = 200
+    threads: int = 0  # 0: torch's default
+    init_from: str | None = None
+    arch: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise click.ClickException(f"no images found in {folder}")
+    return files
+
+
+def _mix(*xs: int) -> int:
+    """A stable 63-bit hash of integers (independent of PYTHONHASHSEED)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= (x + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return h >> 1
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Item ``(file_index, sample_seed)`` -> a random crop with a random flip, as a float tensor in [0, 1]."""
+
+    def __init__(self, files: list[Path], crop: int):
+        self.files = files
+        self.crop = crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        idx, seed = item
+        rng = np.random.default_rng(seed)
+        with Image.open(self.files[idx]) as im:
+            img = im.convert("RGB")
+        W, H = img.size
+        ch = min(self.crop, H // 64 * 64)
+        cw = min(self.crop, W // 64 * 64)
+        if ch < 64 or cw < 64:
+            img = img.resize((max(W, 64), max(H, 64)), Image.BICUBIC)
+            W, H = img.size
+            ch, cw = min(self.crop, H // 64 * 64), min(self.crop, W // 64 * 64)
+        top = int(rng.integers(0, H - ch + 1))
+        left = int(rng.integers(0, W - cw + 1))
+        a = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) / 255.0
+        if rng.random() < 0.5:
+            a = a[:, ::-1]
+        if rng.random() < 0.5:
+            a = a[::-1]
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Infinite stream of (file_index, sample_seed) starting at sample ``start``; epoch e uses a
+    permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int, start: int = 0):
+        self.n, self.seed, self.start = n, seed, start
+
+    def __iter__(self):
+        s = self.start
+        while True:
+            epoch, pos = divmod(s, self.n)
+            perm = np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)
+            while pos < self.n:
+                yield int(perm[pos]), _mix(self.seed, 1, s)
+                pos += 1
+                s += 1
+
+
+def quality_levels(seed: int, step: int, batch: int, levels: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_mix(seed, 2, step))
+    return torch.randint(1, levels + 1, (batch,), generator=g).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# model, loss, schedule
+
+
+def build_model(arch: dict):
+    from .models.lalic import DEFAULT_CONFIG, VariableRateLALIC
+
+    return VariableRateLALIC(**(arch or DEFAULT_CONFIG))
+
+
+def rd_terms(out: dict, x: torch.Tensor):
+    """Per-sample bits per pixel and MSE."""
+    n_pix = x.shape[2] * x.shape[3]
+    bits = sum(torch.log(lik).flatten(1).sum(1) for lik in out["likelihoods"].values()) / -math.log(2)
+    mse = (out["x_hat"].float() - x).square().flatten(1).mean(1)
+    return bits / n_pix, mse
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    start = int(cfg.decay_start * cfg.steps)
+    if step < start:
+        return 1.0
+    t = min(1.0, (step - start) / max(1, cfg.steps - start))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def split_params(model):
+    main, aux = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (aux if name.endswith("quantiles") else main).append(p)
+    return main, aux
+
+
+@torch.no_grad()
+def validate(model, files: list[Path], qualities, device) -> dict:
+    model.eval()
+    res = {}
+    for q in qualities:
+        bpps, psnrs = [], []
+        for f in files:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            H, W = a.shape[:2]
+            x = torch.from_numpy(a.transpose(2, 0, 1)).unsqueeze(0).to(device)
+            x = x[..., : H // 64 * 64, : W // 64 * 64]
+            out = model(x, quality=torch.tensor([q], device=device))
+            bpp, _ = rd_terms(out, x)
+            x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
+            mse = (x_hat - x).square().mean().item()
+            bpps.append(bpp.item())
+            psnrs.append(-10 * math.log10(max(mse, 1e-12)))
+        res[f"q{q:g}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
+    model.train()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None = None) -> Path:
+    tune_allocator()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    state = None
+    if resume:
+        state = load_checkpoint(Path(resume))
+        saved = TrainConfig(**{**asdict(cfg), **state["config"]})
+        # the run's identity (data, seed, architecture) comes from the checkpoint; the phase
+        # settings (steps, crop, batch, lr...) are whatever this invocation asks for
+        cfg = TrainConfig(**{**asdict(cfg), "data": saved.data, "seed": saved.seed, "arch": saved.arch})
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch).to(device)
+    if cfg.init_from and state is None:
+        from .models.checkpoints import load_state_dict_file
+
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(cfg.init_from).items()})
+    main_p, aux_p = split_params(model)
+    opt = torch.optim.Adam(main_p, lr=cfg.lr)
+    aux_opt = torch.optim.Adam(aux_p, lr=cfg.aux_lr)
+    step, samples, elapsed = 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        aux_opt.load_state_dict(state["aux_optimizer"])
+        step, samples, elapsed = state["step"], state["samples"], state.get("train_seconds", 0.0)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * lr_factor(step, cfg)
+    model.train()
+
+    files = list_images(cfg.data)
+    val_files = list_images(cfg.val_data)[: cfg.val_count] if cfg.val_count else []
+    per_step = cfg.batch * cfg.accum
+    loader = torch.utils.data.DataLoader(
+        CropDataset(files, cfg.crop),
+        batch_size=cfg.batch,
+        sampler=StepSampler(len(files), cfg.seed, start=samples),
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    batches = iter(loader)  # draws worker seeds from the global RNG: before restoring it
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+    log = open(out_dir / "log.jsonl", "a")
+    levels = model.num_levels
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def snapshot() -> dict:
+        st = {
+            "config": asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "aux_optimizer": aux_opt.state_dict(),
+            "step": step,
+            "samples": samples,
+            "train_seconds": elapsed,
+            "device": device.type,
+            "rng": torch.get_rng_state(),
+        }
+        if device.type == "cuda":
+            st["cuda_rng"] = torch.cuda.get_rng_state()
+        return st
+
+    t_start = time.time()
+    acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
+    try:
+        while step < cfg.steps and not stop["flag"]:
+            if max_seconds is not None and time.time() - t_start > max_seconds:
+                break
+            t0 = time.time()
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, cfg)
+            q = quality_levels(cfg.seed, step, per_step, levels).to(device)
+            opt.zero_grad(set_to_none=True)
+            for a in range(cfg.accum):
+                x = next(batches).to(device, non_blocking=True)
+                qa = q[a * cfg.batch : (a + 1) * cfg.batch]
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = model(x, quality=qa)
+                bpp, mse = rd_terms(out, x)
+                lam = model.lambda_for(qa)
+                loss = (bpp + lam * 255.0**2 * mse).mean()
+                (loss / cfg.accum).backward()
+                acc["loss"] += loss.item() / cfg.accum
+                acc["bpp"] += bpp.mean().item() / cfg.accum
+                acc["mse"] += mse.mean().item() / cfg.accum
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(main_p, cfg.clip)
+            opt.step()
+            aux_opt.zero_grad(set_to_none=True)
+            aux = model.aux_loss()
+            aux.backward()
+            aux_opt.step()
+            acc["aux"] += aux.item()
+            acc["n"] += 1
+            step += 1
+            samples += per_step
+            elapsed += time.time() - t0
+            if step % cfg.log_every == 0:
+                n = acc.pop("n")
+                rec = {k: v / n for k, v in acc.items()}
+                rec.update(type="train", step=step, lr=opt.param_groups[0]["lr"], sec_per_step=(time.time() - t0), train_seconds=round(elapsed, 1), time=time.time())
+                rec["psnr"] = -10 * math.log10(max(rec["mse"], 1e-12))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
+            if val_files and cfg.val_every and step % cfg.val_every == 0:
+                log.write(json.dumps({"type": "val", "step": step, "time": time.time(), **validate(model, val_files, cfg.val_qualities, device)}) + "\n")
+                log.flush()
+            if step % cfg.ckpt_every == 0:
+                save_checkpoint(ckpt_path, snapshot())
+    finally:
+        save_checkpoint(ckpt_path, snapshot())
+        log.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return ckpt_path
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: dict | None = None) -> Path:
+    """Write the shipped weights: model tensors (fp16 unless ``fp16=False``), CDF tables (int32) and
+    metadata (architecture, lambdas, training summary) as a safetensors file."""
+    from .models.checkpoints import save_weights
+
+    state = load_checkpoint(Path(checkpoint))
+    cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
+    model = build_model(cfg.arch)
+    model.load_state_dict(state["model"])
+    model.update(force=True)
+    meta = {
+        "lambdas": model.lambdas.tolist(),
+        "train_steps": str(state["step"]),
+        "train_samples": str(state["samples"]),
+        "train_seconds": f"{state.get('train_seconds', 0.0):.0f}",
+        "train_device": state.get("device", "?"),
+        "train_crop": str(cfg.crop),
+        "notes": notes or {},
+    }
+    return save_weights(model, out, fp16=fp16, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+@click.group(invoke_without_command=False)
+def cli():
+    """Train the default model, resume training, or export a checkpoint."""
+
+
+@cli.command("run")
+@click.option("--data", default=str(DEFAULT_TRAIN_DIR), show_default=True, help="folder of training images")
+@click.option("--val-data", default=str(DEFAULT_VAL_DIR), show_default=True, help="folder of validation images (never trained on)")
+@click.option("--out", default="runs/default", show_default=True, help="run folder (checkpoint.pt, log.jsonl)")
+@click.option("--steps", default=100_000, show_default=True)
+@click.option("--batch", default=8, show_default=True)
+@click.option("--accum", default=1, show_default=True, help="gradient accumulation (batches per step)")
+@click.option("--crop", default=256, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--warmup", default=500, show_default=True)
+@click.option("--decay-start", default=0.8, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=1, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: default)")
+@click.option("--val-every", default=500, show_default=True)
+@click.option("--val-count", default=6, show_default=True)
+@click.option("--ckpt-every", default=200, show_default=True)
+@click.option("--log-every", default=20, show_default=True)
+@click.option("--init-from", default=None, help="start from these weights (e.g. the shipped default model)")
+@click.option("--resume", default=None, help="resume exactly from a checkpoint.pt")
+@click.option("--max-seconds", default=None, type=float, help="stop (and checkpoint) after this much wall time")
+def run_cmd(resume, max_seconds, **kw):
+    """Train (or resume training) the variable-rate default model."""
+    cfg = TrainConfig(**kw)
+    path = train(cfg, resume=resume, max_seconds=max_seconds)
+    click.echo(f"checkpoint: {path}")
+
+
+@cli.command("export")
+@click.argument("checkpoint")
+@click.argument("out")
+@click.option("--fp32", is_flag=True, help="keep float32 weights")
+def export_cmd(checkpoint, out, fp32):
+    """Export CHECKPOINT to the safetensors weights file OUT."""
+    click.echo(f"wrote {export(checkpoint, out, fp16=not fp32)}")
+
+
+def main():
+    cli(prog_name="python -m lalic_codec.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Images to .lic and back: exact reconstruction, any size, colour modes, alpha, metadata."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import natural_image
+from lalic_codec import pipeline
+from lalic_codec.errors import BadInputError, CorruptFileError, CrcMismatchError, LimitExceededError, MissingWeightsError, WeightsMismatchError
+from lalic_codec.formats import container as fmt
+
+
+@pytest.fixture(scope="module")
+def vr(tiny_vr_weights):
+    return pipeline.load_model("x", tiny_vr_weights, "cpu")
+
+
+def encoder_reconstruction(lm, rgb: np.ndarray, quality: float) -> np.ndarray:
+    """What the encoder itself reconstructs from its quantised latent (no bitstream involved)."""
+    H, W = rgb.shape[:2]
+    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple)
+    x = pipeline._to_tensor(rgb, pad, lm.device)
+    q = torch.tensor([quality])
+    with torch.inference_mode():
+        coded = lm.model.compress(x, quality=q)
+        x_hat = lm.model.g_s(lm.model.latent_inverse_gain(coded.y_hat, q)).clamp(0, 1)
+    l, r, t, b = pad
+    return pipeline.to_uint8(x_hat[0, :, t : t + H, l : l + W])
+
+
+@pytest.mark.parametrize("h,w", [(97, 203), (1, 1), (64, 64), (65, 130), (3, 200)])
+def test_decode_equals_encoder_reconstruction(vr, h, w):
+    rgb = natural_image(h, w, seed=h * w)
+    res = pipeline.encode_image(Image.fromarray(rgb), vr, quality=5)
+    dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu")
+    out = np.asarray(dec.image)
+    assert out.shape == (h, w, 3) and dec.image.mode == "RGB"
+    assert np.array_equal(out, encoder_reconstruction(vr, rgb, 5.0))
+    assert res.bpp == 8 * len(res.data) / (h * w)
+
+
+def vr_path(lm):
+    # the cache key is the path; find it back for decode_bytes
+    for key, value in pipeline._cache.items():
+        if value is lm:
+            return key[0]
+    raise AssertionError("model not cached")
+
+
+def test_quality_changes_rate_and_is_recorded(vr):
+    im = Image.fromarray(natural_image(128, 128, seed=3))
+    sizes = []
+    for q in (1, 2.5, 8):
+        res = pipeline.encode_image(im, vr, quality=q)
+        assert fmt.read(res.data).header.quality == pytest.approx(q)
+        sizes.append(len(res.data))
+    assert len(set(sizes)) == 3
+    with pytest.raises(BadInputError):
+        pipeline.encode_image(im, vr, quality=9)
+
+
+def test_target_bpp_lands_at_or_under_target(vr):
+    im = Image.fromarray(natural_image(128, 192, seed=4))
+    lo = pipeline.encode_image(im, vr, 1.0).bpp
+    hi = pipeline.encode_image(im, vr, 8.0).bpp
+    target = (lo + hi) / 2
+    res = pipeline.encode_to_target(im, vr, target)
+    assert res.bpp <= target
+    assert 1.0 < res.quality < 8.0
+    # the next quality step up would overshoot (the search is not lazy)
+    assert pipeline.encode_image(im, vr, min(8.0, res.quality + 0.1)).bpp > res.bpp
+    # an unreachable target gives the smallest file, with a note
+    tiny = pipeline.encode_to_target(im, vr, lo / 10)
+    assert tiny.quality == 1.0 and tiny.notes
+
+
+def test_grayscale_restored_as_grayscale(vr):
+    g = natural_image(50, 70)[..., 0]
+    res = pipeline.encode_image(Image.fromarray(g, "L"), vr)
+    assert fmt.read(res.data).header.colour_mode == fmt.ColourMode.L
+    dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image
+    assert dec.mode == "L" and dec.size == (70, 50)
+
+
+def test_palette_restored_with_its_palette(vr):
+    p = Image.fromarray(natural_image(40, 60)).quantize(16)
+    res = pipeline.encode_image(p, vr)
+    dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image
+    assert dec.mode == "P"
+    assert dec.getpalette()[:48] == p.getpalette()[:48]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_lossless(vr, mode):
+    rgb = natural_image(33, 47)
+    alpha = (np.arange(33 * 47).reshape(33, 47) * 7 % 256).astype(np.uint8)
+    base = Image.fromarray(rgb).convert("L" if mode == "LA" else "RGB")
+    base.putalpha(Image.fromarray(alpha))
+    res = pipeline.encode_image(base, vr)
+    dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image
+    assert dec.mode == mode
+    assert np.array_equal(np.asarray(dec.getchannel("A")), alpha)
+
+
+def test_sixteen_bit_grayscale_is_coded_at_8_bits_with_a_note(vr):
+    a = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)
+    im = Image.fromarray(a)
+    assert im.mode.startswith("I;16")
+    res = pipeline.encode_image(im, vr)
+    h = fmt.read(res.data).header
+    assert h.bit_depth == 16 and h.colour_mode == fmt.ColourMode.L
+    assert any("16-bit" in n for n in res.notes)
+    assert pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image.mode == "L"
+
+
+def test_exif_orientation_applied_and_metadata_kept(vr):
+    im = Image.fromarray(natural_image(30, 50))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    exif[0x010F] = "lalic-test-camera"
+    icc = b"fake-icc-profile-bytes" * 10
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", exif=exif.tobytes(), icc_profile=icc)
+    res = pipeline.encode_image(pipeline.open_image(buf.getvalue()), vr)
+    dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image
+    assert dec.size == (30, 50)  # width and height swapped by the orientation
+    assert dec.info["icc_profile"] == icc
+    out_exif = Image.Exif()
+    out_exif.load(dec.info["exif"])
+    assert out_exif.get(0x0112, 1) == 1 and out_exif[0x010F] == "lalic-test-camera"
+    saved = io.BytesIO()
+    pipeline.save_image(dec, saved, "PNG")
+    again = Image.open(io.BytesIO(saved.getvalue()))
+    assert again.info["icc_profile"] == icc
+
+
+def test_fixed_rate_official_style_checkpoint(tiny_lalic_weights):
+    lm = pipeline.load_model("lalic", tiny_lalic_weights, "cpu")
+    assert lm.model_id == "lalic" and not lm.variable_rate
+    rgb = natural_image(70, 90)
+    res = pipeline.encode_image(Image.fromarray(rgb), lm, quality=3)
+    assert any("fixed rate" in n for n in res.notes)
+    h = fmt.read(res.data)
+    assert h.header.quality == 0 and h.tiles[0].pad == (19, 19, 29, 29)  # centred padding to 128
+    dec = pipeline.decode_bytes(res.data, tiny_lalic_weights, "cpu")
+    assert dec.image.size == (90, 70)
+
+
+def test_wrong_or_missing_weights_are_refused(vr, tiny_lalic_weights):
+    res = pipeline.encode_image(Image.fromarray(natural_image(64, 64)), vr)
+    with pytest.raises(WeightsMismatchError, match="fingerprint"):
+        pipeline.decode_bytes(res.data, tiny_lalic_weights, "cpu")
+    with pytest.raises(MissingWeightsError, match="--weights"):
+        pipeline.decode_bytes(res.data, None, "cpu")
+    with pytest.raises(MissingWeightsError):
+        pipeline.load_model("lalic", None, "cpu")
+
+
+def test_corruption_is_reported_never_decoded(vr):
+    data = bytearray(pipeline.encode_image(Image.fromarray(natural_image(64, 64)), vr).data)
+    data[-5] ^= 0x10
+    with pytest.raises(CrcMismatchError):
+        pipeline.decode_bytes(bytes(data), vr_path(vr), "cpu")
+    with pytest.raises(CorruptFileError):
+        pipeline.decode_bytes(bytes(data[:-7]), vr_path(vr), "cpu")
+
+
+def test_bad_images_are_refused_clearly(tmp_path):
+    with pytest.raises(BadInputError, match="not a readable image"):
+        pipeline.open_image(b"this is not an image")
+    with pytest.raises(BadInputError):
+        pipeline.open_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, format="PNG")
+    with pytest.raises(LimitExceededError):
+        pipeline.open_image(big.getvalue(), max_pixels=1_000_000)
+
+
+def test_centred_padding():
+    assert pipeline.centred_padding(100, 120, 128) == (4, 4, 14, 14)  # as the official evaluation
+    assert pipeline.centred_padding(64, 64, 64) == (0, 0, 0, 0)
+    assert pipeline.centred_padding(1, 1, 64) == (31, 32, 31, 32)
