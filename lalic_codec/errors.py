@@ -46,6 +46,10 @@ class CrcMismatchError(CorruptFileError):
     """A CRC32 check failed: the bytes were altered after encoding."""
 
 
+class DeviceMismatchError(CorruptFileError):
+    """The streams are intact but decode differently here than where they were encoded."""
+
+
 class ModelError(CodecError):
     """The model or its weights are missing, unknown, or do not match the file."""
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, ModelError, UnknownModelError, WeightsMismatchError
 from . import models as _models_pkg
+from .entropy.coder import SymbolMismatchError
 from .formats import container as fmt
 from .models.checkpoints import fingerprint, load_state_dict_file
 
@@ -268,8 +269,12 @@ class EncodeResult:
         return 8.0 * len(self.data) / (self.width * self.height)
 
 
-def _device_class(dev: torch.device) -> int:
-    return int(fmt.DeviceClass.CUDA if dev.type == "cuda" else fmt.DeviceClass.CPU)
+def _device_class(lm: LoadedModel) -> int:
+    """0 when the model's table choices are exact on any device (integer scale path), else the
+    device family that computed them."""
+    if getattr(lm.model, "scale_path", None) is not None:
+        return int(fmt.DeviceClass.DEVICE_INDEPENDENT)
+    return int(fmt.DeviceClass.CUDA if lm.device.type == "cuda" else fmt.DeviceClass.CPU)
 
 
 def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None) -> EncodeResult:
@@ -296,7 +301,7 @@ def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None)
         height=H,
         colour_mode=prep.mode,
         bit_depth=prep.bit_depth if prep.mode in (fmt.ColourMode.L, fmt.ColourMode.LA) else 8,
-        device_class=_device_class(lm.device),
+        device_class=_device_class(lm),
         streams_per_tile=len(coded.streams),
     )
     alpha = prep.alpha.tobytes() if prep.alpha is not None else None
@@ -370,11 +375,28 @@ def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | N
         m = lm.model.size_multiple
         if Hp % m or Wp % m:
             raise fmt_corrupt(f"tile at ({tile.x}, {tile.y}): padded size {Wp}x{Hp} is not a multiple of {m}")
-        with torch.inference_mode():
-            out = lm.model.decompress(tile.streams, (Hp // 64, Wp // 64), quality=q)
+        try:
+            with torch.inference_mode():
+                out = lm.model.decompress(tile.streams, (Hp // 64, Wp // 64), quality=q)
+        except SymbolMismatchError:
+            raise device_mismatch(h, lm, tile) from None
         x_hat = out["x_hat"][0, :, t : t + tile.h, l : l + tile.w]
         canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = to_uint8(x_hat)
     return DecodeResult(restore_image(canvas, lic), h, [])
+
+
+def device_mismatch(h: fmt.Header, lm: LoadedModel, tile: fmt.Tile) -> CodecError:
+    from .errors import DeviceMismatchError
+
+    where = f"tile at ({tile.x}, {tile.y})"
+    if h.device_class == fmt.DeviceClass.DEVICE_INDEPENDENT:
+        return DeviceMismatchError(f"{where}: decoded symbols do not match the encoder's checksum (corrupt file or decoder bug)")
+    enc = fmt.DeviceClass(h.device_class).name.lower()
+    here = "cuda" if lm.device.type == "cuda" else "cpu"
+    return DeviceMismatchError(
+        f"{where}: decoding desynchronised (symbols do not match the encoder's checksum); this file's entropy "
+        f"parameters were computed on {enc} and this decoder ran on {here}: decode it on a {enc} device"
+    )
 
 
 def fmt_corrupt(msg: str):

@@ -144,7 +144,9 @@ def quality_levels(seed: int, step: int, batch: int, levels: int) -> torch.Tenso
 def build_model(arch: dict):
     from .models.lalic import DEFAULT_CONFIG, VariableRateLALIC
 
-    return VariableRateLALIC(**(arch or DEFAULT_CONFIG))
+    model = VariableRateLALIC(**(arch or DEFAULT_CONFIG))
+    model.update(force=True)  # the scale table is needed in training; export recomputes all tables
+    return model
 
 
 def rd_terms(out: dict, x: torch.Tensor):
@@ -233,7 +235,13 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     if cfg.init_from and state is None:
         from .models.checkpoints import load_state_dict_file
 
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(cfg.init_from).items()})
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(cfg.init_from).items()}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(("h_a.", "h_s."))]  # aliases
+        if unexpected:
+            raise click.ClickException(f"--init-from: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
+        if missing:
+            click.echo(f"--init-from: {len(missing)} tensors not in the file start fresh (e.g. {missing[0]})", err=True)
     main_p, aux_p = split_params(model)
     opt = torch.optim.Adam(main_p, lr=cfg.lr)
     aux_opt = torch.optim.Adam(aux_p, lr=cfg.aux_lr)

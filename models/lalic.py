@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from ..entropy.coder import decode_with_indexes, encode_with_indexes
+from ..entropy.coder import decode_stream, encode_stream
 from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
+from .int_scale import IntegerScalePath
 from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter_aggregation
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +56,14 @@ def checkerboard_mask(h: int, w: int, anchor: bool, device=None) -> torch.Tensor
     return ((ij % 2 == 0) == anchor).float()
 
 
+def table_scales(index: torch.Tensor, scale_table: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Scales of scale-table indexes: the table entries themselves at inference, a log-linear
+    interpolation (differentiable in the index) during training."""
+    if exact:
+        return scale_table[index.long()]
+    return IntegerScalePath.table_scales(index, scale_table)
+
+
 # ---------------------------------------------------------------------------------------------
 # latent-codec containers, named as in CompressAI so that state-dict keys match
 
@@ -77,8 +87,13 @@ class CheckerboardGroup(nn.Module):
     def gaussian_conditional(self) -> GaussianConditional:
         return self.y.gaussian_conditional
 
-    def forward(self, y: torch.Tensor, side: torch.Tensor):
-        """Training/evaluation pass ("two-pass" checkerboard).  Returns (y_hat, likelihoods)."""
+    def forward(self, y: torch.Tensor, side: torch.Tensor, index_fn=None):
+        """Training/evaluation pass ("two-pass" checkerboard).  Returns (y_hat, likelihoods, residual symbols).
+
+        ``index_fn(anchor_abs)`` (optional) replaces the network's scales by scale-table indexes from
+        an integer scale path: called with None for the anchor pass and with the anchors' absolute
+        residual symbols (zeros elsewhere) for the non-anchor pass.
+        """
         B, g, H, W = y.shape
         anchor = checkerboard_mask(H, W, True, y.device)
         non_anchor = 1.0 - anchor
@@ -89,10 +104,16 @@ class CheckerboardGroup(nn.Module):
         p_n = self.entropy_parameters(torch.cat([self.context_prediction(y_hat_a), side], dim=1))
         s_n, m_n = p_n.chunk(2, dim=1)
         y_hat_n = (quantize_ste(y - m_n) + m_n) * non_anchor
-        scales = s_a * anchor + s_n * non_anchor
         means = m_a * anchor + m_n * non_anchor
-        _, likelihoods = self.gaussian_conditional(y, scales, means)
-        return y_hat_a + y_hat_n, likelihoods
+        residual = torch.round(y - means).detach()
+        gc = self.gaussian_conditional
+        if index_fn is None:
+            scales = s_a * anchor + s_n * non_anchor
+        else:
+            idx = index_fn(None) * anchor + index_fn(residual.abs() * anchor) * non_anchor
+            scales = table_scales(idx, gc.scale_table, exact=not self.training)
+        _, likelihoods = gc(y, scales, means)
+        return y_hat_a + y_hat_n, likelihoods, residual
 
     def code(self, side: torch.Tensor, step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Anchor pass then non-anchor pass on packed half-grids (the order the streams are coded in).
@@ -213,6 +234,8 @@ class LALIC(nn.Module):
         # the official model also registers the hyper transforms at the top level (aliased keys)
         self.h_a = h_a
         self.h_s = h_s
+        #: optional integer scale path (device-independent table indexes); None: the network's scales
+        self.scale_path: IntegerScalePath | None = None
 
     # --- convenient accessors ----------------------------------------------------------------
     @property
@@ -258,12 +281,20 @@ class LALIC(nn.Module):
         z_hat = quantize_ste(z - medians) + medians
         hyper_params = self.h_s(z_hat)
         y_split = y.split(self.groups, dim=1)
-        y_hats, likelihoods = [], []
+        y_hats, likelihoods, residual_abs = [], [], []
+        hyper_int = None
+        if self.scale_path is not None:
+            z_sym = torch.round(z - medians).detach()
+            hyper_int = self.scale_path.hyper_features(z_sym, quality)
         for k in range(len(self.groups)):
             side = self.channel_groups.side_params(k, hyper_params, y_hats)
-            y_hat_k, lik_k = self.group(k)(y_split[k], side)
+            index_fn = None
+            if hyper_int is not None:
+                index_fn = partial(self.scale_path.indexes, k, hyper_int, list(residual_abs), quality=quality)
+            y_hat_k, lik_k, res_k = self.group(k)(y_split[k], side, index_fn)
             y_hats.append(y_hat_k)
             likelihoods.append(lik_k)
+            residual_abs.append(res_k.abs())
         y_hat = torch.cat(y_hats, dim=1)
         x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality))
         return {
@@ -294,27 +325,20 @@ class LALIC(nn.Module):
         eb = self.entropy_bottleneck
         z = self.h_a(y)
         z_sym = eb.symbols(z)
-        streams = [encode_with_indexes(z_sym.cpu().numpy(), eb.indexes(z.shape).numpy(), eb.tables())]
+        streams = [encode_stream(z_sym.cpu().numpy(), eb.indexes(z.shape).numpy(), eb.tables())]
         z_hat = eb.dequantize(z_sym)
         dbg: dict = {"y": y, "z": z, "z_hat": z_hat, "means": [], "scale_indexes": []} if debug else {}
         y_split = y.split(self.groups, dim=1)
 
-        def make_step(k: int):
-            y_packed = unembed(y_split[k])
-            gc = self.group(k).gaussian_conditional
+        def code_symbols(k, i, indexes, means):
+            sym = torch.round(unembed(y_split[k])[i] - means).int()
+            streams.append(encode_stream(sym.cpu().numpy(), indexes.cpu().numpy(), self.group(k).gaussian_conditional.tables()))
+            if debug:
+                dbg["means"].append(means)
+                dbg["scale_indexes"].append(indexes)
+            return sym
 
-            def step(i, scales, means):
-                indexes = gc.build_indexes(scales)
-                sym = torch.round(y_packed[i] - means).int()
-                streams.append(encode_with_indexes(sym.cpu().numpy(), indexes.cpu().numpy(), gc.tables()))
-                if debug:
-                    dbg["means"].append(means)
-                    dbg["scale_indexes"].append(indexes)
-                return sym.to(means.dtype) + means
-
-            return step
-
-        y_hat = self._code_groups(self.h_s(z_hat), make_step)
+        y_hat = self._code_groups(self.h_s(z_hat), z_sym, quality, code_symbols)
         return Coded(streams, tuple(z.shape[-2:]), y_hat, dbg)
 
     @torch.no_grad()
@@ -326,29 +350,48 @@ class LALIC(nn.Module):
         device = eb.quantiles.device
         zh, zw = z_shape
         z_shape4 = (1, eb.channels, zh, zw)
-        z_sym = decode_with_indexes(streams[0], eb.indexes(z_shape4).numpy(), eb.tables())
-        z_hat = eb.dequantize(torch.from_numpy(z_sym).to(device))
+        z_sym = decode_stream(streams[0], eb.indexes(z_shape4).numpy(), eb.tables())
+        z_sym = torch.from_numpy(z_sym).to(device)
+        z_hat = eb.dequantize(z_sym)
         pos = iter(range(1, len(streams)))
 
-        def make_step(k: int):
-            gc = self.group(k).gaussian_conditional
+        def decode_symbols(k, i, indexes, means):
+            sym = decode_stream(streams[next(pos)], indexes.cpu().numpy(), self.group(k).gaussian_conditional.tables())
+            return torch.from_numpy(sym).to(means.device)
 
-            def step(i, scales, means):
-                indexes = gc.build_indexes(scales)
-                sym = decode_with_indexes(streams[next(pos)], indexes.cpu().numpy(), gc.tables())
-                return torch.from_numpy(sym).to(device=means.device, dtype=means.dtype) + means
-
-            return step
-
-        y_hat = self._code_groups(self.h_s(z_hat), make_step)
+        y_hat = self._code_groups(self.h_s(z_hat), z_sym, quality, decode_symbols)
         x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality)).clamp_(0, 1)
         return {"x_hat": x_hat, "y_hat": y_hat, "z_hat": z_hat}
 
-    def _code_groups(self, hyper_params: torch.Tensor, make_step) -> torch.Tensor:
+    def _code_groups(self, hyper_params: torch.Tensor, z_sym: torch.Tensor, quality, code_symbols) -> torch.Tensor:
+        """Run the entropy model group by group, pass by pass, in stream order.
+
+        ``code_symbols(k, i, indexes, means)`` encodes or decodes the packed symbols of pass ``i``
+        of group ``k`` and returns them; the same routine drives the encoder and the decoder.
+        """
         y_hats: list[torch.Tensor] = []
+        residual_abs: list[torch.Tensor] = []
+        hyper_int = None
+        if self.scale_path is not None:
+            hyper_int = self.scale_path.hyper_features(z_sym.to(hyper_params.dtype), quality)
         for k in range(len(self.groups)):
             side = self.channel_groups.side_params(k, hyper_params, y_hats)
-            y_hats.append(self.group(k).code(side, make_step(k)))
+            gc = self.group(k).gaussian_conditional
+            packed: list[torch.Tensor] = []
+
+            def step(i, scales, means, k=k, gc=gc, packed=packed):
+                if hyper_int is None:
+                    indexes = gc.build_indexes(scales)
+                else:
+                    anchor_abs = None if i == 0 else embed(torch.stack([packed[0].abs(), torch.zeros_like(packed[0])]))
+                    full = self.scale_path.indexes(k, hyper_int, residual_abs, anchor_abs, quality)
+                    indexes = unembed(full)[i].int()
+                sym = code_symbols(k, i, indexes, means)
+                packed.append(sym.to(means.dtype))
+                return packed[-1] + means
+
+            y_hats.append(self.group(k).code(side, step))
+            residual_abs.append(embed(torch.stack(packed)).abs())
         return torch.cat(y_hats, dim=1)
 
     # --- construction from state dicts -------------------------------------------------------------
@@ -412,9 +455,11 @@ class VariableRateLALIC(LALIC):
     variable_rate = True
     pad_multiple = 64
 
-    def __init__(self, *args, lambdas=DEFAULT_LAMBDAS, **kwargs):
+    def __init__(self, *args, lambdas=DEFAULT_LAMBDAS, int_scale: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         M = self.config.dims[3]
+        if int_scale:
+            self.scale_path = IntegerScalePath(self.config.dims[5], self.groups)
         lam = torch.tensor(lambdas, dtype=torch.float32)
         self.register_buffer("lambdas", lam)
         # high-rate theory: the quantisation step scales like lambda^(-1/2)
@@ -453,10 +498,11 @@ class VariableRateLALIC(LALIC):
     @classmethod
     def from_state_dict(cls, sd: dict, strict: bool = True) -> "VariableRateLALIC":
         cfg = LALIC.config_from_state_dict(sd)
-        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()))
+        int_scale = any(k.startswith("scale_path.") for k in sd)
+        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale)
         model.load_state_dict(sd, strict=strict)
         return model
 
 
-#: the bundled default model's architecture (about 7.3 M parameters)
-DEFAULT_CONFIG = dict(N=32, M=128, dims=(48, 64, 96, 128, 96, 64), depths=(0, 1, 2, 1), groups=(8, 8, 16, 32, 64))
+#: the bundled default model's architecture (about 7.4 M parameters, integer scale path)
+DEFAULT_CONFIG = dict(N=32, M=128, dims=(48, 64, 96, 128, 96, 64), depths=(0, 1, 2, 1), groups=(8, 8, 16, 32, 64), int_scale=True)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import threading
 import weakref
 
+import zlib
+
 import numpy as np
 
 import constriction
@@ -325,3 +327,36 @@ def _decode(words, flat_idx, tables, models, out):
         raise CorruptFileError("entropy-coded stream has unread trailing data")
     out[order] = values
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# checked streams: a CRC32 of the decoded symbols in front of the range-coded words
+
+
+class SymbolMismatchError(CorruptFileError):
+    """The stream's bytes are intact but decode to other symbols than the encoder coded: the decoder
+    chose different CDF tables than the encoder (a different device or float path), or a bug."""
+
+
+def encode_stream(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
+    """``u32 CRC32(symbols as int32 little-endian, C order)`` followed by :func:`encode_with_indexes`."""
+    sym = np.ascontiguousarray(symbols, dtype="<i4")
+    return zlib.crc32(sym.tobytes()).to_bytes(4, "little") + encode_with_indexes(sym, indexes, tables)
+
+
+def decode_stream(data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
+    """Inverse of :func:`encode_stream`; raises :class:`SymbolMismatchError` if the symbols' CRC differs."""
+    if len(data) < 4:
+        raise CorruptFileError(f"stream of {len(data)} bytes is too short for its symbol checksum")
+    expected = int.from_bytes(data[:4], "little")
+    try:
+        sym = decode_with_indexes(data[4:], indexes, tables)
+    except SymbolMismatchError:
+        raise
+    except CorruptFileError as e:
+        # the container's CRC vouches for the bytes: a stream that does not parse was decoded
+        # with other tables than it was encoded with
+        raise SymbolMismatchError(f"stream does not decode with these tables ({e})") from None
+    if zlib.crc32(np.ascontiguousarray(sym, dtype="<i4").tobytes()) != expected:
+        raise SymbolMismatchError("decoded symbols do not match the encoder's checksum")
+    return sym

@@ -1,0 +1,114 @@
+"""Parsing must not depend on the device: the integer scale path makes table choices exact, and
+any desynchronisation (official float models across devices) is reported, never decoded."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, natural_image
+from lalic_codec import pipeline
+from lalic_codec.entropy.coder import SymbolMismatchError
+from lalic_codec.errors import DeviceMismatchError
+from lalic_codec.formats import container as fmt
+from lalic_codec.models.lalic import LALIC, VariableRateLALIC
+
+
+def perturb_float_path(model, rel: float, seed: int = 0):
+    """Make every parameter-aggregation output differ by a relative `rel`, as another device's
+    rounding would (returns a function that undoes it)."""
+    g = torch.Generator().manual_seed(seed)
+    undo = []
+    for k in range(len(model.groups)):
+        ep = model.group(k).entropy_parameters
+        orig = ep.forward
+
+        def noisy(x, orig=orig):
+            out = orig(x)
+            return out * (1 + rel * torch.randn(out.shape, generator=g))
+
+        ep.forward = noisy
+        undo.append((ep, orig))
+
+    def restore():
+        for ep, orig in undo:
+            ep.forward = orig
+
+    return restore
+
+
+@pytest.fixture(scope="module")
+def int_model():
+    torch.manual_seed(3)
+    m = VariableRateLALIC(**TINY, int_scale=True)
+    m.update(force=True)
+    return m.eval()
+
+
+def test_integer_scale_path_parse_survives_float_differences(int_model):
+    x = torch.from_numpy(natural_image(128, 192).transpose(2, 0, 1)).float().div(255).unsqueeze(0)
+    q = torch.tensor([5.5])
+    coded = int_model.compress(x, quality=q)
+    clean = int_model.decompress(coded.streams, coded.z_shape, quality=q)
+    restore = perturb_float_path(int_model, 1e-3)
+    try:
+        moved = int_model.decompress(coded.streams, coded.z_shape, quality=q)
+    finally:
+        restore()
+    # the symbols (hence the parse) are identical; only the means moved
+    diff = (moved["y_hat"] - clean["y_hat"]).abs()
+    assert diff.max() < 0.05 and torch.equal(torch.round(moved["y_hat"] - clean["y_hat"]), torch.zeros_like(diff))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_integer_scale_path_independent_of_thread_count(int_model, threads):
+    x = torch.from_numpy(natural_image(128, 128, seed=1).transpose(2, 0, 1)).float().div(255).unsqueeze(0)
+    q = torch.tensor([3.0])
+    old = torch.get_num_threads()
+    coded = int_model.compress(x, quality=q)
+    torch.set_num_threads(threads)
+    try:
+        dec = int_model.decompress(coded.streams, coded.z_shape, quality=q)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.allclose(dec["y_hat"], coded.y_hat, atol=1e-4)
+
+
+def test_float_scale_path_desync_is_detected_not_decoded():
+    torch.manual_seed(4)
+    m = LALIC(**TINY)
+    m.update(force=True)
+    m.eval()
+    x = torch.from_numpy(natural_image(128, 192, seed=2).transpose(2, 0, 1)).float().div(255).unsqueeze(0)
+    coded = m.compress(x)
+    restore = perturb_float_path(m, 3e-2)
+    try:
+        with pytest.raises(SymbolMismatchError):
+            m.decompress(coded.streams, coded.z_shape)
+    finally:
+        restore()
+
+
+def test_pipeline_names_the_device_class(tmp_path, tiny_lalic_weights):
+    lm = pipeline.load_model("lalic", tiny_lalic_weights, "cpu")
+    res = pipeline.encode_image(Image.fromarray(natural_image(128, 128, seed=5)), lm)
+    assert fmt.read(res.data).header.device_class == fmt.DeviceClass.CPU
+    restore = perturb_float_path(lm.model, 3e-2)
+    try:
+        with pytest.raises(DeviceMismatchError, match="computed on cpu"):
+            pipeline.decode_bytes(res.data, tiny_lalic_weights, "cpu")
+    finally:
+        restore()
+
+
+def test_integer_path_files_are_marked_device_independent(tmp_path):
+    from lalic_codec.models.checkpoints import save_weights
+
+    torch.manual_seed(5)
+    path = save_weights(VariableRateLALIC(**TINY, int_scale=True), tmp_path / "int.safetensors")
+    lm = pipeline.load_model("x", path, "cpu")
+    assert lm.model.scale_path is not None
+    res = pipeline.encode_image(Image.fromarray(natural_image(70, 90)), lm, 2.0)
+    assert fmt.read(res.data).header.device_class == fmt.DeviceClass.DEVICE_INDEPENDENT
+    dec = pipeline.decode_bytes(res.data, path, "cpu").image
+    assert dec.size == (90, 70)
