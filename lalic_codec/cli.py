@@ -324,5 +324,14 @@ def train(ctx):
     train_cli.main(args=ctx.args, prog_name="codec train", standalone_mode=True)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def bench(ctx):
+    """Rate-distortion and speed against JPEG, WebP, AVIF, JPEG XL (see: codec bench --help)."""
+    from .bench import cli as bench_cli  # imported here: the benchmark and its extras load only when used
+
+    bench_cli.main(args=ctx.args, prog_name="codec bench", standalone_mode=True)
+
+
 if __name__ == "__main__":
     main()

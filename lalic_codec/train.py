@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._paths import shared_dir
 from ._runtime import tune_allocator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
-DEFAULT_TRAIN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
-DEFAULT_VAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak"
+DEFAULT_TRAIN_DIR = shared_dir() / "data" / "train"
+DEFAULT_VAL_DIR = shared_dir() / "data" / "kodak"
 
 
 @dataclass

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from lalic_codec._paths import shared_dir
+
+SHARED = shared_dir()
 KODAK = SHARED / "data" / "kodak"
 
 TINY = dict(N=8, M=32, dims=(16, 16, 16, 32, 16, 16), depths=(0, 1, 1, 1), groups=(4, 4, 8, 16))

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED
 from lalic_codec.kernels.biwkv import biwkv
 from lalic_codec.kernels.biwkv_ref import _prefix_max, biwkv_dense, biwkv_reference
 
-REFVEC = Path(__file__).resolve().parents[2] / "shared" / "refvec"
+REFVEC = SHARED / "refvec"
 CASES = torch.load(REFVEC / "biwkv_cases.pt", weights_only=True)["cases"]
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lalic_codec._paths import shared_dir
+
 from lalic_codec.entropy import coder as coder_mod
 from lalic_codec.entropy.coder import (
     ESCAPE_CLASSES,
@@ -31,7 +33,7 @@ from lalic_codec.errors import CorruptFileError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_range_decoder as ref  # noqa: E402
 
-REFVEC = Path(os.environ.get("LALIC_REFVEC", "/work/shared/refvec"))
+REFVEC = Path(os.environ.get("LALIC_REFVEC", str(shared_dir() / "refvec")))
 LALIC_SD = REFVEC / "lalic" / "small_state_dict.pt"
 MAMBAIC_SD = REFVEC / "mambaic" / "small_state_dict.pt"
 

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED
 from lalic_codec.models.checkpoints import fingerprint, load_state_dict_file, normalize_keys, unwrap_checkpoint
 from lalic_codec.models.lalic import LALIC, embed
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "refvec" / "lalic"
+REF = SHARED / "refvec" / "lalic"
 
 
 @pytest.fixture(scope="module")
