@@ -188,12 +188,13 @@ def _common_model_options(f):
 @click.option("--model", default="default", show_default=True, help="default (bundled), lalic or mambaic (these need --weights)")
 @click.option("--quality", "-q", type=float, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
 @click.option("--target-bpp", type=float, default=None, help="largest quality whose file is at most this many bits per pixel")
+@click.option("--tile", type=int, default=1024, show_default=True, help="larger images are coded as overlapping tiles of at most this size (multiple of 64)")
 @_common_model_options
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
 @click.option("--psnr", "report_psnr", is_flag=True, help="also decode the result and print its PSNR")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def encode(input, output, model, quality, target_bpp, device, weights, force, skip_existing, report_psnr, quiet):
+def encode(input, output, model, quality, target_bpp, tile, device, weights, force, skip_existing, report_psnr, quiet):
     """Compress image IN into OUT (.lic).  IN and OUT may be folders, or - for stdin/stdout."""
     from ._runtime import tune_allocator
 
@@ -211,9 +212,9 @@ def encode(input, output, model, quality, target_bpp, device, weights, force, sk
             data = read_input(src)
             im = pipeline.open_image(data)
             if target_bpp is not None:
-                res = pipeline.encode_to_target(im, lm, target_bpp)
+                res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile)
             else:
-                res = pipeline.encode_image(im, lm, quality)
+                res = pipeline.encode_image(im, lm, quality, tile=tile)
             write_output(dst, res.data, force)
             msg = f"{src} -> {dst}: {res.width}x{res.height}, {len(res.data)} bytes, {res.bpp:.4f} bpp"
             if lm.variable_rate:

@@ -246,6 +246,40 @@ def centred_padding(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
     return left, W - w - left, top, H - h - top
 
 
+DEFAULT_TILE = 1024
+DEFAULT_OVERLAP = 64
+
+
+def _axis_tiles(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, size) of equal tiles covering [0, n): as few as possible, each the smallest multiple
+    of 64 that keeps at least ``overlap`` pixels in common with its neighbour, evenly spaced."""
+    if n <= tile:
+        return [(0, n)]
+    count = -(-(n - overlap) // (tile - overlap))
+    size = min(tile, -(-(-(-(n + (count - 1) * overlap) // count)) // 64) * 64)
+    return [(round(i * (n - size) / (count - 1)), size) for i in range(count)]
+
+
+def plan_tiles(h: int, w: int, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) of the tiles of an image: one tile if it fits in ``tile`` x ``tile``, else a
+    regular overlapping grid (FORMAT.md 7.2)."""
+    if tile % 64 or tile < 2 * overlap + 64:
+        raise BadInputError(f"tile size {tile} must be a multiple of 64 and at least {2 * overlap + 64}")
+    return [(x, y, tw, th) for y, th in _axis_tiles(h, tile, overlap) for x, tw in _axis_tiles(w, tile, overlap)]
+
+
+def tile_weights(tile: fmt.Tile, width: int, height: int) -> np.ndarray:
+    """Blending weight of every pixel of a tile (FORMAT.md 7.2): the distance from the pixel centre
+    to the nearest tile edge that is not an image edge; 1 where the tile has no such edge."""
+    xs = np.arange(tile.w, dtype=np.float32) + 0.5
+    ys = np.arange(tile.h, dtype=np.float32) + 0.5
+    big = np.float32(np.inf)
+    dx = np.minimum(xs if tile.x > 0 else big, (tile.w - xs) if tile.x + tile.w < width else big)
+    dy = np.minimum(ys if tile.y > 0 else big, (tile.h - ys) if tile.y + tile.h < height else big)
+    wgt = np.minimum(dy[:, None], dx[None, :])
+    return np.where(np.isinf(wgt), np.float32(1.0), wgt).astype(np.float32)
+
+
 def _to_tensor(rgb: np.ndarray, pad, device) -> torch.Tensor:
     x = torch.from_numpy(np.array(rgb.transpose(2, 0, 1))).float().div_(255.0).unsqueeze(0)
     l, r, t, b = pad
@@ -277,7 +311,7 @@ def _device_class(lm: LoadedModel) -> int:
     return int(fmt.DeviceClass.CUDA if lm.device.type == "cuda" else fmt.DeviceClass.CPU)
 
 
-def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None) -> EncodeResult:
+def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None, tile: int = DEFAULT_TILE) -> EncodeResult:
     prep = prepare_image(im)
     H, W = prep.rgb.shape[:2]
     if lm.variable_rate:
@@ -289,10 +323,15 @@ def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None)
         if quality is not None:
             prep.notes.append(f"model {lm.model_id} has a fixed rate; --quality ignored")
         q = 0.0
-    pad = centred_padding(H, W, lm.model.pad_multiple)
-    x = _to_tensor(prep.rgb, pad, lm.device)
-    with torch.inference_mode():
-        coded = lm.model.compress(x, quality=torch.tensor([q], device=lm.device) if lm.variable_rate else None)
+    qt = torch.tensor([q], device=lm.device) if lm.variable_rate else None
+    tiles = []
+    for tx, ty, tw, th in plan_tiles(H, W, tile):
+        pad = centred_padding(th, tw, lm.model.pad_multiple)
+        x = _to_tensor(prep.rgb[ty : ty + th, tx : tx + tw], pad, lm.device)
+        with torch.inference_mode():
+            coded = lm.model.compress(x, quality=qt)
+        tiles.append(fmt.Tile(tx, ty, tw, th, pad, coded.streams))
+        del x, coded
     header = fmt.Header(
         model_id=lm.model_id,
         weights_fingerprint=lm.fingerprint,
@@ -302,33 +341,32 @@ def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None)
         colour_mode=prep.mode,
         bit_depth=prep.bit_depth if prep.mode in (fmt.ColourMode.L, fmt.ColourMode.LA) else 8,
         device_class=_device_class(lm),
-        streams_per_tile=len(coded.streams),
+        streams_per_tile=len(tiles[0].streams),
     )
     alpha = prep.alpha.tobytes() if prep.alpha is not None else None
     if alpha is not None and header.bit_depth == 16:
         alpha = (prep.alpha.astype("<u2") * 257).tobytes()
-    tile = fmt.Tile(0, 0, W, H, pad, coded.streams)
-    data = fmt.write(fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=[tile]))
+    data = fmt.write(fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=tiles))
     return EncodeResult(data, W, H, q, prep.notes)
 
 
-def encode_to_target(im: Image.Image, lm: LoadedModel, target_bpp: float, iterations: int = 7) -> EncodeResult:
+def encode_to_target(im: Image.Image, lm: LoadedModel, target_bpp: float, iterations: int = 7, tile: int = DEFAULT_TILE) -> EncodeResult:
     """The highest quality whose file is at most ``target_bpp`` (bisection over continuous quality).
 
     If even the lowest quality is larger, that smallest file is returned with a note."""
     if not lm.variable_rate:
         raise BadInputError(f"model {lm.model_id} has a fixed rate; --target-bpp needs a variable-rate model")
     lo, hi = 1.0, float(lm.model.num_levels)
-    best = encode_image(im, lm, lo)
+    best = encode_image(im, lm, lo, tile)
     if best.bpp > target_bpp:
         best.notes.append(f"target {target_bpp:g} bpp is below the smallest file this model makes")
         return best
-    top = encode_image(im, lm, hi)
+    top = encode_image(im, lm, hi, tile)
     if top.bpp <= target_bpp:
         return top
     for _ in range(iterations):
         mid = round((lo + hi) / 2, 4)
-        res = encode_image(im, lm, mid)
+        res = encode_image(im, lm, mid, tile)
         if res.bpp <= target_bpp:
             lo, best = mid, res
         else:
@@ -367,8 +405,13 @@ def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | N
     lm = model_for_file(h, weights, device)
     if len(lic.tiles[0].streams) != lm.model.num_streams():
         raise fmt_corrupt(f"the file has {len(lic.tiles[0].streams)} streams per tile; model {h.model_id} uses {lm.model.num_streams()}")
-    canvas = np.zeros((h.height, h.width, 3), dtype=np.uint8)
     q = torch.tensor([h.quality], device=lm.device) if lm.variable_rate else None
+    single = len(lic.tiles) == 1
+    if single:
+        canvas = np.zeros((h.height, h.width, 3), dtype=np.uint8)
+    else:  # weighted sums of overlapping tiles (FORMAT.md 7.2)
+        acc = np.zeros((h.height, h.width, 3), dtype=np.float32)
+        wsum = np.zeros((h.height, h.width, 1), dtype=np.float32)
     for tile in lic.tiles:
         l, r, t, b = tile.pad
         Hp, Wp = tile.h + t + b, tile.w + l + r
@@ -381,7 +424,19 @@ def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | N
         except SymbolMismatchError:
             raise device_mismatch(h, lm, tile) from None
         x_hat = out["x_hat"][0, :, t : t + tile.h, l : l + tile.w]
-        canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = to_uint8(x_hat)
+        if single:
+            canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = to_uint8(x_hat)
+        else:
+            wgt = tile_weights(tile, h.width, h.height)[..., None]
+            vals = x_hat.float().mul(255.0).permute(1, 2, 0).cpu().numpy()
+            acc[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt * vals
+            wsum[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt
+        del out, x_hat
+    if not single:
+        if not (wsum > 0).all():
+            raise fmt_corrupt("the tiles do not cover the whole image")
+        canvas = np.clip(np.floor(acc / wsum + 0.5), 0, 255).astype(np.uint8)
+        del acc, wsum
     return DecodeResult(restore_image(canvas, lic), h, [])
 
 

@@ -112,3 +112,50 @@ def test_integer_path_files_are_marked_device_independent(tmp_path):
     assert fmt.read(res.data).header.device_class == fmt.DeviceClass.DEVICE_INDEPENDENT
     dec = pipeline.decode_bytes(res.data, path, "cpu").image
     assert dec.size == (90, 70)
+
+
+# ---------------------------------------------------------------------------------------------
+# large images: independent tiles, blended
+
+
+def test_tile_plan_covers_with_overlap():
+    for h, w in [(500, 700), (1024, 1024), (1025, 3000), (4000, 6000)]:
+        tiles = pipeline.plan_tiles(h, w, 1024, 64)
+        cover = np.zeros((h, w), bool)
+        for x, y, tw, th in tiles:
+            assert 0 <= x and x + tw <= w and 0 <= y and y + th <= h
+            cover[y : y + th, x : x + tw] = True
+        assert cover.all()
+        for i, (x, _, tw, _) in enumerate(tiles[:-1]):
+            nxt = tiles[i + 1]
+            if nxt[1] == tiles[i][1]:  # same row: neighbours overlap by at least 64 pixels
+                assert x + tw - nxt[0] >= 64
+        assert all(tw % 64 == 0 or tw == w for _, _, tw, _ in tiles)
+    assert pipeline.plan_tiles(500, 700) == [(0, 0, 700, 500)]
+    sizes = {(tw, th) for _, _, tw, th in pipeline.plan_tiles(4000, 6000)}
+    assert sizes == {(960, 896)}  # not 1024: the smallest multiples of 64 that keep the overlap
+
+
+def test_tiled_file_decodes_seamlessly(tiny_vr_weights):
+    lm = pipeline.load_model("x", tiny_vr_weights, "cpu")
+    rgb = natural_image(200, 330, seed=11)
+    res = pipeline.encode_image(Image.fromarray(rgb), lm, 6.0, tile=192)
+    lic = fmt.read(res.data)
+    assert len(lic.tiles) == 2 * 3
+    out = np.asarray(pipeline.decode_bytes(res.data, tiny_vr_weights, "cpu").image)
+    assert out.shape == rgb.shape
+    # inside a tile and away from overlaps, the pixels are that tile's own reconstruction
+    one = fmt.LicFile(header=lic.header, metadata=lic.metadata, alpha=None, tiles=[lic.tiles[0]])
+    t0 = lic.tiles[0]
+    model = lm.model
+    l, r, t, b = t0.pad
+    with torch.inference_mode():
+        x_hat = model.decompress(t0.streams, ((t0.h + t + b) // 64, (t0.w + l + r) // 64), quality=torch.tensor([6.0]))["x_hat"]
+    own = pipeline.to_uint8(x_hat[0, :, t : t + t0.h, l : l + t0.w])
+    x_end = min(t.x for t in lic.tiles if t.x > 0)
+    y_end = min(t.y for t in lic.tiles if t.y > 0)
+    assert np.array_equal(out[:y_end, :x_end], own[:y_end, :x_end])
+    # blending weights: a linear cross-fade inside the overlap, 1 where only one tile covers
+    w0 = pipeline.tile_weights(t0, lic.header.width, lic.header.height)
+    assert w0[0, 0] == min(t0.w, t0.h) - 0.5  # only the right and bottom edges are interior
+    assert w0[0, -1] == 0.5 and w0[-1, 0] == 0.5 and w0.min() > 0
