@@ -1,0 +1,50 @@
+"""Selective-scan dispatcher: Triton on CUDA tensors (when available), the PyTorch reference elsewhere.
+
+``kernels/selective_scan_triton.py``, if present and importable (it imports triton), must
+provide ``selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None,
+delta_softplus=False)`` with exactly the semantics and shapes of
+:func:`selective_scan_ref.selective_scan_reference`.  Set ``LALIC_FORCE_REFERENCE=1`` to use
+the reference on every device (debugging).  The cross scan and cross merge are plain tensor
+reshuffles and run as PyTorch code on every device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .selective_scan_ref import cross_merge, cross_scan, selective_scan_reference
+
+__all__ = ["selective_scan", "cross_scan", "cross_merge"]
+
+
+def _use_triton(u: torch.Tensor) -> bool:
+    if not u.is_cuda or os.environ.get("LALIC_FORCE_REFERENCE", "") not in ("", "0"):
+        return False
+    try:
+        from . import selective_scan_triton  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Mamba selective scan as MambaIC's SS2D calls it; see ``selective_scan_ref`` for the definition.
+
+    ``u, delta``: (b, K*D, L); ``A``: (K*D, N); ``B, C``: (b, K, N, L); ``D, delta_bias``: (K*D,).
+    """
+    if _use_triton(u):
+        from .selective_scan_triton import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
