@@ -175,6 +175,11 @@ class Limits:
     max_metadata_bytes: int = 16 * 2**20
     max_stream_bytes: int = 2**30
     max_tiles: int = 65535
+    #: pixels of one padded tile (2048 x 2048): the decoder's memory is proportional to it
+    max_tile_pixels: int = 2**22
+
+    def tile_pixel_limit(self) -> int:
+        return min(self.max_pixels, self.max_tile_pixels)
 
 
 def alpha_plane_size(header: Header) -> int:
@@ -351,10 +356,10 @@ def write(f: LicFile, limits: Limits | None = None) -> bytes:
         if len(pad) != 4:
             raise ValueError(f"{what}.pad must have 4 values (left, right, top, bottom)")
         pl, pr, pt, pb = (_check_u(p, 16, f"{what}.pad") for p in pad)
-        if (w + pl + pr) * (th + pt + pb) > limits.max_pixels:
+        if (w + pl + pr) * (th + pt + pb) > limits.tile_pixel_limit():
             raise LimitExceededError(
                 f"{what}: padded size {w + pl + pr}x{th + pt + pb} is more than the limit of "
-                f"{limits.max_pixels} pixels"
+                f"{limits.tile_pixel_limit()} pixels"
             )
         if len(t.streams) != h.streams_per_tile:
             raise ValueError(
@@ -670,10 +675,10 @@ def _parse(data, limits: Limits | None, info: bool):
                 raise CorruptFileError(
                     f"{name}: region x={x} y={y} w={w} h={h} lies outside the {hdr.width}x{hdr.height} image"
                 )
-            if (w + pl + pr) * (h + pt + pb) > limits.max_pixels:
+            if (w + pl + pr) * (h + pt + pb) > limits.tile_pixel_limit():
                 raise LimitExceededError(
                     f"{name}: padded size {w + pl + pr}x{h + pt + pb} is more than the limit of "
-                    f"{limits.max_pixels} pixels"
+                    f"{limits.tile_pixel_limit()} pixels"
                 )
         streams = []
         for s in range(hdr.streams_per_tile):

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -65,7 +69,10 @@ def write_output(path: str, data_or_writer, force: bool) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over the target.
 
     ``data_or_writer`` is bytes or a callable taking a binary file object.  Nothing is left behind
-    on failure, and an existing file is replaced only with ``force``.
+    on failure or interruption (SIGINT, SIGTERM), and an existing file is replaced only with
+    ``force``.  The temporary file, ``.<name>.XXXXXXXX.tmp``, is locked while it is written, so
+    that a later run can tell the leftovers of a killed process (SIGKILL, power loss) from the
+    work of a live one (:func:`clean_stale_temps`).
     """
     if path == "-":
         import io
@@ -83,26 +90,139 @@ def write_output(path: str, data_or_writer, force: bool) -> None:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise BadInputError(f"{parent}: no such folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot write ({e.strerror})") from None
+    try:
+        _try_lock(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             data_or_writer(f) if callable(data_or_writer) else f.write(data_or_writer)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
+            if os.name == "posix":
+                os.replace(tmp, p)  # still open and locked: never an unlocked temporary file
+        if os.name != "posix":
+            os.replace(tmp, p)
+        _fsync_dir(parent)
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, CodecError):
+            raise BadInputError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
+
+
+#: the temporary files of :func:`write_output`: "." + output name + "." + mkstemp's 8 characters + ".tmp"
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock without waiting (POSIX); False if another process holds one."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no locks, and no cleaning of temporary files either
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); best effort."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temps(folder: Path, names, before: float) -> int:
+    """Delete the temporary files that a killed run of ours left in ``folder``; returns how many.
+
+    Only ``.<name>.XXXXXXXX.tmp`` files of an output ``name`` in ``names`` are considered, and only
+    those last modified before ``before`` (this run's start) whose lock nobody holds: a writer
+    holds its lock until the file is renamed, and the system releases it when the writer dies,
+    so the temporary file of a concurrent run is never touched.  Without POSIX locks nothing is
+    deleted.  Leftovers are never mistaken for outputs: they do not have the output's name.
+    """
+    names = set(names)
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _TEMP_NAME.fullmatch(entry.name)
+        if not m or m["name"] not in names:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_mtime >= before:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextmanager
+def _signals_interrupt():
+    """SIGTERM (and SIGHUP) raise KeyboardInterrupt like Ctrl-C does, so that the same cleanup runs
+    (temporary file removed, exit status 130); the previous handlers are restored afterwards."""
+    old = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            old[sig] = signal.signal(sig, _raise_interrupt)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _clean_for(output: str, started: float) -> None:
+    """Single-file mode: remove a killed run's temporary files for this output name."""
+    if output != "-":
+        p = Path(output)
+        clean_stale_temps(p.parent if str(p.parent) else Path("."), {p.name}, started)
 
 
 def _output_format(path: str) -> str:
@@ -116,10 +236,16 @@ def _output_format(path: str) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: str) -> int:
+def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: str, started: float | None = None) -> int:
     """Process (input, output) pairs; report bad files and go on; return the exit status."""
     from tqdm import tqdm
 
+    by_folder: dict = {}
+    for _, dst in pairs:
+        by_folder.setdefault(Path(dst).parent, set()).add(Path(dst).name)
+    stale = sum(clean_stale_temps(d, names, time.time() if started is None else started) for d, names in by_folder.items())
+    if stale:
+        _say(f"removed {stale} temporary file{'s' * (stale != 1)} left by an interrupted run", quiet)
     failures, done, skipped = [], 0, 0
     with tqdm(pairs, unit="file", disable=quiet or None, file=sys.stderr, leave=False) as bar:
         for src, dst in bar:
@@ -130,6 +256,10 @@ def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: 
                 job(str(src), str(dst))
                 done += 1
             except KeyboardInterrupt:
+                bar.close()
+                click.echo(f"{verb} {done} file{'s' * (done != 1)} before the interruption"
+                           f"{f', {len(failures)} failed' if failures else ''}; "
+                           "run again with --skip-existing to finish", err=True)
                 raise
             except CodecError as e:
                 failures.append((src, e))
@@ -176,6 +306,13 @@ def main():
     """
 
 
+def _max_pixels_option(f):
+    return click.option(
+        "--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+        help="refuse images and .lic files of more than N pixels (default 2^28 = 268435456)",
+    )(f)
+
+
 def _common_model_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="where the network runs")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="weights file (official checkpoint or .safetensors)")(f)
@@ -190,15 +327,22 @@ def _common_model_options(f):
 @click.option("--target-bpp", type=float, default=None, help="largest quality whose file is at most this many bits per pixel")
 @click.option("--tile", type=int, default=1024, show_default=True, help="larger images are coded as overlapping tiles of at most this size (multiple of 64)")
 @_common_model_options
+@_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
 @click.option("--psnr", "report_psnr", is_flag=True, help="also decode the result and print its PSNR")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def encode(input, output, model, quality, target_bpp, tile, device, weights, force, skip_existing, report_psnr, quiet):
+def encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, report_psnr, quiet):
     """Compress image IN into OUT (.lic).  IN and OUT may be folders, or - for stdin/stdout."""
     from ._runtime import tune_allocator
 
+    started = time.time()
     tune_allocator()
+    with _signals_interrupt():
+        _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, report_psnr, quiet, started)
+
+
+def _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, report_psnr, quiet, started):
     try:
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
@@ -207,10 +351,11 @@ def encode(input, output, model, quality, target_bpp, tile, device, weights, for
         from . import pipeline
 
         lm = pipeline.load_model(model, weights, device)
+        limit = pipeline.MAX_PIXELS if max_pixels is None else max_pixels
 
         def job(src: str, dst: str) -> None:
             data = read_input(src)
-            im = pipeline.open_image(data)
+            im = pipeline.open_image(data, max_pixels=limit)
             if target_bpp is not None:
                 res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile)
             else:
@@ -220,8 +365,8 @@ def encode(input, output, model, quality, target_bpp, tile, device, weights, for
             if lm.variable_rate:
                 msg += f", quality {res.quality:g}"
             if report_psnr:
-                ref = pipeline.open_image(data)
-                dec = pipeline.decode_bytes(res.data, weights, device)
+                ref = pipeline.open_image(data, max_pixels=limit)
+                dec = pipeline.decode_bytes(res.data, weights, device, pipeline.limits(max_pixels))
                 msg += f", PSNR {pipeline.image_psnr(ref, dec.image):.2f} dB"
             for note in res.notes:
                 msg += f" ({note})"
@@ -230,7 +375,8 @@ def encode(input, output, model, quality, target_bpp, tile, device, weights, for
 
         if input != "-" and Path(input).is_dir():
             pairs = _pairs(Path(input), Path(output), IMAGE_SUFFIXES, ".lic")
-            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded"))
+            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started))
+        _clean_for(output, started)
         job(input, output)
     except click.UsageError:
         raise
@@ -245,23 +391,31 @@ def encode(input, output, model, quality, target_bpp, tile, device, weights, for
 @click.argument("input", metavar="IN")
 @click.argument("output", metavar="OUT")
 @_common_model_options
+@_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
 @click.option("--format", "out_format", default=None, help="output format for folders and stdout (png, jpg, webp, bmp, tif, ppm)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def decode(input, output, device, weights, force, skip_existing, out_format, quiet):
+def decode(input, output, device, weights, max_pixels, force, skip_existing, out_format, quiet):
     """Decompress IN (.lic) into image OUT; the format follows OUT's extension (PNG by default)."""
     from ._runtime import tune_allocator
 
+    started = time.time()
     tune_allocator()
+    with _signals_interrupt():
+        _decode(input, output, device, weights, max_pixels, force, skip_existing, out_format, quiet, started)
+
+
+def _decode(input, output, device, weights, max_pixels, force, skip_existing, out_format, quiet, started):
     try:
         from . import pipeline
 
         ext = "." + out_format.lower().lstrip(".") if out_format else None
+        lim = pipeline.limits(max_pixels)
 
         def job(src: str, dst: str) -> None:
             data = read_input(src)
-            res = pipeline.decode_bytes(data, weights, device)
+            res = pipeline.decode_bytes(data, weights, device, lim)
             fmt_name = _output_format(ext if (dst == "-" and ext) else dst)
             write_output(dst, lambda f: pipeline.save_image(res.image, f, fmt_name), force)
             if dst != "-":
@@ -269,7 +423,8 @@ def decode(input, output, device, weights, force, skip_existing, out_format, qui
 
         if input != "-" and Path(input).is_dir():
             pairs = _pairs(Path(input), Path(output), {".lic"}, ext or ".png")
-            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded"))
+            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started))
+        _clean_for(output, started)
         job(input, output)
     except KeyboardInterrupt:
         click.echo("codec: interrupted", err=True)
@@ -278,40 +433,49 @@ def decode(input, output, device, weights, force, skip_existing, out_format, qui
         sys.exit(_fail(e))
 
 
+def info_lines(d: dict, file: str) -> str:
+    """The text ``codec info`` prints for a :func:`~lalic_codec.formats.container.read_info` dict
+    (adds its ``bpp``)."""
+    d["bpp"] = 8.0 * d["file_bytes"] / (d["width"] * d["height"])
+    lines = [
+        f"file:        {file} ({d['file_bytes']} bytes, {d['bpp']:.4f} bpp)",
+        f"format:      .lic version {d['format_version']}",
+        f"image:       {d['width']}x{d['height']} {d['colour_mode']}, {d['bit_depth']}-bit",
+        f"model:       {d['model_id']} (weights {d['weights_fingerprint']})",
+        f"quality:     {d['quality']:g}" if d["quality"] else "quality:     fixed-rate model",
+        f"entropy:     parameters computed on {d['device_class_name']}",
+        f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
+        f"streams:     {d['stream_bytes_total']} bytes ({', '.join(str(n) for n in d['tiles'][0]['stream_bytes'])})",
+    ]
+    if d.get("metadata"):
+        lines.append(f"metadata:    {d['metadata']['content_bytes']} bytes ({d['metadata']['compressed_bytes']} compressed)")
+    if d.get("alpha"):
+        lines.append(f"alpha:       {d['alpha']['content_bytes']} bytes ({d['alpha']['compressed_bytes']} compressed)")
+    lines.append("integrity:   all CRCs OK" if d["crc_ok"] else "integrity:   CORRUPT: " + "; ".join(d["crc_errors"]))
+    return "\n".join(lines)
+
+
 @main.command()
 @click.argument("file", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def info(file, as_json):
+@_max_pixels_option
+def info(file, as_json, max_pixels):
     """Describe a .lic file without decoding it (header, metadata, streams, CRC check)."""
     try:
         from .formats import container
 
         data = read_input(file)
-        d = container.read_info(data)
-        d["bpp"] = 8.0 * d["file_bytes"] / (d["width"] * d["height"])
-        if as_json:
-            click.echo(json.dumps(d, indent=2))
-        else:
-            lines = [
-                f"file:        {file} ({d['file_bytes']} bytes, {d['bpp']:.4f} bpp)",
-                f"format:      .lic version {d['format_version']}",
-                f"image:       {d['width']}x{d['height']} {d['colour_mode']}, {d['bit_depth']}-bit",
-                f"model:       {d['model_id']} (weights {d['weights_fingerprint']})",
-                f"quality:     {d['quality']:g}" if d["quality"] else "quality:     fixed-rate model",
-                f"entropy:     parameters computed on {d['device_class_name']}",
-                f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
-                f"streams:     {d['stream_bytes_total']} bytes ({', '.join(str(n) for n in d['tiles'][0]['stream_bytes'])})",
-            ]
-            if d.get("metadata"):
-                lines.append(f"metadata:    {d['metadata']['content_bytes']} bytes ({d['metadata']['compressed_bytes']} compressed)")
-            if d.get("alpha"):
-                lines.append(f"alpha:       {d['alpha']['content_bytes']} bytes ({d['alpha']['compressed_bytes']} compressed)")
-            lines.append("integrity:   all CRCs OK" if d["crc_ok"] else "integrity:   CORRUPT: " + "; ".join(d["crc_errors"]))
-            click.echo("\n".join(lines))
+        limits = container.Limits() if max_pixels is None else container.Limits(max_pixels=max_pixels)
+        d = container.read_info(data, limits)
+        text = info_lines(d, file)
+        click.echo(json.dumps(d, indent=2) if as_json else text)
         if not d["crc_ok"]:
             from .errors import CrcMismatchError
 
             sys.exit(CrcMismatchError.exit_code)
+    except KeyboardInterrupt:
+        click.echo("codec: interrupted", err=True)
+        sys.exit(130)
     except Exception as e:
         sys.exit(_fail(e))
 

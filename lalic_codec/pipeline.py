@@ -30,6 +30,17 @@ DEFAULT_MODEL = "default-v1"
 DEFAULT_QUALITY = 4.0
 #: largest image accepted by default (pixels); the container enforces the same bound
 MAX_PIXELS = fmt.Limits().max_pixels
+#: the tiles of a file may add up to at most this many times the padded image area (FORMAT.md 7.2):
+#: the reference encoder's plans stay under half of it, and decoding work stays proportional to
+#: the image's declared size, which the pixel limit bounds
+MAX_TILE_AREA_FACTOR = 8
+#: distinct tile edges (columns x rows) the coverage check works with; regular grids use few
+MAX_TILE_GRID_CELLS = 2**22
+
+
+def limits(max_pixels: int | None = None) -> fmt.Limits:
+    """The reader's default limits, with another pixel limit if given (``--max-pixels``)."""
+    return fmt.Limits() if max_pixels is None else fmt.Limits(max_pixels=max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,8 +96,9 @@ def build_from_state_dict(sd: dict, model_name: str | None = None) -> tuple[torc
             return VariableRateLALIC.from_state_dict(sd), "lalic-vr"
         if "g_a.0.weight" in sd and any(k.startswith("latent_codec.y.channel_context") for k in sd):
             return LALIC.from_state_dict(sd), "lalic"
-        if any(k.startswith("context_vss") or k.startswith("cc_mean_transforms") for k in sd):
-            from .models.mambaic import MambaIC  # noqa: F401  (issue: MambaIC support)
+        # official MambaIC eval strips "module." wherever it occurs; from_state_dict does the same
+        if any(k.replace("module.", "").startswith(("context_vss", "cc_mean_transforms")) for k in sd):
+            from .models.mambaic import MambaIC
 
             return MambaIC.from_state_dict(sd), "mambaic"
     except (RuntimeError, ValueError) as e:
@@ -116,7 +128,8 @@ def load_model(model: str = DEFAULT_MODEL, weights: str | Path | None = None, de
         stat = path.stat()
     except OSError:
         raise MissingWeightsError(f"weights file not found: {path}") from None
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(dev))
+    # the bundled name is part of the key: the same file given as --weights gets the id of its kind
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(dev), model if weights is None else None)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -149,23 +162,43 @@ class PreparedImage:
     notes: list
 
 
+#: image formats ``open_image`` accepts (Pillow names).  Pillow identifies files by content, not by
+#: name, so without this list a stranger's "photo.png" could reach any plugin, including ones that
+#: start external programs (EPS runs Ghostscript) or parse rarely used formats.
+INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "PPM", "GIF", "TGA", "AVIF", "JXL")
+
+
 def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, refusing decompression bombs before they are decoded."""
+    """Open and fully decode an image, refusing decompression bombs before they are decoded.
+
+    Only :data:`INPUT_FORMATS` are opened.  Any failure is a :class:`BadInputError` (or
+    :class:`LimitExceededError` for an image over ``max_pixels``), whatever Pillow raised."""
+    import warnings
+
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    Image.init()
+    formats = [f for f in INPUT_FORMATS if f in Image.OPEN]
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        im = Image.open(src)
-        if im.width * im.height > max_pixels:
-            raise LimitExceededError(f"image is {im.width}x{im.height}, more than the limit of {max_pixels} pixels")
-        im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit is enforced below; metadata noise
+            im = Image.open(src, formats=formats)
+            if im.width * im.height > max_pixels:
+                raise LimitExceededError(f"image is {im.width}x{im.height}, more than the limit of {max_pixels} pixels")
+            im.load()
         return im
     except Image.DecompressionBombError as e:
         raise LimitExceededError(f"image too large: {e}") from None
-    except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, CodecError):
-            raise
-        raise BadInputError(f"not a readable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except MemoryError:
+        raise LimitExceededError("image too large: out of memory while decoding it") from None
+    except CodecError:
+        raise
+    except Exception as e:  # Pillow's decoders raise many kinds (OSError, SyntaxError, EOFError, struct.error...)
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise BadInputError(f"cannot read the image: {e.strerror}") from None
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise BadInputError(f"not a readable image: {detail}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
@@ -176,21 +209,40 @@ def _palette_bytes(im: Image.Image) -> bytes:
     return pal + bytes(768 - len(pal))
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def prepare_image(im: Image.Image) -> PreparedImage:
-    """Apply EXIF orientation and bring any Pillow mode to 8-bit RGB, remembering how to restore it."""
+    """Apply EXIF orientation and bring any Pillow mode to 8-bit RGB, remembering how to restore it.
+
+    Metadata is read after the orientation is applied: the stored EXIF says orientation 1 and the
+    XMP copy of the orientation is dropped (as Pillow's ``exif_transpose`` does), so that no viewer
+    rotates the decoded image a second time."""
     notes: list[str] = []
+    im.load()  # some formats settle their mode and palette only when loaded
+    transposed = False
+    try:
+        if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+            im = ImageOps.exif_transpose(im)
+            transposed = True
+    except Exception:  # a malformed EXIF block must not stop the encode
+        notes.append("EXIF orientation could not be read and was ignored")
     icc = im.info.get("icc_profile") or None
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
-    try:
-        im = ImageOps.exif_transpose(im)
-    except Exception:  # a malformed EXIF block must not stop the encode
-        notes.append("EXIF orientation could not be read and was ignored")
     exif = im.info.get("exif") or None
     if exif is None:
         e = im.getexif()
         exif = e.tobytes() if len(e) else None
+    if transposed and exif is not None:  # Pillow deletes the tag; we store an explicit 1 (normal)
+        try:
+            e = Image.Exif()
+            e.load(exif)
+            e[EXIF_ORIENTATION] = 1
+            exif = e.tobytes()
+        except Exception:
+            notes.append("EXIF could not be rewritten after applying its orientation")
     bit_depth = 8
     alpha = None
     palette = None
@@ -273,9 +325,16 @@ def tile_weights(tile: fmt.Tile, width: int, height: int) -> np.ndarray:
     to the nearest tile edge that is not an image edge; 1 where the tile has no such edge."""
     xs = np.arange(tile.w, dtype=np.float32) + 0.5
     ys = np.arange(tile.h, dtype=np.float32) + 0.5
-    big = np.float32(np.inf)
-    dx = np.minimum(xs if tile.x > 0 else big, (tile.w - xs) if tile.x + tile.w < width else big)
-    dy = np.minimum(ys if tile.y > 0 else big, (tile.h - ys) if tile.y + tile.h < height else big)
+    dx = np.full(tile.w, np.inf, dtype=np.float32)  # arrays even where no edge applies (a tile
+    dy = np.full(tile.h, np.inf, dtype=np.float32)  # spanning the whole width or height)
+    if tile.x > 0:
+        dx = np.minimum(dx, xs)
+    if tile.x + tile.w < width:
+        dx = np.minimum(dx, tile.w - xs)
+    if tile.y > 0:
+        dy = np.minimum(dy, ys)
+    if tile.y + tile.h < height:
+        dy = np.minimum(dy, tile.h - ys)
     wgt = np.minimum(dy[:, None], dx[None, :])
     return np.where(np.isinf(wgt), np.float32(1.0), wgt).astype(np.float32)
 
@@ -324,8 +383,17 @@ def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None,
             prep.notes.append(f"model {lm.model_id} has a fixed rate; --quality ignored")
         q = 0.0
     qt = torch.tensor([q], device=lm.device) if lm.variable_rate else None
+    plan = plan_tiles(H, W, tile)
+    lim = fmt.Limits()
+    for tx, ty, tw, th in plan:  # refuse before coding what the writer (and a reader) would refuse
+        l, r, t, b = centred_padding(th, tw, lm.model.pad_multiple)
+        if (tw + l + r) * (th + t + b) > lim.tile_pixel_limit():
+            raise LimitExceededError(
+                f"tiles of {tw + l + r}x{th + t + b} pixels are more than the limit of {lim.tile_pixel_limit()} "
+                "pixels per tile (use a smaller --tile)"
+            )
     tiles = []
-    for tx, ty, tw, th in plan_tiles(H, W, tile):
+    for tx, ty, tw, th in plan:
         pad = centred_padding(th, tw, lm.model.pad_multiple)
         x = _to_tensor(prep.rgb[ty : ty + th, tx : tx + tw], pad, lm.device)
         with torch.inference_mode():
@@ -392,6 +460,53 @@ def model_for_file(header: fmt.Header, weights: str | Path | None, device: str |
     return lm
 
 
+def check_tiles(lic: fmt.LicFile, lm: LoadedModel) -> None:
+    """What the model layer checks about the tiles before decoding anything (FORMAT.md 7, 11):
+    the stream count, padded sizes the network can take, coverage of the whole image, and a bound
+    on the total work.  Raises CorruptFileError."""
+    h = lic.header
+    m = lm.model.size_multiple
+    if h.streams_per_tile != lm.model.num_streams():
+        raise fmt_corrupt(f"the file has {h.streams_per_tile} streams per tile; model {h.model_id} uses {lm.model.num_streams()}")
+    work = 0
+    for i, tile in enumerate(lic.tiles):
+        l, r, t, b = tile.pad
+        Hp, Wp = tile.h + t + b, tile.w + l + r
+        if Hp % m or Wp % m:
+            raise fmt_corrupt(f"tile {i} at ({tile.x}, {tile.y}): padded size {Wp}x{Hp} is not a multiple of {m}")
+        work += Hp * Wp
+    if work > MAX_TILE_AREA_FACTOR * (h.width + 128) * (h.height + 128):
+        raise fmt_corrupt(
+            f"the tiles add up to {work} padded pixels, more than {MAX_TILE_AREA_FACTOR} times the "
+            f"{h.width}x{h.height} image (overlapping or oversized tiles)"
+        )
+    _check_coverage(lic)
+
+
+def _check_coverage(lic: fmt.LicFile) -> None:
+    """Every pixel lies in some tile: a 2-D difference array over the grid of distinct tile edges."""
+    h = lic.header
+    x0 = np.array([t.x for t in lic.tiles], dtype=np.int64)
+    y0 = np.array([t.y for t in lic.tiles], dtype=np.int64)
+    x1 = x0 + np.array([t.w for t in lic.tiles], dtype=np.int64)
+    y1 = y0 + np.array([t.h for t in lic.tiles], dtype=np.int64)
+    xs = np.unique(np.concatenate([x0, x1, [0, h.width]]))
+    ys = np.unique(np.concatenate([y0, y1, [0, h.height]]))
+    if xs.size * ys.size > MAX_TILE_GRID_CELLS:
+        raise fmt_corrupt(f"the {len(lic.tiles)} tiles do not form a regular layout (too many distinct edges)")
+    diff = np.zeros((ys.size, xs.size), dtype=np.int32)  # at most 2**22 cells: 16 MiB
+    i0, i1 = np.searchsorted(xs, x0), np.searchsorted(xs, x1)
+    j0, j1 = np.searchsorted(ys, y0), np.searchsorted(ys, y1)
+    np.add.at(diff, (j0, i0), 1)
+    np.add.at(diff, (j0, i1), -1)
+    np.add.at(diff, (j1, i0), -1)
+    np.add.at(diff, (j1, i1), 1)
+    cover = diff.cumsum(0).cumsum(1)[: ys.size - 1, : xs.size - 1]
+    if not (cover > 0).all():
+        j, i = np.argwhere(cover == 0)[0]
+        raise fmt_corrupt(f"the tiles do not cover the whole image (pixel ({xs[i]}, {ys[j]}) is in none)")
+
+
 @dataclass
 class DecodeResult:
     image: Image.Image
@@ -399,12 +514,23 @@ class DecodeResult:
     notes: list
 
 
-def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | None = "auto", limits: fmt.Limits | None = None) -> DecodeResult:
-    lic = fmt.read(data, limits)
+def decode_bytes(
+    data: bytes,
+    weights: str | Path | None = None,
+    device: str | None = "auto",
+    limits: fmt.Limits | None = None,
+    high_bit_depth: bool = True,
+) -> DecodeResult:
+    """Decode a .lic file to a Pillow image in its original mode, with its metadata in ``info``.
+
+    ``high_bit_depth``: a file whose header records 16-bit grayscale comes back as mode ``I;16``
+    (samples v * 257, so 8-bit precision) instead of ``L``; see :func:`restore_image`."""
+    lic = fmt.read(data, limits)  # every declared size checked against the file and the limits
     h = lic.header
     lm = model_for_file(h, weights, device)
-    if len(lic.tiles[0].streams) != lm.model.num_streams():
-        raise fmt_corrupt(f"the file has {len(lic.tiles[0].streams)} streams per tile; model {h.model_id} uses {lm.model.num_streams()}")
+    check_tiles(lic, lm)  # and against the model, before any tensor is allocated
+    if lm.variable_rate and not (1.0 <= h.quality <= lm.model.num_levels):
+        raise fmt_corrupt(f"header: quality {h.quality:g} is outside the model's range 1..{lm.model.num_levels}")
     q = torch.tensor([h.quality], device=lm.device) if lm.variable_rate else None
     single = len(lic.tiles) == 1
     if single:
@@ -415,9 +541,6 @@ def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | N
     for tile in lic.tiles:
         l, r, t, b = tile.pad
         Hp, Wp = tile.h + t + b, tile.w + l + r
-        m = lm.model.size_multiple
-        if Hp % m or Wp % m:
-            raise fmt_corrupt(f"tile at ({tile.x}, {tile.y}): padded size {Wp}x{Hp} is not a multiple of {m}")
         try:
             with torch.inference_mode():
                 out = lm.model.decompress(tile.streams, (Hp // 64, Wp // 64), quality=q)
@@ -432,12 +555,10 @@ def decode_bytes(data: bytes, weights: str | Path | None = None, device: str | N
             acc[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt * vals
             wsum[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt
         del out, x_hat
-    if not single:
-        if not (wsum > 0).all():
-            raise fmt_corrupt("the tiles do not cover the whole image")
+    if not single:  # check_tiles proved that every pixel lies in a tile, so has a positive weight
         canvas = np.clip(np.floor(acc / wsum + 0.5), 0, 255).astype(np.uint8)
         del acc, wsum
-    return DecodeResult(restore_image(canvas, lic), h, [])
+    return DecodeResult(restore_image(canvas, lic, high_bit_depth), h, [])
 
 
 def device_mismatch(h: fmt.Header, lm: LoadedModel, tile: fmt.Tile) -> CodecError:
@@ -446,6 +567,11 @@ def device_mismatch(h: fmt.Header, lm: LoadedModel, tile: fmt.Tile) -> CodecErro
     where = f"tile at ({tile.x}, {tile.y})"
     if h.device_class == fmt.DeviceClass.DEVICE_INDEPENDENT:
         return DeviceMismatchError(f"{where}: decoded symbols do not match the encoder's checksum (corrupt file or decoder bug)")
+    if h.device_class not in fmt.DeviceClass._value2member_map_:
+        return DeviceMismatchError(
+            f"{where}: decoded symbols do not match the encoder's checksum (corrupt file, or entropy "
+            f"parameters from an unknown device class {h.device_class})"
+        )
     enc = fmt.DeviceClass(h.device_class).name.lower()
     here = "cuda" if lm.device.type == "cuda" else "cpu"
     return DeviceMismatchError(
@@ -465,12 +591,19 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def restore_image(rgb: np.ndarray, lic: fmt.LicFile) -> Image.Image:
+def restore_image(rgb: np.ndarray, lic: fmt.LicFile, high_bit_depth: bool = False) -> Image.Image:
+    """The decoded RGB pixels back in the file's colour mode, with alpha, palette and metadata.
+
+    16-bit grayscale is coded at 8 bits; with ``high_bit_depth`` it is returned as ``I;16`` with
+    every sample v * 257 (0 -> 0, 255 -> 65535), so that a 16-bit PNG goes back to a 16-bit PNG;
+    without it, as ``L``.  There is no 16-bit gray+alpha mode in Pillow: LA stays 8-bit."""
     h = lic.header
     im = Image.fromarray(rgb, "RGB")
     cm = h.colour_mode
     if cm in (fmt.ColourMode.L, fmt.ColourMode.LA):
         im = im.convert("L")
+        if cm == fmt.ColourMode.L and h.bit_depth == 16 and high_bit_depth:
+            im = Image.fromarray(np.asarray(im, dtype=np.uint16) * np.uint16(257))
     elif cm == fmt.ColourMode.P:
         pal = Image.new("P", (1, 1))
         pal.putpalette(lic.metadata.palette)
@@ -492,14 +625,43 @@ def restore_image(rgb: np.ndarray, lic: fmt.LicFile) -> Image.Image:
     return im
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (``I;16``...) as ``L``, rounding v / 257 (Pillow's own
+    ``convert("L")`` clips instead of scaling); other images are returned unchanged."""
+    if not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im, dtype=np.uint32)
+    out = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+    out.info = dict(im.info)
+    return out
+
+
+#: formats that store 16-bit grayscale as it is
+SIXTEEN_BIT_FORMATS = ("PNG", "TIFF", "PPM")
+
+
 def save_image(im: Image.Image, fp, fmt_name: str) -> None:
-    """Write a decoded image with its metadata in the requested format (PNG, JPEG, WebP, TIFF, BMP...)."""
+    """Write a decoded image with its metadata in the requested format (PNG, JPEG, WebP, TIFF, BMP...).
+
+    ICC and EXIF go to PNG, JPEG, WebP and TIFF, XMP to PNG, JPEG and WebP; a 16-bit grayscale
+    image is written as 16-bit to PNG, TIFF and PPM and as 8-bit elsewhere."""
     fmt_name = fmt_name.upper()
     kw = {}
+    if im.mode.startswith("I;16") and fmt_name not in SIXTEEN_BIT_FORMATS:
+        im = to_8bit(im)
     if im.info.get("icc_profile") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
         kw["icc_profile"] = im.info["icc_profile"]
     if im.info.get("exif") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
         kw["exif"] = im.info["exif"]
+    xmp = im.info.get("xmp")
+    if xmp and fmt_name in ("JPEG", "WEBP"):
+        kw["xmp"] = xmp
+    elif xmp and fmt_name == "PNG":
+        from PIL import PngImagePlugin
+
+        text = xmp.decode("utf-8", errors="replace") if isinstance(xmp, bytes) else str(xmp)
+        kw["pnginfo"] = PngImagePlugin.PngInfo()
+        kw["pnginfo"].add_itxt("XML:com.adobe.xmp", text)
     if fmt_name == "JPEG":
         if im.mode in ("RGBA", "LA", "P"):
             im = im.convert("RGB" if im.mode != "LA" else "L")

@@ -51,6 +51,7 @@ class TrainConfig:
     warmup: int = 500
     decay_start: float = 0.8  # fraction of `steps` after which the rate decays (cosine) to lr/20
     clip: float = 1.0
+    scale_path_lr_mult: float = 5.0  # the integer scale path learns in index units: a larger step
     seed: int = 0
     workers: int = 1
     log_every: int = 20
@@ -169,12 +170,18 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def split_params(model):
-    main, aux = [], []
+    """(network parameters, integer scale path parameters, factorized-prior quantiles)."""
+    main, scale_path, aux = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (aux if name.endswith("quantiles") else main).append(p)
-    return main, aux
+        if name.endswith("quantiles"):
+            aux.append(p)
+        elif name.startswith("scale_path."):
+            scale_path.append(p)
+        else:
+            main.append(p)
+    return main, scale_path, aux
 
 
 @torch.no_grad()
@@ -243,8 +250,11 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             raise click.ClickException(f"--init-from: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
         if missing:
             click.echo(f"--init-from: {len(missing)} tensors not in the file start fresh (e.g. {missing[0]})", err=True)
-    main_p, aux_p = split_params(model)
-    opt = torch.optim.Adam(main_p, lr=cfg.lr)
+    main_p, scale_p, aux_p = split_params(model)
+    groups = [{"params": main_p, "lr_mult": 1.0}]
+    if scale_p:
+        groups.append({"params": scale_p, "lr_mult": cfg.scale_path_lr_mult})
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
     aux_opt = torch.optim.Adam(aux_p, lr=cfg.aux_lr)
     step, samples, elapsed = 0, 0, 0.0
     if state is not None:
@@ -253,7 +263,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         aux_opt.load_state_dict(state["aux_optimizer"])
         step, samples, elapsed = state["step"], state["samples"], state.get("train_seconds", 0.0)
     for g in opt.param_groups:
-        g["lr"] = cfg.lr * lr_factor(step, cfg)
+        g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
     model.train()
 
     files = list_images(cfg.data)
@@ -305,7 +315,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 break
             t0 = time.time()
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, cfg)
+                g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
             q = quality_levels(cfg.seed, step, per_step, levels).to(device)
             opt.zero_grad(set_to_none=True)
             for a in range(cfg.accum):
@@ -321,7 +331,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 acc["bpp"] += bpp.mean().item() / cfg.accum
                 acc["mse"] += mse.mean().item() / cfg.accum
             if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(main_p, cfg.clip)
+                torch.nn.utils.clip_grad_norm_(main_p + scale_p, cfg.clip)
             opt.step()
             aux_opt.zero_grad(set_to_none=True)
             aux = model.aux_loss()

@@ -59,8 +59,12 @@ def load_state_dict_file(path: str | Path) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"cannot read {path.name}: {e}") from None
+    import warnings
+
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors of many kinds; weights_only refuses code objects
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load {path.name} as a weights-only checkpoint: {first[:200]}") from None
@@ -86,7 +90,8 @@ _KEEP_FP32 = ("scale_table", "scale_bound", "lambdas", ".bound", "quantiles", "t
 
 def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, metadata: dict | None = None) -> Path:
     """Write a model as safetensors: CDF tables computed if missing (int32), floats in fp16 unless
-    ``fp16=False``, the aliased top-level ``h_a``/``h_s`` keys left out (restored on load)."""
+    ``fp16=False``; a module registered under two names (LALIC's top-level ``h_a``/``h_s``) is
+    written once, under its first name, and the loaders restore the alias."""
     import json
     import os
 
@@ -94,9 +99,12 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
 
     model.update(force=False)
     tensors = {}
-    for k, v in model.state_dict().items():
-        if k.startswith(("h_a.", "h_s.")):
-            continue
+    seen: set = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            continue  # an alias of a tensor already written
+        seen.add(key)
         v = v.detach().cpu().contiguous()
         if fp16 and v.is_floating_point() and not k.endswith(_KEEP_FP32):
             v = v.half()

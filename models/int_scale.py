@@ -42,10 +42,10 @@ class IntConv2d(nn.Module):
         super().__init__()
         self.k, self.shift, self.act = k, shift, act
         fan_in = cin * k * k
-        scale = 2.0**shift
-        # He init of the effective (real-valued) weight W / 2^shift, kept inside the integer range
-        std = math.sqrt(2.0 / fan_in) * scale
-        self.weight = nn.Parameter((torch.randn(cout, cin, k, k) * std).clamp(-W_MAX, W_MAX))
+        # Parameters hold the effective real-valued weights and biases (integer / 2^shift), so that
+        # optimiser steps have their usual size relative to the values; the integers are derived.
+        w_lim = W_MAX / 2.0**shift
+        self.weight = nn.Parameter((torch.randn(cout, cin, k, k) * math.sqrt(2.0 / fan_in)).clamp(-w_lim, w_lim))
         self.bias = nn.Parameter(torch.zeros(cout))
         if mask is not None:
             self.register_buffer("mask", mask.expand(cout, cin, k, k).clone())
@@ -53,7 +53,7 @@ class IntConv2d(nn.Module):
             self.mask = None
 
     def int_weight(self) -> torch.Tensor:
-        w = self.weight.clamp(-W_MAX, W_MAX)
+        w = (self.weight * 2.0**self.shift).clamp(-W_MAX, W_MAX)
         w = _ste_round(w) if self.training else torch.floor(w + 0.5)
         return w * self.mask if self.mask is not None else w
 

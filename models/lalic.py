@@ -346,9 +346,11 @@ class LALIC(nn.Module):
         """Decode the streams of :meth:`compress`; returns ``x_hat`` (clamped to [0, 1]) and ``y_hat``."""
         if len(streams) != self.num_streams():
             raise ValueError(f"expected {self.num_streams()} streams, got {len(streams)}")
+        zh, zw = (int(v) for v in z_shape)
+        if zh < 1 or zw < 1:  # checked before any tensor is shaped from it (callers bound the size)
+            raise ValueError(f"hyper-latent shape {zh}x{zw} is empty")
         eb = self.entropy_bottleneck
         device = eb.quantiles.device
-        zh, zw = z_shape
         z_shape4 = (1, eb.channels, zh, zw)
         z_sym = decode_stream(streams[0], eb.indexes(z_shape4).numpy(), eb.tables())
         z_sym = torch.from_numpy(z_sym).to(device)

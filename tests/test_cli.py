@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,217 @@ def test_help_version_and_info_do_not_import_torch(tmp_path, rgb_png, tiny_vr_we
 def test_quality_and_target_are_exclusive(tmp_path, rgb_png, tiny_vr_weights):
     r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / "a.lic"), "--weights", str(tiny_vr_weights), "-q", "2", "--target-bpp", "1"])
     assert r.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# reliability: interrupted runs, stale temporary files, bad files in folders, crafted checkpoints
+
+
+def _batch_src(tmp_path, n=60):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(n):
+        Image.fromarray(natural_image(48, 64, seed=i)).save(src / f"img{i:03d}.png")
+    return src
+
+
+def _start_batch(src, dst, weights, *extra):
+    import signal
+
+    cmd = [PY, "-m", "lalic_codec.cli", "encode", str(src), str(dst), "--weights", str(weights), *extra]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, even if we run in the background
+    )
+
+
+def _wait_for_outputs(proc, dst, n, timeout=120):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if dst.is_dir() and sum(1 for p in dst.iterdir() if p.suffix == ".lic") >= n:
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"no {n} outputs (exit status {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+def _assert_complete_outputs(dst):
+    from lalic_codec.formats import container
+
+    outputs = [p for p in dst.iterdir() if not p.name.startswith(".")]
+    for p in outputs:
+        assert p.suffix == ".lic", p
+        container.read(p.read_bytes())  # complete and valid: every CRC, nothing truncated
+    hidden = [p.name for p in dst.iterdir() if p.name.startswith(".")]
+    assert all(re.fullmatch(r"\.img\d{3}\.lic\.[a-z0-9_]{8}\.tmp", n) for n in hidden), hidden
+    return outputs, hidden
+
+
+def test_sigkill_mid_batch_leaves_only_complete_outputs_and_a_rerun_finishes(tmp_path, tiny_vr_weights):
+    import fcntl
+    import signal
+
+    src, dst = _batch_src(tmp_path), tmp_path / "out"
+    proc = _start_batch(src, dst, tiny_vr_weights)
+    _wait_for_outputs(proc, dst, 3)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    outputs, hidden = _assert_complete_outputs(dst)
+    assert 3 <= len(outputs) < 60
+    # what a killed run can leave: a temporary file (here made old), and the one of a live writer
+    stale, live = dst / ".img059.lic.abcdefgh.tmp", dst / ".img058.lic.zzzzzzzz.tmp"
+    stale.write_bytes(b"\x89LIC half a file")
+    live.write_bytes(b"\x89LIC being written")
+    for p in (stale, live):
+        os.utime(p, (1e9, 1e9))
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a concurrent writer holds its lock
+        proc = _start_batch(src, dst, tiny_vr_weights, "--skip-existing")
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert f"skipped {len(outputs)} existing" in err and f"encoded {60 - len(outputs)} files" in err
+    assert f"removed {len(hidden) + 1} temporary file" in err
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    outputs, hidden = _assert_complete_outputs(dst)
+    assert len(outputs) == 60 and not hidden
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_exit_130_without_partial_outputs(tmp_path, tiny_vr_weights, signame):
+    import signal
+
+    src, dst = _batch_src(tmp_path), tmp_path / "out"
+    proc = _start_batch(src, dst, tiny_vr_weights)
+    _wait_for_outputs(proc, dst, 2)
+    proc.send_signal(getattr(signal, signame))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "codec: interrupted" in err and "run again with --skip-existing" in err and "Traceback" not in err
+    outputs, hidden = _assert_complete_outputs(dst)
+    assert not hidden and 2 <= len(outputs) < 60
+
+
+def test_sigterm_while_writing_removes_the_temporary_file(tmp_path, rgb_png, tiny_vr_weights, monkeypatch):
+    import signal
+
+    from lalic_codec import pipeline
+
+    lic = tmp_path / "a.lic"
+    assert run("encode", rgb_png, lic, "--weights", tiny_vr_weights).exit_code == 0
+    real_save = pipeline.save_image
+
+    def interrupted_save(im, fp, fmt_name):
+        fp.write(b"\x89PNG half an image")
+        fp.flush()
+        assert leftovers(tmp_path)  # the temporary file exists now
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises KeyboardInterrupt right here
+        real_save(im, fp, fmt_name)
+
+    monkeypatch.setattr(pipeline, "save_image", interrupted_save)
+    before = signal.getsignal(signal.SIGTERM)
+    r = CliRunner().invoke(main, ["decode", str(lic), str(tmp_path / "a.png"), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 130 and "interrupted" in r.output
+    assert not (tmp_path / "a.png").exists() and not leftovers(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+
+
+def test_stale_temporary_files_are_removed_only_when_dead_and_ours(tmp_path):
+    import fcntl
+    import time
+
+    from lalic_codec.cli import clean_stale_temps
+
+    names = {"a.lic", "b.lic"}
+    files = {n: tmp_path / n for n in (".a.lic.abcd1234.tmp", ".b.lic.xyz_9876.tmp", ".c.lic.abcd1234.tmp", ".a.lic.tmp", "a.lic")}
+    for p in files.values():
+        p.write_bytes(b"x")
+        os.utime(p, (1e9, 1e9))
+    fresh = tmp_path / ".a.lic.fresh123.tmp"
+    fresh.write_bytes(b"x")  # newer than the run: may belong to a run that just started
+    with open(files[".b.lic.xyz_9876.tmp"], "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert clean_stale_temps(tmp_path, names, time.time() - 60) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lic.fresh123.tmp", ".a.lic.tmp", ".b.lic.xyz_9876.tmp", ".c.lic.abcd1234.tmp", "a.lic"]
+
+
+def test_folder_summary_lists_every_bad_file_with_its_reason(tmp_path, tiny_vr_weights):
+    src, dst, back = tmp_path / "in", tmp_path / "out", tmp_path / "back"
+    src.mkdir()
+    Image.fromarray(natural_image(40, 50)).save(src / "good.png")
+    Image.fromarray(natural_image(120, 100)).save(src / "big.png")
+    (src / "text.jpg").write_text("not a picture")
+    png = (src / "good.png").read_bytes()
+    (src / "cut.png").write_bytes(png[: len(png) // 2])
+    r = run("encode", src, dst, "--weights", tiny_vr_weights, "--max-pixels", 10000, "--quiet")
+    assert r.exit_code == 3
+    lines = r.output.strip().splitlines()
+    assert "encoded 1 file, 3 failed" in lines[0]
+    reasons = {ln.split(":")[0].strip(): ln for ln in lines[1:]}
+    assert "more than the limit of 10000 pixels" in reasons[str(src / "big.png")]
+    assert "not a readable image" in reasons[str(src / "text.jpg")]
+    assert "not a readable image" in reasons[str(src / "cut.png")]
+    data = (dst / "good.lic").read_bytes()
+    (dst / "flipped.lic").write_bytes(data[:60] + bytes([data[60] ^ 4]) + data[61:])
+    (dst / "short.lic").write_bytes(data[:-9])
+    (dst / "other.lic").write_bytes(b"GIF89a")
+    r = run("decode", dst, back, "--weights", tiny_vr_weights, "--quiet")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code in (3, 4) and "decoded 1 file, 3 failed" in lines[0]
+    reasons = {Path(ln.split(":")[0].strip()).name: ln for ln in lines[1:]}
+    assert "CRC32 mismatch" in reasons["flipped.lic"] and "truncated" in reasons["short.lic"]
+    assert "not a .lic file" in reasons["other.lic"]
+    assert sorted(p.name for p in back.iterdir()) == ["good.png"]
+
+
+class _Payload:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_crafted_pickle_checkpoints_are_refused_and_never_run(tmp_path, rgb_png, tiny_vr_weights):
+    import pickle
+    import shlex
+
+    import torch
+
+    marker = tmp_path / "pwned"
+    payload = _Payload(f"touch {shlex.quote(str(marker))}")
+    tensors = {"g_a.0.weight": torch.zeros(2, 3, 5, 5)}
+    zip_ckpt, legacy_ckpt, raw_pickle = tmp_path / "evil.pth.tar", tmp_path / "legacy.pth", tmp_path / "raw.pt"
+    torch.save({"state_dict": tensors, "extra": payload}, zip_ckpt)
+    torch.save({"state_dict": tensors, "extra": payload}, legacy_ckpt, _use_new_zipfile_serialization=False)
+    raw_pickle.write_bytes(pickle.dumps(payload))
+    assert not marker.exists()
+    lic = tmp_path / "a.lic"
+    assert run("encode", rgb_png, lic, "--weights", tiny_vr_weights).exit_code == 0
+    for ckpt in (zip_ckpt, legacy_ckpt, raw_pickle):
+        for args in (["encode", rgb_png, tmp_path / "b.lic", "--model", "lalic"], ["decode", lic, tmp_path / "b.png"]):
+            r = run(*args, "--weights", ckpt)
+            assert r.exit_code == 5, (ckpt.name, r.output)
+            assert "weights-only checkpoint" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not marker.exists()  # the payload never ran
+    assert not (tmp_path / "b.lic").exists() and not (tmp_path / "b.png").exists()
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    r = run("decode", lic, tmp_path / "b.png", "--weights", tmp_path / "bad.safetensors")
+    assert r.exit_code == 5 and "cannot read bad.safetensors" in r.output
+    pickle.loads(raw_pickle.read_bytes())  # the file really is armed: plain unpickling runs it
+    assert marker.exists()
+
+
+def test_readme_exit_status_table_is_complete_and_true():
+    import inspect
+
+    from lalic_codec import errors
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Exit status")[1].split("\n\n")[1]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.M)}
+    codes = {c.exit_code for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.CodecError)}
+    assert documented == codes | {0, 2}

@@ -113,7 +113,10 @@ def test_sixteen_bit_grayscale_is_coded_at_8_bits_with_a_note(vr):
     h = fmt.read(res.data).header
     assert h.bit_depth == 16 and h.colour_mode == fmt.ColourMode.L
     assert any("16-bit" in n for n in res.notes)
-    assert pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image.mode == "L"
+    dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image
+    assert dec.mode == "I;16"  # a 16-bit source comes back 16-bit (at 8-bit precision: v * 257)
+    assert np.all(np.asarray(dec, dtype=np.int64) % 257 == 0)
+    assert pipeline.decode_bytes(res.data, vr_path(vr), "cpu", high_bit_depth=False).image.mode == "L"
 
 
 def test_exif_orientation_applied_and_metadata_kept(vr):
@@ -183,3 +186,22 @@ def test_centred_padding():
     assert pipeline.centred_padding(100, 120, 128) == (4, 4, 14, 14)  # as the official evaluation
     assert pipeline.centred_padding(64, 64, 64) == (0, 0, 0, 0)
     assert pipeline.centred_padding(1, 1, 64) == (31, 32, 31, 32)
+
+
+def test_save_weights_writes_aliases_once(tmp_path):
+    from safetensors import safe_open
+
+    from conftest import TINY
+    from lalic_codec.models.checkpoints import save_weights
+    from lalic_codec.models.lalic import LALIC
+
+    m = LALIC(**TINY)
+    path = save_weights(m, tmp_path / "w.safetensors", fp16=False)
+    with safe_open(str(path), "pt") as f:
+        saved = set(f.keys())
+    dropped = set(m.state_dict()) - saved
+    assert dropped == {k for k in m.state_dict() if k.startswith(("h_a.", "h_s."))}  # only the aliases
+    lm = pipeline.load_model("lalic", path, "cpu")
+    from lalic_codec.models.checkpoints import fingerprint
+
+    assert lm.fingerprint == fingerprint(m.eval())  # the same network after a float32 round trip

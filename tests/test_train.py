@@ -104,3 +104,27 @@ def test_export_and_load_in_pipeline(tmp_path, data_dir):
     assert lm.variable_rate and lm.model.scale_path is not None
     res = pipeline.encode_image(Image.fromarray(natural_image(64, 64)), lm, 3)
     assert pipeline.decode_bytes(res.data, out, "cpu").image.size == (64, 64)
+
+
+def test_integer_scale_path_moves_at_normal_learning_rates():
+    # regression: with parameters in integer units, Adam's 1e-4..1e-3 steps never crossed a
+    # rounding boundary and the scale path stayed frozen at its initial table index
+    from lalic_codec.models.lalic import VariableRateLALIC
+
+    torch.manual_seed(0)
+    m = VariableRateLALIC(**TINY, int_scale=True)
+    m.update(force=True)
+    _, scale_p, _ = tr.split_params(m)
+    layers = [mod for mod in m.scale_path.modules() if hasattr(mod, "int_weight")]
+    before = [layer.int_weight().detach().clone() for layer in layers]
+    opt = torch.optim.Adam(scale_p, lr=2e-4 * tr.TrainConfig().scale_path_lr_mult)
+    x = torch.rand(2, 3, 64, 64)
+    for _ in range(3):
+        out = m(x, quality=torch.tensor([2.0, 7.0]))
+        bpp, _ = tr.rd_terms(out, x)
+        opt.zero_grad()
+        bpp.mean().backward()
+        opt.step()
+    changed = sum((layer.int_weight() != b).sum().item() for layer, b in zip(layers, before))
+    total = sum(b.numel() for b in before)
+    assert changed > 0.01 * total
