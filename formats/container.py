@@ -44,6 +44,8 @@ __all__ = [
     "Tile",
     "LicFile",
     "Limits",
+    "DamagedMagicError",
+    "DamagedVersionError",
     "write",
     "read",
     "read_info",
@@ -118,6 +120,23 @@ class MetadataTag(IntEnum):
     EXIF = 2
     XMP = 3
     PALETTE = 4
+
+
+# --------------------------------------------------------------------------- errors of damaged headers
+
+
+class DamagedMagicError(NotALicFileError, CrcMismatchError):
+    """Bad magic bytes on an otherwise intact version-1 header (its CRC32 matches with the right
+    magic): a corrupt .lic file rather than another kind of file (exit status 4)."""
+
+    exit_code = CrcMismatchError.exit_code
+
+
+class DamagedVersionError(UnsupportedVersionError, CrcMismatchError):
+    """A format version other than 1 on a header whose CRC32 matches version 1: a damaged
+    version field rather than a newer file (exit status 4)."""
+
+    exit_code = CrcMismatchError.exit_code
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -442,7 +461,30 @@ def _check_magic(buf: memoryview) -> None:
             hint = " (the high bit of byte 0 was cleared: was it sent over a 7-bit channel?)"
         else:
             hint = " (line endings were altered: was the file transferred in text mode?)"
+    if _bits_apart(head, MAGIC) <= 2 and _intact_v1_header(buf):
+        raise DamagedMagicError(
+            f"header: damaged magic bytes {head.hex(' ')}{hint}, but the header CRC32 matches a "
+            f".lic header (file is corrupt)"
+        )
     raise NotALicFileError(f"not a .lic file: bad magic bytes {head.hex(' ')}{hint}")
+
+
+def _bits_apart(a: bytes, b: bytes) -> int:
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b)) + 8 * abs(len(a) - len(b))
+
+
+def _intact_v1_header(buf: memoryview) -> bool:
+    """Whether ``buf`` starts with a version-1 header whose CRC32 matches once the magic and the
+    version are restored: then a magic or version a bit or two away from the right one is damage
+    (a bit flip), not another format or a newer version (a chance match has probability 2**-32)."""
+    if len(buf) < _PREFIX_SIZE:
+        return False
+    end = _PREFIX_SIZE + buf[_PREFIX_SIZE - 1] + _HEADER_TAIL.size
+    if len(buf) < end + _U32.size:
+        return False
+    head = bytearray(buf[:end])
+    head[: _PREFIX_SIZE - 1] = MAGIC + _U16.pack(FORMAT_VERSION)
+    return zlib.crc32(head) == _U32.unpack(buf[end : end + _U32.size])[0]
 
 
 @dataclass
@@ -459,6 +501,11 @@ def _parse_header(cur: _Cursor, limits: Limits) -> _RawHeader:
     cur.pos = len(MAGIC)
     (version,) = cur.unpack(_U16, "the format version")
     if version != FORMAT_VERSION:
+        if _bits_apart(_U16.pack(version), _U16.pack(FORMAT_VERSION)) <= 2 and _intact_v1_header(cur.buf):
+            raise DamagedVersionError(
+                f"header: format version {version}, but the header CRC32 matches version "
+                f"{FORMAT_VERSION}: the version field is damaged (file is corrupt)"
+            )
         raise UnsupportedVersionError(
             f"unsupported .lic format version {version} (this reader supports version "
             f"{FORMAT_VERSION}; the file may need a newer lalic-codec)"

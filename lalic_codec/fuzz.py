@@ -558,7 +558,7 @@ def _mutate_blocks(rng, r: RawLic, seeds):
             r.flags |= fmt.FLAG_METADATA
             r.blocks.insert(0, block)
     elif which == "alpha":
-        n = r.width * r.height * (2 if r.bit_depth == 16 else 1)
+        n = _u(r.width, 32) * _u(r.height, 32) * (2 if r.bit_depth == 16 else 1)  # fields may be out of range
         n = n if n <= 2**20 else 0
         content = rng.choice([bytes(n), bytes(max(0, n - 1)), bytes(n + 1), bytes(2 * n), b""])
         frame = rng.choice([_zstd(content), _zstd(b"\x00" * 64, declared=n), _zstd(content, declared=2**40),
@@ -770,27 +770,34 @@ def max_rss_mib() -> float:
 
 def which_check(e: CodecError) -> str:
     """Which check of the reader or decoder caught a damaged file (for counting)."""
-    name, msg = type(e).__name__, str(e)
-    if name == "CrcMismatchError":
+    from .errors import CrcMismatchError, DeviceMismatchError, LimitExceededError, NotALicFileError
+    from .errors import TruncatedFileError, UnsupportedVersionError
+
+    msg = str(e)
+    if isinstance(e, fmt.DamagedMagicError):
+        return "CRC: header (damaged magic bytes)"
+    if isinstance(e, fmt.DamagedVersionError):
+        return "CRC: header (damaged version field)"
+    if isinstance(e, CrcMismatchError):
         head = msg.split(":")[0]
         if head == "header":
             return "CRC: header"
         if head.startswith(("metadata", "alpha")):
             return f"CRC: {head}"
         return "CRC: tile geometry" if "geometry" in msg else "CRC: stream"
-    if name == "TruncatedFileError":
+    if isinstance(e, TruncatedFileError):
         return "structure: truncated (a length field)"
-    if name == "NotALicFileError":
+    if isinstance(e, NotALicFileError):
         return "magic bytes"
-    if name == "UnsupportedVersionError":
+    if isinstance(e, UnsupportedVersionError):
         return "version field"
-    if name == "LimitExceededError":
+    if isinstance(e, LimitExceededError):
         return "limit (a length field)"
-    if name == "DeviceMismatchError":
+    if isinstance(e, DeviceMismatchError):
         return "symbol checksum"
     if "unexpected bytes after the last tile" in msg:
         return "structure: trailing bytes (a length field)"
-    return f"other: {name}"
+    return f"other: {type(e).__name__}"
 
 
 def flip_outcome(flipped: bytes, weights, reference: bytes, limits: fmt.Limits | None = None) -> str:
@@ -859,9 +866,17 @@ def _worker(workdir: Path, base_seed: int, start: int, case_seconds: float, deco
     out.flush()
     i = start
     while True:
-        data, seed, mutator = generate(_case_rng(base_seed, i), seeds)
         out.write(json.dumps({"begin": i}) + "\n")
         out.flush()
+        try:
+            data, seed, mutator = generate(_case_rng(base_seed, i), seeds)
+        except Exception as e:  # a bug in a mutator: count it, go on
+            out.write(json.dumps({"end": i, "outcome": "harness", "kind": "failure", "mutator": "?", "seed": "?",
+                                  "detail": f"generating the case failed: {e!r}", "t": 0.0, "rss": max_rss_mib(),
+                                  "rss_jump": 0.0}) + "\n")
+            out.flush()
+            i += 1
+            continue
         rss0 = max_rss_mib()
         t0 = time.perf_counter()
         try:
@@ -922,7 +937,11 @@ def run_harness(seconds: float | None, cases: int | None, base_seed: int, artifa
         if artifacts is None:
             return
         artifacts.mkdir(parents=True, exist_ok=True)
-        data, seed, mutator = generate(_case_rng(base_seed, i), seeds)
+        try:
+            data, seed, mutator = generate(_case_rng(base_seed, i), seeds)
+        except Exception as e:  # noqa: BLE001
+            (artifacts / f"{kind}-seed{base_seed}-case{i}.txt").write_text(f"{kind}\n\n{detail}\n\n{e!r}\n")
+            return
         stem = artifacts / f"{kind}-seed{base_seed}-case{i}"
         stem = stem.with_suffix(".lic" if seed.kind == "lic" else ".img")
         stem.write_bytes(data)
@@ -946,6 +965,8 @@ def run_harness(seconds: float | None, cases: int | None, base_seed: int, artifa
                 if line is None or line == "":  # timeout, or the worker died
                     if not started:
                         raise RuntimeError(f"the fuzz worker did not start (exit status {proc.poll()})")
+                    if current is None:  # died between cases: blame the next one, never loop on it
+                        current = i
                     if current is not None:
                         proc.kill()
                         rc = proc.wait()

@@ -233,8 +233,11 @@ def prepare_image(im: Image.Image) -> PreparedImage:
         xmp = xmp.encode("utf-8")
     exif = im.info.get("exif") or None
     if exif is None:
-        e = im.getexif()
-        exif = e.tobytes() if len(e) else None
+        try:  # TIFF tags become EXIF here; malformed ones make Pillow raise (struct.error...)
+            e = im.getexif()
+            exif = e.tobytes() if len(e) else None
+        except Exception:
+            notes.append("EXIF could not be read and was left out")
     if transposed and exif is not None:  # Pillow deletes the tag; we store an explicit 1 (normal)
         try:
             e = Image.Exif()

@@ -82,7 +82,7 @@ def test_truncation_at_every_offset(corpus):
 # hypothesis: mutations of valid files (the mutators of lalic_codec.fuzz, driven by hypothesis)
 
 
-@settings(FUZZ, max_examples=10000)
+@settings(FUZZ, max_examples=14000)
 @given(rnd=st.randoms(use_true_random=False), mutator=st.sampled_from(sorted(fuzz.MUTATORS)))
 def test_fuzz_mutated_files(corpus, rnd, mutator):
     weights, seeds = corpus
@@ -100,7 +100,7 @@ U32 = st.one_of(st.sampled_from(fuzz.INTERESTING_U32), st.integers(0, 2**32 - 1)
 U16 = st.one_of(st.sampled_from(fuzz.INTERESTING_U16), st.integers(0, 2**16 - 1))
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=3000)
 @given(
     i=st.integers(0, 100),
     width=st.one_of(st.none(), U32),
@@ -127,7 +127,7 @@ def test_fuzz_absurd_header_values_behind_a_valid_crc(corpus, i, **fields):
     fuzz.check_case(fuzz.pack_raw(r), weights[seed.model])
 
 
-@settings(FUZZ, max_examples=2000)
+@settings(FUZZ, max_examples=2500)
 @given(i=st.integers(0, 100), t=st.integers(0, 10), xywh=st.tuples(U32, U32, U32, U32), pads=st.tuples(U16, U16, U16, U16),
        which=st.sets(st.integers(0, 7), min_size=1))
 def test_fuzz_tile_geometry_behind_a_valid_crc(corpus, i, t, xywh, pads, which):
@@ -197,6 +197,23 @@ def test_unknown_device_class_with_a_damaged_stream(corpus):
     r.tiles[0].streams[0] = fuzz.RawStream(bytes(len(r.tiles[0].streams[0].body)))
     with pytest.raises(DeviceMismatchError, match="unknown device class 7"):
         pipeline.decode_bytes(fuzz.pack_raw(r), weights["vr"], "cpu")
+
+
+def test_malformed_tiff_tags_do_not_stop_the_encoder(corpus):
+    """Found by the long fuzz run: a TIFF whose StripOffsets tag has type BYTE loads, but Pillow's
+    EXIF export of its tags raised struct.error in prepare_image ("internal error", exit 1)."""
+    data = bytearray(next(s for s in corpus[1] if s.name == "tiff").data)
+    assert data[:2] == b"II"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for k in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * k
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets: LONG -> BYTE
+            data[at + 2 : at + 4] = struct.pack("<H", 1)
+    im = pipeline.open_image(bytes(data))
+    with pytest.raises(struct.error):
+        im.getexif().tobytes()
+    prep = pipeline.prepare_image(im)
+    assert prep.rgb.shape == (24, 32, 3) and "EXIF could not be read and was left out" in prep.notes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +420,28 @@ def test_single_bit_flips_are_detected(corpus):
         assert out.startswith("detected") or out == "decoded identically", (s.name, bit, out)
         outcomes[out] = outcomes.get(out, 0) + 1
     assert sum(v for k, v in outcomes.items() if k.startswith("detected: CRC")) > 200
+
+
+def test_flips_in_the_magic_and_version_are_reported_as_corruption(corpus, tmp_path):
+    """The magic and version are checked before the header CRC (another version may lay out its
+    header differently), but a bit flip there leaves a header whose CRC matches version 1."""
+    data = lics(corpus)[3].data
+    for bit in range(8 * 10):
+        b = bytearray(data)
+        b[bit // 8] ^= 1 << (bit % 8)
+        expected = fmt.DamagedMagicError if bit < 64 else fmt.DamagedVersionError
+        with pytest.raises(expected, match="file is corrupt") as err:
+            fmt.read(bytes(b))
+        assert err.value.exit_code == 4 and isinstance(err.value, CorruptFileError)
+    (tmp_path / "a.lic").write_bytes(bytes([data[0] & 0x7F]) + data[1:])
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "a.lic")])
+    assert r.exit_code == 4 and "high bit of byte 0 was cleared" in r.output
+    other = bytearray(data)
+    other[8:10] = struct.pack("<H", 2)
+    other[fuzz.crc_layout(data)[0][0]] ^= 1  # a "version 2" header whose CRC does not match version 1
+    with pytest.raises(fmt.UnsupportedVersionError, match="version 2") as err:
+        fmt.read(bytes(other))
+    assert type(err.value) is fmt.UnsupportedVersionError
 
 
 def test_fuzz_errors_are_codec_errors_with_one_line():
