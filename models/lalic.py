@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..entropy.coder import decode_stream, encode_stream
+from .base import CodingModel
 from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
 from .int_scale import IntegerScalePath
 from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter_aggregation
@@ -202,7 +203,7 @@ class Coded:
     debug: dict = field(default_factory=dict)
 
 
-class LALIC(nn.Module):
+class LALIC(CodingModel):
     """The LALIC network.  ``LALIC()`` is the official default configuration (66.1 M parameters)."""
 
     #: official evaluation pads images (centred, zeros) to a multiple of this
@@ -263,7 +264,6 @@ class LALIC(nn.Module):
         return updated
 
     # --- rate hooks (identity here; the variable-rate model scales the latent) ---------------------
-    variable_rate = False
 
     def latent_gain(self, y: torch.Tensor, quality=None) -> torch.Tensor:
         return y
@@ -307,13 +307,6 @@ class LALIC(nn.Module):
         }
 
     # --- coding ---------------------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-            raise ValueError(f"expected one RGB image of shape (1, 3, H, W); got {tuple(x.shape)}")
-        m = self.size_multiple
-        if x.shape[2] % m or x.shape[3] % m:
-            raise ValueError(f"image size {tuple(x.shape[2:])} must be a multiple of {m}; pad it first")
-
     def num_streams(self) -> int:
         return 1 + 2 * len(self.groups)
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ..entropy.coder import decode_stream, encode_stream
 from .checkpoints import normalize_keys
+from .base import CodingModel
 from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
 from .lalic import Coded, checkerboard_mask, embed, unembed
 from .layers import CheckerboardMaskedConv2d, conv, deconv
@@ -82,14 +83,13 @@ def _param_transform(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
-class MambaIC(nn.Module):
+class MambaIC(CodingModel):
     """The MambaIC network.  ``MambaIC()`` is the official configuration (123.8 M parameters)."""
 
     #: official evaluation pads images (centred, zeros) to a multiple of this
     pad_multiple = 128
     #: coded sizes must be multiples of this (y at 1/16 with whole attention windows, z at 1/64)
     size_multiple = 128
-    variable_rate = False
 
     def __init__(self, depths=(2, 2, 9, 2), drop_path_rate: float = 0.1, N: int = 128, M: int = 320,
                  num_slices: int = NUM_SLICES, max_support_slices: int = 5):
@@ -221,13 +221,6 @@ class MambaIC(nn.Module):
         }
 
     # --- coding ---------------------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-            raise ValueError(f"expected one RGB image of shape (1, 3, H, W); got {tuple(x.shape)}")
-        m = self.size_multiple
-        if x.shape[2] % m or x.shape[3] % m:
-            raise ValueError(f"image size {tuple(x.shape[2:])} must be a multiple of {m}; pad it first")
-
     def num_streams(self) -> int:
         return 1 + 2 * self.num_slices
 
