@@ -153,3 +153,22 @@ def test_official_checkpoint_wrappers(tmp_path, official_sd):
     assert fingerprint(m) == fingerprint(ref)
     assert unwrap_checkpoint({"model_state_dict": official_sd}) is official_sd
     assert normalize_keys({"module.module.a": torch.zeros(1)}) == {"a": torch.zeros(1)}
+
+
+def test_omnishift_merged_kernel_equals_the_four_branches():
+    # training evaluates OmniShift as one merged 5x5 convolution: same values and gradients as
+    # the official alpha0*x + alpha1*conv1x1 + alpha2*conv3x3 + alpha3*conv5x5
+    from lalic_codec.models.layers import OmniShift
+
+    torch.manual_seed(0)
+    om = OmniShift(6).double().train()
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64, requires_grad=True)
+    a = om.alpha
+    ref = a[0] * x + a[1] * om.conv1x1(x) + a[2] * om.conv3x3(x) + a[3] * om.conv5x5(x)
+    out = om(x)
+    assert torch.allclose(out, ref, atol=1e-12)
+    g = torch.randn_like(out)
+    grads_ref = torch.autograd.grad((ref * g).sum(), [x, om.alpha, om.conv3x3.weight])
+    grads = torch.autograd.grad((out * g).sum(), [x, om.alpha, om.conv3x3.weight])
+    for a_, b_ in zip(grads, grads_ref):
+        assert torch.allclose(a_, b_, atol=1e-10)
