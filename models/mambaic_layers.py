@@ -11,11 +11,13 @@ key: an ``SS2D`` registers ``x_proj_weight, dt_projs_weight, dt_projs_bias, A_lo
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import selective_scan as _scan_dispatch
 from ..kernels.selective_scan import cross_merge, cross_scan, selective_scan
 
 
@@ -40,6 +42,17 @@ class DropPath(nn.Module):
 #: below this many scan elements (b * 4 * d_inner * H*W) the four directions are scanned in one call;
 #: larger maps are scanned one direction at a time to bound memory
 _ONE_CALL_ELEMENTS = 1 << 24
+
+
+def fused_cross_scan_kernel(x: torch.Tensor, needs_grad: bool):
+    """Dispatcher of the fused Triton cross scan + selective scan + cross merge: the kernel for a
+    CUDA map when no gradient is needed (and triton imports, ``LALIC_FORCE_REFERENCE`` is unset,
+    ``LALIC_SS2D_FUSED`` is not ``0``), else None (the unfused path, differentiable)."""
+    if not x.is_cuda or needs_grad or os.environ.get("LALIC_SS2D_FUSED", "1") == "0" or not _scan_dispatch._use_triton(x):
+        return None
+    from ..kernels.selective_scan_triton import cross_selective_scan_fused
+
+    return cross_selective_scan_fused
 
 
 class SS2D(nn.Module):
@@ -88,7 +101,10 @@ class SS2D(nn.Module):
         As = -torch.exp(self.A_logs.to(cd))
         Ds = self.Ds.to(cd)
         bias = self.dt_projs_bias.reshape(-1).to(cd)
-        if x.is_cuda or B * K * D * L <= _ONE_CALL_ELEMENTS:
+        fused = fused_cross_scan_kernel(x, self._needs_grad(x)) if x.is_cuda else None
+        if fused is not None:
+            y = self._scan_fused(x, fused, As, Ds, bias)
+        elif x.is_cuda or B * K * D * L <= _ONE_CALL_ELEMENTS:
             xs = cross_scan(x)  # (B, 4, D, L)
             x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
             dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
@@ -100,6 +116,17 @@ class SS2D(nn.Module):
             y = self._scan_by_direction(x, As, Ds, bias, cd)
         y = self.out_norm(y.transpose(1, 2).contiguous()).view(B, H, W, -1)
         return y.to(dtype)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        params = (self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+    def _scan_fused(self, x, fused, As, Ds, bias) -> torch.Tensor:
+        """The one-call path in one fused kernel: the x projection at row-major positions (the cross
+        scan only permutes tokens), then cross scan, dt projection, scan and cross merge inside."""
+        B, D, H, W = x.shape
+        x_dbl = torch.einsum("bdl,kcd->bkcl", x.reshape(B, D, H * W), self.x_proj_weight)
+        return fused(x, x_dbl, self.dt_projs_weight, As, Ds, bias, delta_softplus=True)
 
     def _scan_by_direction(self, x, As, Ds, bias, cd) -> torch.Tensor:
         """Same computation as the one-call path, one scan direction at a time (large maps on CPU)."""
