@@ -87,7 +87,10 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         z = F.silu(z)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        x = x.permute(0, 3, 1, 2)
+        # CPU: convolve the channels-last view as it is (oneDNN's NHWC depthwise conv, ~7x cheaper than
+        # copying to NCHW first); the result stays channels-last, which the token-major CPU scan reads for free
+        x = F.silu(self.conv2d(x if x.device.type == "cpu" else x.contiguous()))
         y = self.scan(x)  # (B, H, W, d_inner), normalised
         return self.out_proj(y * z)
 
@@ -104,7 +107,7 @@ class SS2D(nn.Module):
         fused = fused_cross_scan_kernel(x, self._needs_grad(x)) if x.is_cuda else None
         if fused is not None:
             y = self._scan_fused(x, fused, As, Ds, bias)
-        elif x.is_cuda or B * K * D * L <= _ONE_CALL_ELEMENTS:
+        elif x.is_cuda:
             xs = cross_scan(x)  # (B, 4, D, L)
             x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
             dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
@@ -112,8 +115,8 @@ class SS2D(nn.Module):
             ys = selective_scan(xs.reshape(B, K * D, L).to(cd), dts.reshape(B, K * D, L).to(cd), As,
                                 Bs.contiguous().to(cd), Cs.contiguous().to(cd), Ds, bias, delta_softplus=True)
             y = cross_merge(ys.view(B, K, D, L), H, W)
-        else:
-            y = self._scan_by_direction(x, As, Ds, bias, cd)
+        else:  # CPU: token-major, the four directions in one scan call for small maps, one at a time for large ones
+            y = self._scan_by_direction(x, As, Ds, bias, cd, 4 if B * K * D * L <= _ONE_CALL_ELEMENTS else 1)
         y = self.out_norm(y.transpose(1, 2).contiguous()).view(B, H, W, -1)
         return y.to(dtype)
 
@@ -128,28 +131,48 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bdl,kcd->bkcl", x.reshape(B, D, H * W), self.x_proj_weight)
         return fused(x, x_dbl, self.dt_projs_weight, As, Ds, bias, delta_softplus=True)
 
-    def _scan_by_direction(self, x, As, Ds, bias, cd) -> torch.Tensor:
-        """Same computation as the one-call path, one scan direction at a time (large maps on CPU)."""
+    def _scan_by_direction(self, x, As, Ds, bias, cd, per_call: int = 1) -> torch.Tensor:
+        """The CPU path: the same computation as the one-call path, ``per_call`` (1, 2 or 4) scan
+        directions per selective-scan call (memory grows with it: large maps go one at a time).
+
+        Token-major throughout: (B, L, D) rows with the channels innermost.  The projections are
+        linear maps of token rows, the scan reads that layout and writes its output in it without
+        transposing, and the result is a (B, D, L) view of (B, L, D) memory, the layout out_norm
+        reads.  (A channel-major ``matmul(weight, xs)`` with a weight that requires grad makes torch
+        fold the product and copy its transposed result back, ~20 ns per element.)
+        """
         B, D, H, W = x.shape
         L = H * W
         N, R = self.d_state, self.dt_rank
-        rows = x.reshape(B, D, L)
-        cols = x.transpose(2, 3).reshape(B, D, L)
-        merged = []
-        for k, seq in enumerate((rows, cols, rows, cols)):
-            xs = seq.flip(-1) if k >= 2 else seq
-            x_dbl = torch.matmul(self.x_proj_weight[k], xs)  # (B, R + 2N, L)
-            dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=1)
-            dts = torch.matmul(self.dt_projs_weight[k], dts)  # (B, D, L)
-            sl = slice(k * D, (k + 1) * D)
-            ys = selective_scan(xs.to(cd), dts.to(cd), As[sl], Bs.unsqueeze(1).to(cd), Cs.unsqueeze(1).to(cd),
-                                Ds[sl], bias[sl], delta_softplus=True)
-            del xs, x_dbl, dts, Bs, Cs
-            if k >= 2:
-                merged[k - 2] = merged[k - 2] + ys.flip(-1)
-            else:
-                merged.append(ys)
-        return merged[0] + merged[1].reshape(B, D, W, H).transpose(2, 3).reshape(B, D, L)
+        rows = x.permute(0, 2, 3, 1)
+        if rows.is_contiguous():  # channels-last x (the CPU conv output)
+            rows = rows.reshape(B, L, D)
+        else:  # 2-D transposes: torch copies those with a blocked kernel, unlike a general permute
+            planes = [x[i].reshape(D, L).t().contiguous() for i in range(B)]
+            rows = planes[0].unsqueeze(0) if B == 1 else torch.stack(planes)
+        cols = rows.view(B, H, W, D).transpose(1, 2).reshape(B, L, D)
+        merged = [None, None]  # row-scan and column-scan orders
+        for k0 in range(0, 4, per_call):
+            ks = range(k0, k0 + per_call)
+            seqs = [(rows, cols)[k % 2].flip(1) if k >= 2 else (rows, cols)[k % 2] for k in ks]
+            x_dbl = [F.linear(s, self.x_proj_weight[k]) for s, k in zip(seqs, ks)]  # (B, L, R + 2N) each
+            dts = [F.linear(xd[..., :R], self.dt_projs_weight[k]) for xd, k in zip(x_dbl, ks)]  # (B, L, D) each
+            xs = seqs[0] if per_call == 1 else torch.cat(seqs, dim=2)  # (B, L, per_call * D)
+            dts = dts[0] if per_call == 1 else torch.cat(dts, dim=2)
+            x_dbl = torch.stack(x_dbl, dim=1)  # (B, per_call, L, R + 2N)
+            Bs, Cs = x_dbl[..., R : R + N].transpose(2, 3), x_dbl[..., R + N :].transpose(2, 3)  # (B, per_call, N, L)
+            sl = slice(k0 * D, (k0 + per_call) * D)
+            ys = selective_scan(xs.transpose(1, 2).to(cd), dts.transpose(1, 2).to(cd), As[sl], Bs.to(cd), Cs.to(cd),
+                                Ds[sl], bias[sl], delta_softplus=True).transpose(1, 2)  # (B, L, per_call * D)
+            del seqs, xs, x_dbl, dts, Bs, Cs
+            for j, k in enumerate(ks):
+                yk = ys[..., j * D : (j + 1) * D]
+                if k >= 2:
+                    yk = yk.flip(1)
+                merged[k % 2] = yk if merged[k % 2] is None else merged[k % 2] + yk
+            del ys, yk
+        y = merged[0] + merged[1].view(B, W, H, D).transpose(1, 2).reshape(B, L, D)
+        return y.transpose(1, 2)
 
 
 class VSSBlock(nn.Module):

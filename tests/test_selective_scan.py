@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lalic_codec.kernels import selective_scan as dispatch
+from lalic_codec.kernels import selective_scan_ref as ssr
 from lalic_codec.kernels.selective_scan_ref import affine_scan, cross_merge, cross_scan, selective_scan_reference
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "refvec" / "selective_scan_cases.pt"
@@ -69,6 +70,17 @@ def test_reference_matches_cases_float32(cases, i):
 
 
 @pytest.mark.parametrize("i", range(7))
+def test_chunked_form_matches_cases(cases, i):
+    """The differentiable chunked form (what autograd and non-CPU devices use), without autograd."""
+    c = cases["cases"][i]
+    y = selective_scan_reference(*case_args(c), c["delta_softplus"], method="chunked")
+    tol = 2 * c["meta"]["max_abs_fp32_compute_vs_fp64"] + 5e-7 * max(1.0, c["meta"]["max_abs_out"])
+    assert (y.double() - c["out"]).abs().max().item() <= tol, c["name"]
+    y = selective_scan_reference(*case_args(c, torch.float64), c["delta_softplus"], method="chunked")
+    assert (y - c["out"]).abs().max().item() <= 1e-11 * max(1.0, c["meta"]["max_abs_out"]), c["name"]
+
+
+@pytest.mark.parametrize("i", range(7))
 def test_reference_matches_cases_float64(cases, i):
     c = cases["cases"][i]
     y = selective_scan_reference(*case_args(c, torch.float64), c["delta_softplus"])
@@ -92,10 +104,11 @@ def test_lengths_and_chunk_boundaries(L):
     args = random_problem(L=L, seed=L)
     ref = sequential_scan(*args, delta_softplus=True)
     for chunk in (8, 32):
-        y = selective_scan_reference(*args, delta_softplus=True, chunk=chunk)
+        y = selective_scan_reference(*args, delta_softplus=True, chunk=chunk, method="chunked")
         assert (y - ref).abs().max().item() < 1e-11
-    y32 = selective_scan_reference(*(a.float() for a in args), delta_softplus=True)
-    assert (y32.double() - ref).abs().max().item() < 2e-5
+    for method in ("chunked", "sequential"):
+        y32 = selective_scan_reference(*(a.float() for a in args), delta_softplus=True, method=method)
+        assert (y32.double() - ref).abs().max().item() < 2e-5, method
 
 
 def test_ungrouped_B_C_and_optional_arguments():
@@ -106,12 +119,13 @@ def test_ungrouped_B_C_and_optional_arguments():
         assert (y - ref).abs().max().item() < 1e-11
 
 
-def test_strong_decays_stay_finite_and_exact():
+@pytest.mark.parametrize("method", ["chunked", "sequential"])
+def test_strong_decays_stay_finite_and_exact(method):
     args = random_problem(D=4, N=16, L=200, big_delta=True, seed=3)
     ref = sequential_scan(*args, delta_softplus=True)
-    y = selective_scan_reference(*args, delta_softplus=True)
+    y = selective_scan_reference(*args, delta_softplus=True, method=method)
     assert (y - ref).abs().max().item() < 1e-10
-    y32 = selective_scan_reference(*(a.float() for a in args), delta_softplus=True)
+    y32 = selective_scan_reference(*(a.float() for a in args), delta_softplus=True, method=method)
     assert torch.isfinite(y32).all()
     assert (y32.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
 
@@ -166,3 +180,128 @@ def test_dispatcher_uses_the_reference_on_cpu(cases, monkeypatch):
     monkeypatch.setenv("LALIC_FORCE_REFERENCE", "1")
     assert not dispatch._use_triton(c["u"])
     assert torch.equal(dispatch.selective_scan(*case_args(c), c["delta_softplus"]), expected)
+
+
+# --- the sequential scan (no-grad CPU path) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", ["default", "G=1", "G=3"])
+@pytest.mark.parametrize(
+    "L, b, grouped, big_delta",
+    [(1, 1, True, False), (2, 2, True, False), (7, 1, False, False), (97, 1, True, True), (130, 2, True, False),
+     (1009, 1, True, True)],
+)
+def test_sequential_scan_matches_the_loop(monkeypatch, groups, L, b, grouped, big_delta):
+    """Awkward lengths (1, primes, not a multiple of the group), batches, one group for all channels,
+    strong decays, and group sizes that split the sequence into many (partial) groups."""
+    if groups != "default":
+        g = int(groups[2:])
+        monkeypatch.setattr(ssr, "GROUP_TOKENS", (g, g))
+    args = random_problem(b=b, L=L, big_delta=big_delta, grouped=grouped, seed=L + b)
+    ref = sequential_scan(*args, delta_softplus=True)
+    y = selective_scan_reference(*args, delta_softplus=True, method="sequential")
+    assert y.dtype == torch.float64 and y.shape == ref.shape
+    assert (y - ref).abs().max().item() < 1e-11 * max(1.0, ref.abs().max().item())
+    y32 = selective_scan_reference(*(a.float() for a in args), delta_softplus=True, method="sequential")
+    assert y32.dtype == torch.float32 and torch.isfinite(y32).all()
+    assert (y32.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_sequential_scan_softplus_threshold_and_options():
+    """delta + 25 (softplus passes values above 20 through; decays underflow to 0), and every
+    combination of the optional arguments."""
+    u, delta, A, B, C, D, bias = random_problem(D=4, N=16, L=90, seed=5)
+    big = delta + 25.0
+    ref = sequential_scan(u, big, A, B, C, D, bias, True)
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):
+        a = [t.to(dtype) for t in (u, big, A, B, C, D, bias)]
+        y = selective_scan_reference(*a, delta_softplus=True, method="sequential")
+        assert torch.isfinite(y).all()
+        assert (y.double() - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+    for d_, b_, sp in ((None, None, False), (D, None, True), (None, bias, True), (None, None, True)):
+        y = selective_scan_reference(u, delta.abs(), A, B, C, d_, b_, sp, method="sequential")
+        assert (y - sequential_scan(u, delta.abs(), A, B, C, d_, b_, sp)).abs().max().item() < 1e-11
+
+
+def test_sequential_scan_layouts_and_dtypes():
+    """Token-major inputs ((b, L, C) memory passed as transposed views) give the same numbers and a
+    token-major output; half precision is computed in float32 and returned in its own dtype."""
+    args = random_problem(b=2, K=2, D=3, N=16, L=77, seed=9, dtype=torch.float32)
+    u, delta = args[0], args[1]
+    y = selective_scan_reference(*args, delta_softplus=True, method="sequential")
+    assert y.is_contiguous()
+    ut, dt = u.transpose(1, 2).contiguous().transpose(1, 2), delta.transpose(1, 2).contiguous().transpose(1, 2)
+    yt = selective_scan_reference(ut, dt, *args[2:], delta_softplus=True, method="sequential")
+    assert torch.equal(yt, y) and yt.transpose(1, 2).is_contiguous()
+    half = [a.to(torch.bfloat16) for a in args]
+    yh = selective_scan_reference(*half, delta_softplus=True, method="sequential")
+    y32 = selective_scan_reference(*(a.float() for a in half), delta_softplus=True, method="sequential")
+    assert yh.dtype == torch.bfloat16 and torch.equal(yh, y32.to(torch.bfloat16))
+
+
+def test_method_dispatch():
+    args = random_problem(L=40, seed=2, dtype=torch.float32)
+    seq = selective_scan_reference(*args, delta_softplus=True, method="sequential")
+    assert torch.equal(selective_scan_reference(*args, delta_softplus=True), seq)  # auto: CPU, no grad
+    with torch.no_grad():
+        assert torch.equal(dispatch.selective_scan(*args, delta_softplus=True), seq)
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    y = selective_scan_reference(*leaves, delta_softplus=True)  # auto with autograd: the chunked form
+    assert y.requires_grad
+    assert (y.detach() - selective_scan_reference(*args, delta_softplus=True, method="chunked")).abs().max().item() < 1e-5
+    with pytest.raises(ValueError):
+        selective_scan_reference(*leaves, delta_softplus=True, method="sequential")
+    with pytest.raises(ValueError):
+        selective_scan_reference(*args, method="loop")
+
+
+# --- SS2D's CPU path (token-major, 1, 2 or 4 directions per scan call) ---------------------------------
+
+
+def official_ss2d_scan(m, x):
+    """SS2D.scan as the official code writes it (cross scan, einsums, scan, cross merge), float64 loop."""
+    B, D, H, W = x.shape
+    N, R = m.d_state, m.dt_rank
+    x = x.double()
+    xs = cross_scan(x)
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, m.x_proj_weight.double())
+    dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, m.dt_projs_weight.double())
+    ys = sequential_scan(xs.reshape(B, 4 * D, H * W), dts.reshape(B, 4 * D, H * W), -torch.exp(m.A_logs.double()),
+                         Bs, Cs, m.Ds.double(), m.dt_projs_bias.double().reshape(-1), True)
+    y = cross_merge(ys.view(B, 4, D, H * W), H, W)
+    return F.layer_norm(y.transpose(1, 2), (D,), m.out_norm.weight.double(), m.out_norm.bias.double(), 1e-5).view(B, H, W, D)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ss2d_cpu_path_matches_the_official_form(channels_last):
+    from lalic_codec.models.mambaic_layers import SS2D
+
+    torch.manual_seed(0)
+    m = SS2D(8).eval()
+    with torch.no_grad():
+        m.A_logs.add_(torch.randn_like(m.A_logs) * 0.3)
+        m.dt_projs_bias.add_(1.0)
+    x = torch.randn(2, 16, 5, 7)
+    if channels_last:  # what the CPU conv hands over
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = official_ss2d_scan(m, x)
+        outs = [m._scan_by_direction(x, -torch.exp(m.A_logs), m.Ds, m.dt_projs_bias.reshape(-1), torch.float32, n)
+                for n in (1, 2, 4)]
+        y = m.scan(x)
+    assert (y.double() - ref).abs().max().item() < 2e-5
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max().item() < 1e-6
+    # autograd through the CPU path (the chunked form), float64, against the official form
+    xg = x.double().requires_grad_(True)
+    m64 = m.double()
+    w = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
+    (m64.scan(xg) * w).sum().backward()
+    g_fast = [xg.grad] + [p.grad for p in (m64.x_proj_weight, m64.dt_projs_weight, m64.A_logs, m64.Ds)]
+    xg.grad = None
+    m64.zero_grad()
+    (official_ss2d_scan(m64, xg) * w).sum().backward()
+    g_ref = [xg.grad] + [p.grad for p in (m64.x_proj_weight, m64.dt_projs_weight, m64.A_logs, m64.Ds)]
+    for a, b in zip(g_fast, g_ref):
+        assert (a - b).abs().max().item() <= 1e-9 * max(1.0, b.abs().max().item())
