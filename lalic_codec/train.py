@@ -61,6 +61,7 @@ class TrainConfig:
     ckpt_every: int = 200
     threads: int = 0  # 0: torch's default
     init_from: str | None = None
+    init: str = "klt"  # fresh runs: "klt" (transforms start as a block KLT of the data) or "random"
     arch: dict = field(default_factory=dict)
 
 
@@ -250,6 +251,16 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             raise click.ClickException(f"--init-from: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
         if missing:
             click.echo(f"--init-from: {len(missing)} tensors not in the file start fresh (e.g. {missing[0]})", err=True)
+    elif cfg.init == "klt" and state is None:
+        from .klt_init import klt_init, sample_crops
+
+        info = klt_init(model, sample_crops(list_images(cfg.data), seed=cfg.seed).to(device))
+        click.echo(
+            f"KLT start: the latent keeps {info['energy_stage4']:.2%} of the training crops' energy",
+            err=True,
+        )
+    elif cfg.init not in ("klt", "random"):
+        raise click.ClickException(f"--init must be klt or random, not {cfg.init!r}")
     main_p, scale_p, aux_p = split_params(model)
     groups = [{"params": main_p, "lr_mult": 1.0}]
     if scale_p:
@@ -417,6 +428,8 @@ def cli():
 @click.option("--ckpt-every", default=200, show_default=True)
 @click.option("--log-every", default=20, show_default=True)
 @click.option("--init-from", default=None, help="start from these weights (e.g. the shipped default model)")
+@click.option("--init", type=click.Choice(["klt", "random"]), default="klt", show_default=True,
+              help="fresh runs: transforms start as a two-level block KLT of the training data, or random")
 @click.option("--resume", default=None, help="resume exactly from a checkpoint.pt")
 @click.option("--max-seconds", default=None, type=float, help="stop (and checkpoint) after this much wall time")
 def run_cmd(resume, max_seconds, **kw):
