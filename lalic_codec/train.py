@@ -365,6 +365,9 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 log.write(json.dumps({"type": "val", "step": step, "time": time.time(), **validate(model, val_files, cfg.val_qualities, device)}) + "\n")
                 log.flush()
             if step % cfg.ckpt_every == 0:
+                # the factorized prior's quantiles, solved directly (the aux loss alone is far too slow
+                # for the runs we can afford; it keeps them close in between)
+                model.entropy_bottleneck.fit_quantiles()
                 save_checkpoint(ckpt_path, snapshot())
     finally:
         save_checkpoint(ckpt_path, snapshot())
@@ -387,6 +390,7 @@ def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: di
     cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
     model = build_model(cfg.arch)
     model.load_state_dict(state["model"])
+    model.entropy_bottleneck.fit_quantiles()
     model.update(force=True)
     meta = {
         "lambdas": model.lambdas.tolist(),

@@ -168,6 +168,25 @@ class EntropyBottleneck(EntropyModel):
         logits = self._logits_cumulative(self.quantiles, stop_gradient=True)
         return torch.abs(logits - self.target).sum()
 
+    @torch.no_grad()
+    def fit_quantiles(self, bound: float = 1000.0, iterations: int = 50) -> float:
+        """Set ``quantiles`` to the points the auxiliary loss moves them towards (the tail_mass/2,
+        median and 1 - tail_mass/2 points of each learned density), directly, by bisection: the
+        cumulative is increasing, so this is exact to float precision where the auxiliary loss
+        needs many thousand steps.  Searches [-bound, bound]; returns the auxiliary loss after."""
+        q = self.quantiles
+        shape = (self.channels, 1, 3)
+        lo = torch.full(shape, -bound, dtype=q.dtype, device=q.device)
+        hi = torch.full(shape, bound, dtype=q.dtype, device=q.device)
+        target = self.target.to(q.dtype).view(1, 1, 3)
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            below = self._logits_cumulative(mid, stop_gradient=True) < target
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        q.copy_((lo + hi) / 2)
+        return float(self.loss())
+
     # --- coding ------------------------------------------------------------------------
     def symbols(self, z: torch.Tensor) -> torch.Tensor:
         return self.quantize(z, "symbols", self.medians().detach().view(1, -1, 1, 1))

@@ -529,3 +529,27 @@ def test_spec_example_vector():
     assert ref.categorical_cumulatives([65535, 1]) == [0, 16776959, 16777216]
     spec = Path(__file__).resolve().parents[1] / "formats" / "FORMAT.md"
     assert expected.hex() in spec.read_text()
+
+
+def test_entropy_bottleneck_fit_quantiles_solves_the_aux_objective():
+    import torch
+
+    from lalic_codec.models.entropy_models import EntropyBottleneck
+
+    torch.manual_seed(0)
+    eb = EntropyBottleneck(6)
+    with torch.no_grad():  # make the densities differ from the initial ones
+        for m in eb.matrices:
+            m.add_(torch.randn_like(m) * 0.3)
+        for b in eb.biases:
+            b.add_(torch.randn_like(b) * 2)
+    before = float(eb.loss())
+    after = eb.fit_quantiles()
+    assert before > 10 and after < 1e-2 * eb.quantiles.numel()
+    logits = eb._logits_cumulative(eb.quantiles.detach(), stop_gradient=True)
+    assert torch.allclose(torch.sigmoid(logits[:, 0, 1]), torch.full((6,), 0.5), atol=1e-4)  # medians
+    q = eb.quantiles.detach()[:, 0]
+    assert bool((q[:, 0] < q[:, 1]).all() and (q[:, 1] < q[:, 2]).all())
+    # the tables built from them hold the densities' mass: the tails left out are about tail_mass
+    eb.update(force=True)
+    assert eb.has_tables()
