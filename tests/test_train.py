@@ -128,3 +128,27 @@ def test_integer_scale_path_moves_at_normal_learning_rates():
     changed = sum((layer.int_weight() != b).sum().item() for layer, b in zip(layers, before))
     total = sum(b.numel() for b in before)
     assert changed > 0.01 * total
+
+
+def test_param_groups_and_optimizer_state_remapped_by_name():
+    from lalic_codec.models.lalic import VariableRateLALIC
+
+    torch.manual_seed(0)
+    m = VariableRateLALIC(**TINY, int_scale=True)
+    cfg = tr.TrainConfig()
+    groups = tr.param_groups(m, cfg)
+    by_kind = {g["lr_mult"]: g for g in groups}
+    assert by_kind[cfg.scale_path_bias_lr_mult]["names"] and all(n.endswith(".bias") for n in by_kind[cfg.scale_path_bias_lr_mult]["names"])
+    assert "log_gain" in [n for g in groups for n in g["names"]]
+    assert sum(len(g["params"]) for g in groups) == sum(1 for n, p in m.named_parameters() if p.requires_grad and not n.endswith("quantiles"))
+    # a checkpoint from before the named groups (network, scale path) resumes with its Adam state
+    main_p, scale_p, _ = tr.split_params(m)
+    legacy = torch.optim.Adam([{"params": main_p}, {"params": scale_p}], lr=1e-3)
+    for p in main_p + scale_p:
+        p.grad = torch.randn_like(p)
+    legacy.step()
+    opt = torch.optim.Adam(groups, lr=1e-3)
+    tr._load_optimizer(opt, legacy.state_dict(), groups, m)
+    bias = m.scale_path.heads[0][-1].bias
+    assert torch.equal(opt.state[bias]["exp_avg"], legacy.state[bias]["exp_avg"])
+    assert torch.equal(opt.state[m.log_gain]["exp_avg_sq"], legacy.state[m.log_gain]["exp_avg_sq"])
