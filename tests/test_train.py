@@ -152,3 +152,20 @@ def test_param_groups_and_optimizer_state_remapped_by_name():
     bias = m.scale_path.heads[0][-1].bias
     assert torch.equal(opt.state[bias]["exp_avg"], legacy.state[bias]["exp_avg"])
     assert torch.equal(opt.state[m.log_gain]["exp_avg_sq"], legacy.state[m.log_gain]["exp_avg_sq"])
+
+
+def test_next_round_starts_from_shipped_weights(tmp_path, data_dir):
+    """`codec train run --init-from WEIGHTS`: the shipped fp16 weights are the starting point
+    (not the KLT start), and training goes on from them."""
+    first = tr.train(cfg_for(tmp_path / "a", data_dir, steps=2, val_count=0))
+    shipped = tr.export(first, tmp_path / "w.safetensors")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(shipped))
+    tr.train(cfg_for(tmp_path / "b", data_dir, steps=0, val_count=0, init_from=str(shipped)))
+    start = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)["model"]
+    for k in ("g_a.0.weight", "log_gain", "scale_path.heads.0.1.bias", "latent_codec.hyper.entropy_bottleneck.quantiles"):
+        assert torch.equal(start[k], sd[k].float()), k
+    tr.train(cfg_for(tmp_path / "b", data_dir, steps=2, val_count=0), resume=str(tmp_path / "b" / "run" / "checkpoint.pt"))
+    after = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 2 and not torch.equal(after["model"]["g_a.0.weight"], start["g_a.0.weight"])
