@@ -57,29 +57,20 @@ evaluated as a masked reduction because the interpreter's generic scan is very s
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import INTERPRET
+from ._triton_common import acc_types as _acc
+from ._triton_common import check_device as _check_device
+from ._triton_common import next_pow2 as _next_pow2
+from ._triton_common import quiet as _quiet
 from .biwkv_ref import num_chunks_and_len
 
 EPS = 1e-6
 NEG = -1.0e30  # log(0); finite so that NEG - NEG = 0 and exp(NEG - x) = 0
 MAX_SEGMENTS = 16  # segments per chunk (the combine pass is O(n S^2) per channel)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpret()  # triton picks the interpreter when the kernels are decorated, i.e. now
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # --------------------------------------------------------------------------------------------
@@ -927,19 +918,6 @@ class Plan:
                 f"programs={self.nprog}, combine_c={self.combine_c})")
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _quiet():
-    """The interpreter evaluates masked-off lanes with numpy too: silence their overflow warnings."""
-    if INTERPRET:
-        import numpy as np
-
-        return np.errstate(over="ignore", invalid="ignore", under="ignore")
-    return contextlib.nullcontext()
-
-
 def _forward(w, u, k, v, plan: Plan, store_mz: bool):
     with _quiet():
         return _forward_impl(w, u, k, v, plan, store_mz)
@@ -1037,8 +1015,7 @@ def biwkv_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     B, T, C = k.shape
     if w.shape != (C,) or u.shape != (C,):
         raise ValueError(f"w and u must be ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
-    if not (k.is_cuda or INTERPRET):
-        raise ValueError("biwkv_triton needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)")
+    _check_device(k, "biwkv_triton")
     if T == 0 or B == 0 or C == 0:
         return torch.zeros_like(k)
     plan = Plan(B, T, C, k.device, **plan_kw)

@@ -202,6 +202,28 @@ def _scan_block(dl, x, A, Bt, Ct, theta, inplace):
     return y
 
 
+def check_scan_shapes(u, delta, A, B, C):
+    """Check the shapes of a selective scan's operands (see :func:`selective_scan_reference`).
+
+    Returns B and C as (b, K, N, L) (a (b, N, L) operand gains its group axis) and the sizes
+    (b, K*Dk, L, N, K); raises ValueError on inconsistent shapes."""
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (b, channels, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    b, KD, L = u.shape
+    if A.dim() != 2 or A.shape[0] != KD:
+        raise ValueError(f"A must be ({KD}, N); got {tuple(A.shape)}")
+    N = A.shape[1]
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    K = B.shape[1]
+    if B.shape != (b, K, N, L) or C.shape != B.shape or KD % K:
+        raise ValueError(f"B and C must be (b, K, N, L) = ({b}, K, {N}, {L}) with K dividing {KD}; "
+                         f"got {tuple(B.shape)}, {tuple(C.shape)}")
+    return B, C, (b, KD, L, N, K)
+
+
 def selective_scan_reference(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -223,19 +245,7 @@ def selective_scan_reference(
     """
     if method not in ("auto", "chunked", "sequential"):
         raise ValueError(f"method must be 'auto', 'chunked' or 'sequential'; got {method!r}")
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (b, channels, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
-    b, KD, L = u.shape
-    if A.dim() != 2 or A.shape[0] != KD:
-        raise ValueError(f"A must be ({KD}, N); got {tuple(A.shape)}")
-    N = A.shape[1]
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    K = B.shape[1]
-    if B.shape != (b, K, N, L) or C.shape != B.shape or KD % K:
-        raise ValueError(f"B and C must be (b, K, N, L) = ({b}, K, {N}, {L}) with K dividing {KD}; got {tuple(B.shape)}, {tuple(C.shape)}")
+    B, C, (b, KD, L, N, K) = check_scan_shapes(u, delta, A, B, C)
     Dk = KD // K
     out_dtype = u.dtype
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32

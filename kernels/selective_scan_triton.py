@@ -72,12 +72,18 @@ module installs an equivalent vectorised (Hillis-Steele) evaluation of such scan
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._triton_common import INTERPRET
+from ._triton_common import acc_types as _acc
+from ._triton_common import check_device as _check_device
+from ._triton_common import next_pow2 as _next_pow2
+from ._triton_common import quiet as _quiet
+from .selective_scan_ref import check_scan_shapes
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # globals used inside kernels must be constexpr
@@ -85,17 +91,6 @@ _LOG2E = tl.constexpr(LOG2E)  # globals used inside kernels must be constexpr
 MAX_SEGMENTS = 32
 #: programs a launch aims at (fixed, not per GPU: results then do not depend on the GPU model)
 TARGET_PROGRAMS = 1024
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-INTERPRET = _interpret()  # triton picks the interpreter when the kernels are decorated, i.e. now
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,24 +676,6 @@ class Plan:
                 f"bwd_block_d={self.bwd_block_d}, bwd_S={self.bwd_S})")
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _quiet():
-    """The interpreter evaluates masked-off lanes with numpy too: silence their overflow warnings."""
-    if INTERPRET:
-        import numpy as np
-
-        return np.errstate(over="ignore", invalid="ignore", under="ignore", divide="ignore")
-    return contextlib.nullcontext()
-
-
-def _check_device(t: torch.Tensor, name: str):
-    if not (t.is_cuda or INTERPRET):
-        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported)")
-
-
 def _forward(u, delta, A, B, C, D, bias, softplus, plan: Plan, store_states: bool):
     b, KD, L = u.shape
     K, N = B.shape[1], A.shape[1]
@@ -801,20 +778,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_soft
     Keyword arguments tune the decomposition (see :class:`Plan`); the result does not depend
     on them beyond rounding.
     """
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (b, channels, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
-    b, KD, L = u.shape
-    if A.dim() != 2 or A.shape[0] != KD:
-        raise ValueError(f"A must be ({KD}, N); got {tuple(A.shape)}")
-    N = A.shape[1]
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    K = B.shape[1]
-    if B.shape != (b, K, N, L) or C.shape != B.shape or KD % K:
-        raise ValueError(f"B and C must be (b, K, N, L) = ({b}, K, {N}, {L}) with K dividing {KD}; "
-                         f"got {tuple(B.shape)}, {tuple(C.shape)}")
+    B, C, (b, KD, L, N, K) = check_scan_shapes(u, delta, A, B, C)
     if D is not None and D.shape != (KD,):
         raise ValueError(f"D must be ({KD},); got {tuple(D.shape)}")
     if delta_bias is not None and delta_bias.shape != (KD,):
