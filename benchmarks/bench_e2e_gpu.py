@@ -62,43 +62,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _gpu_common import ensure_package  # noqa: E402
+
 TARGETS_MS = {"lalic": (60.0, 50.0)}  # (encode, decode) on one H100
 
 
-def _ensure_package() -> None:
-    """Make ``lalic_codec`` importable from a source checkout that is not pip-installed.
-
-    pyproject.toml maps ``lalic_codec.kernels`` / ``.models`` / ``.formats`` to the top-level
-    ``kernels/``, ``models/``, ``formats/`` directories; an (editable) install provides that
-    mapping, a bare checkout does not, so it is rebuilt here.
-    """
-    try:
-        import lalic_codec.kernels  # noqa: F401
-        import lalic_codec.models  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import lalic_codec
-
-    for sub in ("kernels", "formats", "models"):
-        name = f"lalic_codec.{sub}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, root / sub / "__init__.py",
-                                                      submodule_search_locations=[str(root / sub)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        setattr(lalic_codec, sub, mod)
-
-
 def _import_codec():
-    _ensure_package()
+    ensure_package()
     import lalic_codec.entropy.coder as coder
     import lalic_codec.models.lalic as lalic_mod
     import lalic_codec.models.mambaic as mambaic_mod

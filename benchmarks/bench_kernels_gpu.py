@@ -24,24 +24,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _gpu_common import copy_bandwidth, ensure_package, max_errors  # noqa: E402
+
 
 def _import_kernels():
-    try:
-        from lalic_codec.kernels import biwkv_triton as tri
-        from lalic_codec.kernels.biwkv_ref import biwkv_reference
-    except ImportError:  # a source checkout that is not pip-installed: load kernels/ as a package
-        import importlib.util
+    ensure_package()
+    from lalic_codec.kernels import biwkv_triton as tri
+    from lalic_codec.kernels.biwkv_ref import biwkv_reference
 
-        kdir = Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location(
-            "_lalic_kernels", kdir / "__init__.py", submodule_search_locations=[str(kdir)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["_lalic_kernels"] = pkg
-        spec.loader.exec_module(pkg)
-        import importlib
-
-        tri = importlib.import_module("_lalic_kernels.biwkv_triton")
-        biwkv_reference = importlib.import_module("_lalic_kernels.biwkv_ref").biwkv_reference
     return tri, biwkv_reference
 
 
@@ -64,28 +55,14 @@ def inputs(B, T, C, dtype, seed=0, kscale=3.0, requires_grad=False):
     return w, u, k, v
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    import triton.testing
-
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.empty(n, device="cuda", dtype=torch.float32).uniform_()
-    b = torch.empty_like(a)
-    t = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=200, return_mode="median")
-    del a, b
-    return 2 * 4 * n / (t * 1e-3)
-
-
 def summary_bytes(plan, bwd=False) -> int:
     per = (6 + 6 + 10 + 10 + 3) if not bwd else (10 + 10 + 15 + 15 + 10 + 2)
     return per * plan.B * plan.nseg * plan.C * 4
 
 
 def fmt_err(a, b):
-    a, b = a.double(), b.double()
-    abs_err = (a - b).abs().max().item()
-    scale = b.abs().max().item()
-    return f"{abs_err:9.2e} {abs_err / max(scale, 1e-300):9.2e}"
+    abs_err, rel_err = max_errors(a, b)
+    return f"{abs_err:9.2e} {rel_err:9.2e}"
 
 
 # ------------------------------------------------------------------------------------------

@@ -37,41 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
-def _ensure_package() -> None:
-    """Make ``lalic_codec`` importable from a source checkout that is not pip-installed.
-
-    pyproject.toml maps ``lalic_codec.kernels`` / ``.models`` / ``.formats`` to the top-level
-    ``kernels/``, ``models/``, ``formats/`` directories; an (editable) install provides that
-    mapping, a bare checkout does not, so it is rebuilt here.
-    """
-    try:
-        import lalic_codec.kernels  # noqa: F401
-        import lalic_codec.models  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import lalic_codec
-
-    for sub in ("kernels", "formats", "models"):
-        name = f"lalic_codec.{sub}"
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, root / sub / "__init__.py",
-                                                      submodule_search_locations=[str(root / sub)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        setattr(lalic_codec, sub, mod)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers beside this script
+from _gpu_common import copy_bandwidth, ensure_package, max_errors  # noqa: E402
 
 
 def _import():
-    _ensure_package()
+    ensure_package()
     from lalic_codec.kernels import selective_scan_ref as ref
     from lalic_codec.kernels import selective_scan_triton as tri
     from lalic_codec.models.mambaic_layers import SS2D
@@ -166,19 +137,6 @@ class Problem:
         return (self.D * self.L + 4 * (self.R + 2 * self.N) * self.L) * es + 4 * self.D * self.L
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    import triton.testing
-
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.empty(n, device="cuda", dtype=torch.float32).uniform_()
-    b = torch.empty_like(a)
-    t = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=200, return_mode="median")
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * 4 * n / (t * 1e-3)
-
-
 def bench(fn, **kw):
     """Median milliseconds (triton.testing.do_bench), NaN when out of memory."""
     import triton.testing
@@ -189,12 +147,6 @@ def bench(fn, **kw):
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return float("nan")
-
-
-def errs(a, b):
-    a, b = a.double(), b.double()
-    abs_err = (a - b).abs().max().item()
-    return abs_err, abs_err / max(b.abs().max().item(), 1e-300)
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,7 +165,7 @@ def run_check(tri, ref, SS2D, shapes, args) -> list:
                     y = p.scan_triton()
                     args64 = [t.double() for t in p.scan_args()]
                     y64 = ref.selective_scan_reference(*args64, delta_softplus=True)
-                    out.append(("scan", *errs(y, y64), "finite" if torch.isfinite(y).all() else "NON-FINITE"))
+                    out.append(("scan", *max_errors(y, y64), "finite" if torch.isfinite(y).all() else "NON-FINITE"))
                     del y64, args64
                     # the whole SS2D scan in float64 through the reference path
                     x64 = p.x.double()
@@ -230,10 +182,10 @@ def run_check(tri, ref, SS2D, shapes, args) -> list:
                         yf = p.fused(mode)
                         again = p.fused(mode)
                         det = "deterministic" if torch.equal(yf, again) else "NOT DETERMINISTIC"
-                        out.append((f"fused/{mode}", *errs(yf, y_ref), det))
+                        out.append((f"fused/{mode}", *max_errors(yf, y_ref), det))
                     yu = p.ss2d_unfused(tri.selective_scan_triton)
-                    out.append(("ss2d unfused triton", *errs(yu, y_ref), ""))
-                    out.append(("fused vs unfused", *errs(p.fused("transpose"), yu), "(both Triton)"))
+                    out.append(("ss2d unfused triton", *max_errors(yu, y_ref), ""))
+                    out.append(("fused vs unfused", *max_errors(p.fused("transpose"), yu), "(both Triton)"))
                     del y_ref
                 if args.grad and p.L * p.D <= 6144 * 512:
                     xs = [t.detach().clone().requires_grad_() for t in p.scan_args()]
@@ -243,7 +195,7 @@ def run_check(tri, ref, SS2D, shapes, args) -> list:
                     x64 = [t.detach().double().requires_grad_() for t in p.scan_args()]
                     (ref.selective_scan_reference(*x64, delta_softplus=True) * gy.double()).sum().backward()
                     for nm, a, b in zip(("du", "ddelta", "dA", "dB", "dC", "dD", "dbias"), xs, x64):
-                        out.append((f"grad {nm}", *errs(a.grad, b.grad), ""))
+                        out.append((f"grad {nm}", *max_errors(a.grad, b.grad), ""))
                     del xs, x64
             except torch.cuda.OutOfMemoryError:
                 out.append(("(float64 reference)", float("nan"), float("nan"), "out of memory"))
