@@ -11,23 +11,18 @@ log bpp; blank outside the curve's range).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from lalic_codec._paths import shared_dir
+from lalic_codec.bench import Curve, load_curve
 
 
-def load(path: Path) -> dict:
-    res = json.loads(path.read_text())["results"]
-    psnr = res.get("psnr-rgb", res.get("psnr"))
-    return {**res, "bpp": np.asarray(res["bpp"], float), "psnr": np.asarray(psnr, float)}
-
-
-def psnr_at(curve: dict, bpp: float) -> float | None:
-    order = np.argsort(curve["bpp"])
-    r, p = np.log(curve["bpp"][order]), curve["psnr"][order]
+def psnr_at(curve: Curve, bpp: float) -> float | None:
+    rates, psnrs = np.asarray(curve.values("bpp")), np.asarray(curve.values("psnr"))
+    order = np.argsort(rates)
+    r, p = np.log(rates[order]), psnrs[order]
     x = np.log(bpp)
     if not r[0] <= x <= r[-1]:
         return None
@@ -41,22 +36,22 @@ def main() -> None:
     ap.add_argument("--against", default="jpeg,webp,avif,jxl")
     ap.add_argument("--vtm", type=Path, default=shared_dir() / "anchors" / "kodak-compressai" / "vtm.json")
     args = ap.parse_args()
-    ours = json.loads((args.results / f"{args.model}.json").read_text())["results"]
+    ours = load_curve(args.results / f"{args.model}.json")
     others = {}
     for name in args.against.split(","):
         p = args.results / f"{name}.json"
         if p.exists():
-            others[name.upper() if len(name) <= 4 else name] = load(p)
+            others[name.upper() if len(name) <= 4 else name] = load_curve(p)
     if args.vtm.exists():
-        others["VTM-9.1 (published)"] = load(args.vtm)
+        others["VTM-9.1 (published)"] = load_curve(args.vtm)
     head = ["quality", "bpp", "PSNR (dB)", "MS-SSIM (dB)"] + [f"{k} PSNR at this bpp" for k in others]
     print("| " + " | ".join(head) + " |")
     print("| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |")
-    for i, bpp in enumerate(ours["bpp"]):
-        q = ours.get("quality", [None] * len(ours["bpp"]))[i]
-        row = [f"{q:g}" if q is not None else "?", f"{bpp:.4f}", f"{ours['psnr-rgb'][i]:.2f}"]
-        ms = ours.get("ms-ssim-db-rgb", [None] * len(ours["bpp"]))[i]
-        row.append(f"{ms:.2f}" if ms is not None else "n/a")
+    rates, psnrs = ours.values("bpp"), ours.values("psnr")
+    ms_db = ours.values("ms-ssim-db") or [None] * len(rates)
+    qualities = ours.results.get("quality", [None] * len(rates))
+    for q, bpp, psnr, ms in zip(qualities, rates, psnrs, ms_db):
+        row = [f"{q:g}" if q is not None else "?", f"{bpp:.4f}", f"{psnr:.2f}", f"{ms:.2f}" if ms is not None else "n/a"]
         for c in others.values():
             v = psnr_at(c, bpp)
             row.append(f"{v:.2f}" if v is not None else "")

@@ -77,6 +77,8 @@ def _transpose_weight(conv_w: torch.Tensor, deconv: nn.ConvTranspose2d) -> torch
 
 
 def sample_crops(files, count: int = 96, crop: int = 128, seed: int = 0) -> torch.Tensor:
+    """``count`` random square crops (n, 3, S, S) in [0, 1] from random ``files``; S is ``crop``
+    (or the smallest side of a smaller image) rounded down to a multiple of 16."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -85,10 +87,10 @@ def sample_crops(files, count: int = 96, crop: int = 128, seed: int = 0) -> torc
         with Image.open(files[int(rng.integers(len(files)))]) as im:
             a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         H, W = a.shape[:2]
-        c = min(crop, H // 16 * 16, W // 16 * 16)
+        c = min(crop, H, W) // 16 * 16
         t, l = int(rng.integers(0, H - c + 1)), int(rng.integers(0, W - c + 1))
-        out.append(torch.from_numpy(np.ascontiguousarray(a[t : t + c, l : l + c].transpose(2, 0, 1)))[:, : crop // 16 * 16, : crop // 16 * 16])
-    size = min(min(x.shape[1], x.shape[2]) for x in out)
+        out.append(torch.from_numpy(np.ascontiguousarray(a[t : t + c, l : l + c].transpose(2, 0, 1))))
+    size = min(x.shape[1] for x in out)
     return torch.stack([x[:, :size, :size] for x in out])
 
 

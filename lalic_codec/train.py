@@ -225,7 +225,8 @@ def _load_optimizer(opt, saved: dict, groups: list[dict], model) -> None:
     if old_names == new_names and len(saved_groups) == len(groups):
         opt.load_state_dict(saved)
         return
-    state = {new_names.index(n): saved["state"][i] for i, n in enumerate(old_names) if i in saved["state"] and n in new_names}
+    position = {n: i for i, n in enumerate(new_names)}
+    state = {position[n]: saved["state"][i] for i, n in enumerate(old_names) if i in saved["state"] and n in position}
     fresh = opt.state_dict()
     fresh["state"] = state
     opt.load_state_dict(fresh)
