@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-REFVEC = Path(__file__).resolve().parents[2] / "shared" / "refvec" / "biwkv_cases.pt"
+from lalic_codec._paths import shared_dir
+
+REFVEC = shared_dir() / "refvec" / "biwkv_cases.pt"
 
 # (name, B, T, C, plan keywords): float64, forward + all gradients, must match to ~1e-10
 EXACT = [

@@ -7,17 +7,17 @@ Streams are not compared byte for byte (our range coder is not CompressAI's rANS
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from lalic_codec._paths import shared_dir
 from lalic_codec.models.checkpoints import fingerprint
 from lalic_codec.models.lalic import embed
 from lalic_codec.models.mambaic import MambaIC
 from lalic_codec.models.mambaic_layers import SwinBlock
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "refvec" / "mambaic"
+REF = shared_dir() / "refvec" / "mambaic"
 TOL = {"x_hat": 1e-5, "likelihoods": 1e-5, "y": 1e-4, "z": 1e-4, "y_hat": 1e-5, "means": 1e-5}
 
 

@@ -1,16 +1,16 @@
 """Selective scan (MambaIC's SS2D core) against the reference vectors and a sequential float64 loop."""
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lalic_codec._paths import shared_dir
 from lalic_codec.kernels import selective_scan as dispatch
 from lalic_codec.kernels import selective_scan_ref as ssr
 from lalic_codec.kernels.selective_scan_ref import affine_scan, cross_merge, cross_scan, selective_scan_reference
 
-CASES = Path(__file__).resolve().parents[2] / "shared" / "refvec" / "selective_scan_cases.pt"
+CASES = shared_dir() / "refvec" / "selective_scan_cases.pt"
 ARGS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
 

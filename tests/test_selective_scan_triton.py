@@ -28,7 +28,9 @@ from pathlib import Path
 
 import pytest
 
-REFVEC = Path(__file__).resolve().parents[2] / "shared" / "refvec" / "selective_scan_cases.pt"
+from lalic_codec._paths import shared_dir
+
+REFVEC = shared_dir() / "refvec" / "selective_scan_cases.pt"
 
 # (name, b, K, Dk, N, L, grouped, big_delta, plan keywords): float64, forward + all gradients
 EXACT = [
