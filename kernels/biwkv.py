@@ -1,4 +1,5 @@
-"""BiWKV dispatcher: Triton on CUDA tensors, the PyTorch reference everywhere else.
+"""BiWKV dispatcher: Triton on CUDA tensors; elsewhere the fast path (``biwkv_cpu``) where its
+exponent range allows, else the PyTorch reference.
 
 Set ``LALIC_FORCE_REFERENCE=1`` to use the reference on every device (debugging).
 """
@@ -9,7 +10,8 @@ import os
 
 import torch
 
-from .biwkv_ref import biwkv_reference
+from .biwkv_cpu import biwkv_cpu, fast_path_ok
+from .biwkv_ref import biwkv_reference, check_shapes
 
 
 def _use_triton(k: torch.Tensor) -> bool:
@@ -31,4 +33,7 @@ def biwkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         from .biwkv_triton import biwkv_triton
 
         return biwkv_triton(w, u, k, v)
+    check_shapes(w, u, k, v)
+    if os.environ.get("LALIC_FORCE_REFERENCE", "") in ("", "0") and fast_path_ok(w, u, k):
+        return biwkv_cpu(w, u, k, v)
     return biwkv_reference(w, u, k, v)

@@ -76,6 +76,15 @@ def _prefix_max(x: torch.Tensor, exclusive: bool, block: int = 64) -> torch.Tens
     return y[:, :, :P]
 
 
+def check_shapes(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless ``k, v`` are both (B, T, C) and ``w, u`` are (C,)."""
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
+    C = k.shape[2]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(f"w and u must be ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
+
+
 def biwkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """BiWKV forward.  ``w, u``: (C,); ``k, v``: (B, T, C).  Returns (B, T, C) in the dtype of ``k``.
 
@@ -84,11 +93,8 @@ def biwkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.
     log-sum-exp stabiliser ``M_t`` is treated as a constant by autograd (it only
     enters the result through the 1e-6 epsilon).
     """
-    if k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"k and v must both be (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_shapes(w, u, k, v)
     B, T, C = k.shape
-    if w.shape != (C,) or u.shape != (C,):
-        raise ValueError(f"w and u must be ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
     out_dtype = k.dtype
     cdtype = torch.float64 if k.dtype == torch.float64 else torch.float32
     w, u, k, v = (x.to(cdtype) for x in (w, u, k, v))

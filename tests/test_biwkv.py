@@ -1,4 +1,4 @@
-"""BiWKV reference against the official kernel's vectors and a dense O(T^2) evaluation."""
+"""BiWKV reference and fast CPU path against the official kernel's vectors and a dense O(T^2) evaluation."""
 
 import math
 from pathlib import Path
@@ -8,6 +8,7 @@ import torch
 
 from conftest import SHARED
 from lalic_codec.kernels.biwkv import biwkv
+from lalic_codec.kernels.biwkv_cpu import biwkv_cpu, fast_path_ok
 from lalic_codec.kernels.biwkv_ref import _prefix_max, biwkv_dense, biwkv_reference
 
 REFVEC = SHARED / "refvec"
@@ -83,14 +84,52 @@ def test_prefix_max(P):
     assert (ex[:, :, 0] < -1e29).all()
 
 
-def test_dispatcher_uses_reference_on_cpu():
-    w, u, k, v = _random_case(1, 40, 8, dtype=torch.float32, seed=5)
+@pytest.mark.parametrize("B,T,C", [(1, 1, 3), (2, 7, 5), (1, 32, 4), (2, 33, 4), (3, 64, 6), (1, 97, 3), (1, 257, 2), (2, 1031, 3)])
+def test_fast_cpu_path_matches_dense_definition(B, T, C):
+    w, u, k, v = _random_case(B, T, C, seed=T)
+    ref = biwkv_dense(w, u, k, v)
+    assert fast_path_ok(w, u, k)
+    # float64: only the epsilon's stabiliser differs (1e-6 relative, a few times that where the
+    # kernel's negative residual terms cancel most of the denominator, as at T = 1 with w = 3.3)
+    assert torch.allclose(biwkv_cpu(w, u, k, v), ref, rtol=1e-5, atol=1e-9)
+    y32 = biwkv_cpu(w.float(), u.float(), k.float(), v.float())
+    assert y32.dtype == torch.float32
+    assert (y32.double() - ref).abs().max().item() < 1e-5
+
+
+# (T = 1 is left out: there y = v up to the epsilon, whose 1e-6-sized gradients differ in kind)
+@pytest.mark.parametrize("B,T,C", [(1, 3, 3), (2, 33, 4), (1, 70, 3), (2, 200, 5)])
+def test_fast_cpu_path_gradients_match_dense(B, T, C):
+    w, u, k, v = _random_case(B, T, C, seed=100 + T)
+    g = torch.randn(B, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ours = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    (biwkv_cpu(*ours) * g).sum().backward()
+    dense = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    (biwkv_dense(*dense, detach_max=True) * g).sum().backward()
+    for name, a, b in zip("wukv", ours, dense):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_dispatcher_on_cpu_fast_path_and_fallback(monkeypatch):
+    w, u, k, v = _random_case(2, 40, 8, dtype=torch.float32, seed=5)
+    assert torch.equal(biwkv(w, u, k, v), biwkv_cpu(w, u, k, v))
+    # keys spanning more than float32's exponent range: the reference's per-token stabiliser
+    k_wide = k.clone()
+    k_wide[:, 0] += 80.0
+    assert not fast_path_ok(w, u, k_wide)
+    y = biwkv(w, u, k_wide, v)
+    assert torch.equal(y, biwkv_reference(w, u, k_wide, v))
+    assert torch.isfinite(y).all()
+    # half precision and the debugging switch go to the reference too
+    assert torch.equal(biwkv(w, u, k.bfloat16(), v.bfloat16()), biwkv_reference(w, u, k.bfloat16(), v.bfloat16()))
+    monkeypatch.setenv("LALIC_FORCE_REFERENCE", "1")
     assert torch.equal(biwkv(w, u, k, v), biwkv_reference(w, u, k, v))
 
 
-def test_rejects_bad_shapes():
+@pytest.mark.parametrize("fn", [biwkv, biwkv_reference], ids=["dispatcher", "reference"])
+def test_rejects_bad_shapes(fn):
     w, u, k, v = _random_case(1, 10, 4, dtype=torch.float32)
     with pytest.raises(ValueError):
-        biwkv_reference(w, u, k, v[:, :5])
+        fn(w, u, k, v[:, :5])
     with pytest.raises(ValueError):
-        biwkv_reference(w[:3], u, k, v)
+        fn(w[:3], u, k, v)
