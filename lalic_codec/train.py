@@ -33,15 +33,25 @@ from ._paths import shared_dir
 from ._runtime import tune_allocator
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
-DEFAULT_TRAIN_DIR = shared_dir() / "data" / "train"
-DEFAULT_VAL_DIR = shared_dir() / "data" / "kodak"
+DEFAULT_TRAIN_DIRS = (str(shared_dir() / "data" / "train"), str(shared_dir() / "data" / "train-more"))
+
+
+def runs_dir() -> Path:
+    """Where training runs keep their state by default: outside the work tree, so that it survives
+    a fresh checkout (``$LALIC_RUNS``, else ``$XDG_CACHE_HOME/lalic-codec/runs``, else
+    ``~/.cache/lalic-codec/runs``)."""
+    if os.environ.get("LALIC_RUNS"):
+        return Path(os.environ["LALIC_RUNS"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "lalic-codec" / "runs"
 
 
 @dataclass
 class TrainConfig:
-    data: str = str(DEFAULT_TRAIN_DIR)
-    val_data: str = str(DEFAULT_VAL_DIR)
-    out: str = "runs/default"
+    data: tuple = DEFAULT_TRAIN_DIRS  # one or more folders, pooled
+    val_data: str | None = None  # None: a fixed held-out part of `data` (`holdout` images, never trained on)
+    holdout: int = 24
+    out: str = str(runs_dir() / "default")
     steps: int = 100_000
     batch: int = 8
     accum: int = 1
@@ -54,6 +64,8 @@ class TrainConfig:
     scale_path_lr_mult: float = 5.0  # the integer scale path learns in index units: a larger step
     scale_path_bias_lr_mult: float = 100.0  # ... and its biases (table indexes, activations 0..127) far larger
     gain_lr_mult: float = 5.0  # the latent gains (log units) set each quality's rate
+    float_rate_weight: float = 0.5  # weight of the float scales' y rate (trained beside the integer path's)
+    val_crop: int = 512  # validation codes the centre crop of at most this size
     seed: int = 0
     workers: int = 1
     log_every: int = 20
@@ -76,6 +88,28 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise click.ClickException(f"no images found in {folder}")
     return files
+
+
+def _folders(data) -> list[str]:
+    return [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
+
+
+def split_data(data, holdout: int) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out validation files) of the pooled folders.
+
+    The held-out images are the ``holdout`` files whose names hash lowest (SHA-256 of the file
+    name): a fixed choice that does not depend on the folder order, the machine or the seed, and
+    that stays put when images are added elsewhere."""
+    import hashlib
+
+    files = sorted({p for d in _folders(data) for p in list_images(d)})
+    if holdout <= 0:
+        return files, []
+    if holdout >= len(files):
+        raise click.ClickException(f"--holdout {holdout}: only {len(files)} images in the training folders")
+    ranked = sorted(files, key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+    held = set(ranked[:holdout])
+    return [p for p in files if p not in held], sorted(held)
 
 
 def _mix(*xs: int) -> int:
@@ -162,6 +196,18 @@ def rd_terms(out: dict, x: torch.Tensor):
     return bits / n_pix, mse
 
 
+def float_y_bpp(out: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample bits per pixel of y had the float scales been coded (None without a scale path)."""
+    lik = out.get("float_likelihoods_y")
+    if lik is None:
+        return None
+    return torch.log(lik).flatten(1).sum(1) / (-math.log(2) * x.shape[2] * x.shape[3])
+
+
+def y_bpp(out: dict, x: torch.Tensor) -> torch.Tensor:
+    return torch.log(out["likelihoods"]["y"]).flatten(1).sum(1) / (-math.log(2) * x.shape[2] * x.shape[3])
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -212,6 +258,15 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     return [{"params": params[k], "lr_mult": mult[k], "names": names[k]} for k in names if params[k]]
 
 
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, fused where this torch build offers it (one kernel for all parameters instead of
+    about ten small operations per tensor: a few percent of a CPU training step)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def _load_optimizer(opt, saved: dict, groups: list[dict], model) -> None:
     """Load Adam state saved under a possibly different grouping, matching parameters by name."""
     saved_groups = saved["param_groups"]
@@ -233,26 +288,53 @@ def _load_optimizer(opt, saved: dict, groups: list[dict], model) -> None:
 
 
 @torch.no_grad()
-def validate(model, files: list[Path], qualities, device) -> dict:
+def validate(model, files: list[Path], qualities, device, crop: int = 512) -> dict:
+    """Estimated bpp and PSNR per quality on the centre crops (at most ``crop``, multiples of 64) of
+    ``files``; with an integer scale path also ``y_bpp`` (coded) and ``y_bpp_float`` (what the
+    float scales would cost)."""
     model.eval()
     res = {}
     for q in qualities:
-        bpps, psnrs = [], []
+        rows = []
         for f in files:
             with Image.open(f) as im:
                 a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
             H, W = a.shape[:2]
-            x = torch.from_numpy(a.transpose(2, 0, 1)).unsqueeze(0).to(device)
-            x = x[..., : H // 64 * 64, : W // 64 * 64]
+            h, w = min(crop, H // 64 * 64), min(crop, W // 64 * 64)
+            top, left = (H - h) // 2, (W - w) // 2
+            x = torch.from_numpy(a[top : top + h, left : left + w].transpose(2, 0, 1).copy()).unsqueeze(0).to(device)
             out = model(x, quality=torch.tensor([q], device=device))
             bpp, _ = rd_terms(out, x)
             x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
             mse = (x_hat - x).square().mean().item()
-            bpps.append(bpp.item())
-            psnrs.append(-10 * math.log10(max(mse, 1e-12)))
-        res[f"q{q:g}"] = {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs))}
+            row = {"bpp": bpp.item(), "psnr": -10 * math.log10(max(mse, 1e-12)), "y_bpp": y_bpp(out, x).item()}
+            fb = float_y_bpp(out, x)
+            if fb is not None:
+                row["y_bpp_float"] = fb.item()
+            rows.append(row)
+        res[f"q{q:g}"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     model.train()
     return res
+
+
+def _zero_acc() -> dict:
+    return {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "y_bpp": 0.0, "y_bpp_float": 0.0, "aux": 0.0, "n": 0}
+
+
+def _lineage_totals(path: str | Path) -> dict:
+    """Cumulative CPU seconds, pixels and steps recorded in a checkpoint or exported weights file."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return dict(load_checkpoint(path).get("totals", {}))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    out = {}
+    for key, name, cast in (("total_cpu_seconds", "cpu_seconds", float), ("total_pixels", "pixels", int), ("total_steps", "steps", int)):
+        if key in meta:
+            out[name] = cast(meta[key])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +352,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None = None) -> Path:
+    """Train (or resume) a run; stops after ``cfg.steps`` steps, ``max_seconds`` of wall time, or
+    SIGINT/SIGTERM, and always leaves a complete checkpoint behind."""
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -284,7 +368,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         saved = TrainConfig(**{**asdict(cfg), **state["config"]})
         # the run's identity (data, seed, architecture) comes from the checkpoint; the phase
         # settings (steps, crop, batch, lr...) are whatever this invocation asks for
-        cfg = TrainConfig(**{**asdict(cfg), "data": saved.data, "seed": saved.seed, "arch": saved.arch})
+        cfg = TrainConfig(**{**asdict(cfg), "data": saved.data, "holdout": saved.holdout, "seed": saved.seed, "arch": saved.arch})
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch).to(device)
@@ -301,7 +385,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     elif cfg.init == "klt" and state is None:
         from .klt_init import klt_init, sample_crops
 
-        info = klt_init(model, sample_crops(list_images(cfg.data), seed=cfg.seed).to(device))
+        info = klt_init(model, sample_crops(split_data(cfg.data, cfg.holdout)[0], seed=cfg.seed).to(device))
         click.echo(
             f"KLT start: the latent keeps {info['energy_stage4']:.2%} of the training crops' energy",
             err=True,
@@ -310,20 +394,26 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         raise click.ClickException(f"--init must be klt or random, not {cfg.init!r}")
     main_p, scale_p, aux_p = split_params(model)
     groups = param_groups(model, cfg)
-    opt = torch.optim.Adam(groups, lr=cfg.lr)
-    aux_opt = torch.optim.Adam(aux_p, lr=cfg.aux_lr)
+    opt = make_adam(groups, cfg.lr)
+    aux_opt = make_adam(aux_p, cfg.aux_lr)
     step, samples, elapsed = 0, 0, 0.0
+    # cumulative totals over every run this one descends from (--init-from carries them on)
+    totals = {"cpu_seconds": 0.0, "pixels": 0, "steps": 0}
+    if cfg.init_from and state is None:
+        totals.update(_lineage_totals(cfg.init_from))
     if state is not None:
         model.load_state_dict(state["model"])
         _load_optimizer(opt, state["optimizer"], groups, model)
         aux_opt.load_state_dict(state["aux_optimizer"])
         step, samples, elapsed = state["step"], state["samples"], state.get("train_seconds", 0.0)
+        totals.update(state.get("totals", {}))
     for g in opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
     model.train()
 
-    files = list_images(cfg.data)
-    val_files = list_images(cfg.val_data)[: cfg.val_count] if cfg.val_count else []
+    files, held_out = split_data(cfg.data, cfg.holdout)
+    val_pool = list_images(cfg.val_data) if cfg.val_data else held_out
+    val_files = val_pool[: cfg.val_count] if cfg.val_count else []
     per_step = cfg.batch * cfg.accum
     loader = torch.utils.data.DataLoader(
         CropDataset(files, cfg.crop),
@@ -356,6 +446,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             "step": step,
             "samples": samples,
             "train_seconds": elapsed,
+            "totals": dict(totals),
             "device": device.type,
             "rng": torch.get_rng_state(),
         }
@@ -364,12 +455,12 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         return st
 
     t_start = time.time()
-    acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
+    acc = _zero_acc()
     try:
         while step < cfg.steps and not stop["flag"]:
             if max_seconds is not None and time.time() - t_start > max_seconds:
                 break
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
             q = quality_levels(cfg.seed, step, per_step, levels).to(device)
@@ -382,10 +473,15 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 bpp, mse = rd_terms(out, x)
                 lam = model.lambda_for(qa)
                 loss = (bpp + lam * 255.0**2 * mse).mean()
-                (loss / cfg.accum).backward()
+                fbpp = float_y_bpp(out, x)
+                total = loss if fbpp is None else loss + cfg.float_rate_weight * fbpp.mean()
+                (total / cfg.accum).backward()
                 acc["loss"] += loss.item() / cfg.accum
                 acc["bpp"] += bpp.mean().item() / cfg.accum
                 acc["mse"] += mse.mean().item() / cfg.accum
+                acc["y_bpp"] += y_bpp(out, x).mean().item() / cfg.accum
+                if fbpp is not None:
+                    acc["y_bpp_float"] += fbpp.mean().item() / cfg.accum
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(main_p + scale_p, cfg.clip)
             opt.step()
@@ -398,16 +494,21 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             step += 1
             samples += per_step
             elapsed += time.time() - t0
+            totals["cpu_seconds"] += time.process_time() - c0
+            totals["pixels"] += per_step * x.shape[2] * x.shape[3]
+            totals["steps"] += 1
             if step % cfg.log_every == 0:
                 n = acc.pop("n")
                 rec = {k: v / n for k, v in acc.items()}
-                rec.update(type="train", step=step, lr=opt.param_groups[0]["lr"], sec_per_step=(time.time() - t0), train_seconds=round(elapsed, 1), time=time.time())
+                rec.update(type="train", step=step, lr=opt.param_groups[0]["lr"], sec_per_step=(time.time() - t0), train_seconds=round(elapsed, 1), time=time.time(),
+                           cpu_hours=round(totals["cpu_seconds"] / 3600, 4), pixels=totals["pixels"], total_steps=totals["steps"])
                 rec["psnr"] = -10 * math.log10(max(rec["mse"], 1e-12))
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
+                acc = _zero_acc()
             if val_files and cfg.val_every and step % cfg.val_every == 0:
-                log.write(json.dumps({"type": "val", "step": step, "time": time.time(), **validate(model, val_files, cfg.val_qualities, device)}) + "\n")
+                val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop)
+                log.write(json.dumps({"type": "val", "step": step, "time": time.time(), "cpu_hours": round(totals["cpu_seconds"] / 3600, 4), **val}) + "\n")
                 log.flush()
             if step % cfg.ckpt_every == 0:
                 # the factorized prior's quantiles, solved directly (the aux loss alone is far too slow
@@ -444,6 +545,7 @@ def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: di
         "train_seconds": f"{state.get('train_seconds', 0.0):.0f}",
         "train_device": state.get("device", "?"),
         "train_crop": str(cfg.crop),
+        **{f"total_{k}": str(v) for k, v in state.get("totals", {}).items()},
         "notes": notes or {},
     }
     return save_weights(model, out, fp16=fp16, metadata=meta)
@@ -459,9 +561,10 @@ def cli():
 
 
 @cli.command("run")
-@click.option("--data", default=str(DEFAULT_TRAIN_DIR), show_default=True, help="folder of training images")
-@click.option("--val-data", default=str(DEFAULT_VAL_DIR), show_default=True, help="folder of validation images (never trained on)")
-@click.option("--out", default="runs/default", show_default=True, help="run folder (checkpoint.pt, log.jsonl)")
+@click.option("--data", multiple=True, default=DEFAULT_TRAIN_DIRS, show_default=True, help="folder of training images (repeat to pool several)")
+@click.option("--holdout", default=24, show_default=True, help="images of --data held out for validation (a fixed choice by name hash), never trained on")
+@click.option("--val-data", default=None, help="validate on this folder instead of the held-out images")
+@click.option("--out", default=str(runs_dir() / "default"), show_default=True, help="run folder (checkpoint.pt, log.jsonl)")
 @click.option("--steps", default=100_000, show_default=True)
 @click.option("--batch", default=8, show_default=True)
 @click.option("--accum", default=1, show_default=True, help="gradient accumulation (batches per step)")
@@ -480,11 +583,13 @@ def cli():
 @click.option("--init", type=click.Choice(["klt", "random"]), default="klt", show_default=True,
               help="fresh runs: transforms start as a two-level block KLT of the training data, or random")
 @click.option("--resume", default=None, help="resume exactly from a checkpoint.pt")
-@click.option("--max-seconds", default=None, type=float, help="stop (and checkpoint) after this much wall time")
-def run_cmd(resume, max_seconds, **kw):
+@click.option("--float-rate-weight", default=0.5, show_default=True, help="weight of the float scales' y rate beside the integer path's")
+@click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
+def run_cmd(resume, max_minutes, **kw):
     """Train (or resume training) the variable-rate default model."""
+    kw["data"] = tuple(kw["data"])
     cfg = TrainConfig(**kw)
-    path = train(cfg, resume=resume, max_seconds=max_seconds)
+    path = train(cfg, resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     click.echo(f"checkpoint: {path}")
 
 

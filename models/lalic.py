@@ -89,11 +89,14 @@ class CheckerboardGroup(nn.Module):
         return self.y.gaussian_conditional
 
     def forward(self, y: torch.Tensor, side: torch.Tensor, index_fn=None):
-        """Training/evaluation pass ("two-pass" checkerboard).  Returns (y_hat, likelihoods, residual symbols).
+        """Training/evaluation pass ("two-pass" checkerboard).
 
-        ``index_fn(anchor_abs)`` (optional) replaces the network's scales by scale-table indexes from
-        an integer scale path: called with None for the anchor pass and with the anchors' absolute
-        residual symbols (zeros elsewhere) for the non-anchor pass.
+        Returns (y_hat, likelihoods, residual symbols, float-scale likelihoods).  ``index_fn(anchor_abs)``
+        (optional) replaces the network's scales by scale-table indexes from an integer scale path:
+        called with None for the anchor pass and with the anchors' absolute residual symbols (zeros
+        elsewhere) for the non-anchor pass.  The network's own (floating-point) scales still give the
+        fourth value, the likelihoods the float path would have coded with (None without
+        ``index_fn``): training learns both, and their ratio is the integer path's rate overhead.
         """
         B, g, H, W = y.shape
         anchor = checkerboard_mask(H, W, True, y.device)
@@ -108,13 +111,16 @@ class CheckerboardGroup(nn.Module):
         means = m_a * anchor + m_n * non_anchor
         residual = torch.round(y - means).detach()
         gc = self.gaussian_conditional
+        float_scales = s_a * anchor + s_n * non_anchor
+        float_likelihoods = None
         if index_fn is None:
-            scales = s_a * anchor + s_n * non_anchor
+            scales = float_scales
         else:
             idx = index_fn(None) * anchor + index_fn(residual.abs() * anchor) * non_anchor
             scales = table_scales(idx, gc.scale_table, exact=not self.training)
+            _, float_likelihoods = gc(y, float_scales, means)
         _, likelihoods = gc(y, scales, means)
-        return y_hat_a + y_hat_n, likelihoods, residual
+        return y_hat_a + y_hat_n, likelihoods, residual, float_likelihoods
 
     def code(self, side: torch.Tensor, step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Anchor pass then non-anchor pass on packed half-grids (the order the streams are coded in).
@@ -281,7 +287,7 @@ class LALIC(CodingModel):
         z_hat = quantize_ste(z - medians) + medians
         hyper_params = self.h_s(z_hat)
         y_split = y.split(self.groups, dim=1)
-        y_hats, likelihoods, residual_abs = [], [], []
+        y_hats, likelihoods, float_likelihoods, residual_abs = [], [], [], []
         hyper_int = None
         if self.scale_path is not None:
             z_sym = torch.round(z - medians).detach()
@@ -291,13 +297,14 @@ class LALIC(CodingModel):
             index_fn = None
             if hyper_int is not None:
                 index_fn = partial(self.scale_path.indexes, k, hyper_int, list(residual_abs), quality=quality)
-            y_hat_k, lik_k, res_k = self.group(k)(y_split[k], side, index_fn)
+            y_hat_k, lik_k, res_k, flik_k = self.group(k)(y_split[k], side, index_fn)
             y_hats.append(y_hat_k)
             likelihoods.append(lik_k)
+            float_likelihoods.append(flik_k)
             residual_abs.append(res_k.abs())
         y_hat = torch.cat(y_hats, dim=1)
         x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality))
-        return {
+        out = {
             "x_hat": x_hat,
             "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods},
             "y": y,
@@ -305,6 +312,9 @@ class LALIC(CodingModel):
             "z": z,
             "z_hat": z_hat,
         }
+        if self.scale_path is not None:  # what the float scales would have cost (not coded)
+            out["float_likelihoods_y"] = torch.cat(float_likelihoods, dim=1)
+        return out
 
     # --- coding ---------------------------------------------------------------------------------
     def num_streams(self) -> int:

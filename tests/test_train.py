@@ -23,7 +23,7 @@ def data_dir(tmp_path):
 
 
 def cfg_for(tmp_path, data_dir, **kw):
-    base = dict(data=str(data_dir), val_data=str(data_dir), out=str(tmp_path / "run"), steps=4, batch=2, crop=64,
+    base = dict(data=(str(data_dir),), val_data=None, holdout=1, out=str(tmp_path / "run"), steps=4, batch=2, crop=64,
                 warmup=2, workers=0, val_count=1, val_every=2, ckpt_every=2, log_every=1, threads=1,
                 arch={**TINY, "int_scale": True})
     base.update(kw)
