@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--weights", default=None, help="start from these weights (default: random, the default architecture)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last", help="memory layout of images and convolution weights")
     args = ap.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
@@ -107,6 +108,9 @@ def main() -> None:
     # a smooth, image-like input: random noise upsampled, so rates resemble real crops
     x = torch.nn.functional.interpolate(torch.rand(args.batch, 3, args.crop // 8, args.crop // 8, generator=g), size=args.crop, mode="bicubic").clamp(0, 1) * 0.8 + 0.2 * x
     q = tr.quality_levels(0, 0, args.batch, model.num_levels)
+    if args.layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def forward_backward():
         out = model(x, quality=q)

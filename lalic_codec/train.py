@@ -392,6 +392,8 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         )
     elif cfg.init not in ("klt", "random"):
         raise click.ClickException(f"--init must be klt or random, not {cfg.init!r}")
+    if device.type == "cpu":  # convolutions and the RWKV blocks' token views need no layout copies
+        model = model.to(memory_format=torch.channels_last)
     main_p, scale_p, aux_p = split_params(model)
     groups = param_groups(model, cfg)
     opt = make_adam(groups, cfg.lr)
@@ -467,6 +469,8 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             opt.zero_grad(set_to_none=True)
             for a in range(cfg.accum):
                 x = next(batches).to(device, non_blocking=True)
+                if device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
                 qa = q[a * cfg.batch : (a + 1) * cfg.batch]
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = model(x, quality=qa)

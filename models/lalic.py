@@ -101,17 +101,20 @@ class CheckerboardGroup(nn.Module):
         B, g, H, W = y.shape
         anchor = checkerboard_mask(H, W, True, y.device)
         non_anchor = 1.0 - anchor
-        zero_ctx = y.new_zeros((B, 2 * g, H, W))
-        p_a = self.entropy_parameters(torch.cat([zero_ctx, side], dim=1))
-        s_a, m_a = p_a.chunk(2, dim=1)
-        y_hat_a = (quantize_ste(y - m_a) + m_a) * anchor
-        p_n = self.entropy_parameters(torch.cat([self.context_prediction(y_hat_a), side], dim=1))
-        s_n, m_n = p_n.chunk(2, dim=1)
-        y_hat_n = (quantize_ste(y - m_n) + m_n) * non_anchor
-        means = m_a * anchor + m_n * non_anchor
+        # the parameter network works position by position (1x1 mixing, per-token layers), so each
+        # pass evaluates it only where its output is used: on the packed half-grid of its positions
+        side_ = unembed(side)
+        y_ = unembed(y)
+        zero_ctx = y.new_zeros((B, 2 * g, H, W // 2))
+        s_a, m_a = self.entropy_parameters(torch.cat([zero_ctx, side_[0]], dim=1)).chunk(2, dim=1)
+        y_hat_a = embed(torch.stack([quantize_ste(y_[0] - m_a) + m_a, torch.zeros_like(m_a)]))
+        ctx = unembed(self.context_prediction(y_hat_a))[1]
+        s_n, m_n = self.entropy_parameters(torch.cat([ctx, side_[1]], dim=1)).chunk(2, dim=1)
+        y_hat_n = embed(torch.stack([torch.zeros_like(m_n), quantize_ste(y_[1] - m_n) + m_n]))
+        means = embed(torch.stack([m_a, m_n]))
         residual = torch.round(y - means).detach()
         gc = self.gaussian_conditional
-        float_scales = s_a * anchor + s_n * non_anchor
+        float_scales = embed(torch.stack([s_a, s_n]))
         float_likelihoods = None
         if index_fn is None:
             scales = float_scales
