@@ -97,30 +97,69 @@ class IntegerScalePath(nn.Module):
     """Table indexes (0..63) for every latent element of every channel group.
 
     Inputs (all integers): the hyper-latent symbols ``z_sym`` (B, Cz, h, w), the quality q
-    (as round(16 q)), the absolute residual symbols of earlier groups, and for the non-anchor
-    pass the absolute residual symbols of the group's anchors.
+    (as round(16 q)), the residual symbols of earlier groups, and for the non-anchor pass the
+    residual symbols of the group's anchors.
+
+    Two layouts (FORMAT.md 11.6), told apart by their tensor shapes:
+
+    * v1 (``signed=False, deep=False``, the default-v1 model): the contexts see only the
+      magnitudes of the residual symbols; one layer per context, a two-layer head.
+    * v2 (``signed=True, deep=True``): the contexts see the signed residuals and their
+      magnitudes, the channel context has two layers and the head three.
     """
 
-    def __init__(self, cz: int, groups: list[int], hidden: int = 96, ctx: int = 32, up: int = 4):
+    def __init__(self, cz: int, groups: list[int], hidden: int = 96, ctx: int = 32, up: int = 4,
+                 head: int = 64, signed: bool = False, deep: bool = False):
         super().__init__()
         self.groups = list(groups)
         self.up = up
+        self.signed = signed
+        self.deep = deep
         self.hyper = nn.Sequential(
             IntConv2d(cz + 1, hidden, 1),
             IntConv2d(hidden, hidden, 3),
             IntConv2d(hidden, ctx * up * up, 1),
         )
-        self.channel_ctx = nn.ModuleList([IntConv2d(sum(groups[:k]), ctx, 3) if k else nn.Identity() for k in range(len(groups))])
-        self.spatial_ctx = nn.ModuleList([IntConv2d(g, ctx, 5, mask=_checkerboard_conv_mask(5)) for g in groups])
-        self.heads = nn.ModuleList(
-            [
-                nn.Sequential(IntConv2d(ctx * (3 if k else 2) + 1, 64, 1), IntConv2d(64, g, 1, act=False))
-                for k, g in enumerate(groups)
-            ]
-        )
+        f = 2 if signed else 1  # input planes per residual channel
+
+        def channel_ctx(k: int) -> nn.Module:
+            if not k:
+                return nn.Identity()
+            first = IntConv2d(f * sum(groups[:k]), ctx, 3)
+            return nn.Sequential(first, IntConv2d(ctx, ctx, 1)) if deep else first
+
+        def head_net(k: int, g: int) -> nn.Sequential:
+            cin = ctx * (3 if k else 2) + 1
+            if deep:
+                return nn.Sequential(IntConv2d(cin, head, 1), IntConv2d(head, head, 1), IntConv2d(head, g, 1, act=False))
+            return nn.Sequential(IntConv2d(cin, head, 1), IntConv2d(head, g, 1, act=False))
+
+        self.channel_ctx = nn.ModuleList([channel_ctx(k) for k in range(len(groups))])
+        self.spatial_ctx = nn.ModuleList([IntConv2d(f * g, ctx, 5, mask=_checkerboard_conv_mask(5)) for g in groups])
+        self.heads = nn.ModuleList([head_net(k, g) for k, g in enumerate(groups)])
         # centre the output range so an untrained head lands mid-table
-        for head in self.heads:
-            nn.init.constant_(head[-1].bias, NUM_SCALES / 2)
+        for h in self.heads:
+            nn.init.constant_(h[-1].bias, NUM_SCALES / 2)
+
+    @staticmethod
+    def config_from_state_dict(sd: dict, prefix: str = "scale_path.") -> dict:
+        """Constructor arguments (besides ``cz`` and ``groups``) of the path whose tensors ``sd`` holds."""
+        hidden = sd[prefix + "hyper.0.weight"].shape[0]
+        up = 4
+        ctx = sd[prefix + "hyper.2.weight"].shape[0] // (up * up)
+        head = sd[prefix + "heads.0.0.weight"].shape[0]
+        g0 = sd[prefix + "spatial_ctx.0.weight"].shape[1]
+        deep = (prefix + "heads.0.2.weight") in sd
+        signed = g0 == 2 * sd[prefix + "heads.0.%d.weight" % (2 if deep else 1)].shape[0]
+        return {"hidden": hidden, "ctx": ctx, "up": up, "head": head, "signed": signed, "deep": deep}
+
+    def _residual_planes(self, r: torch.Tensor) -> torch.Tensor:
+        """The integer input planes of residual symbols: clamp(4|r|, 0, 127), preceded in v2 by
+        clamp(4r, -127, 127) (channel by channel: signed plane of every channel, then magnitudes)."""
+        mag = _clip_int(r.abs() * 4, 0, A_MAX)
+        if not self.signed:
+            return mag
+        return torch.cat([_clip_int(r * 4, -A_MAX, A_MAX), mag], dim=1)
 
     @staticmethod
     def quality_code(quality, like: torch.Tensor) -> torch.Tensor:
@@ -136,15 +175,19 @@ class IntegerScalePath(nn.Module):
         x = torch.cat([_clip_int(z_sym * 4, -A_MAX, A_MAX), qc.expand(-1, 1, *z_sym.shape[-2:])], dim=1)
         return F.pixel_shuffle(self.hyper(x), self.up)
 
-    def indexes(self, k: int, hyper: torch.Tensor, prev_abs: list[torch.Tensor], anchor_abs: torch.Tensor | None, quality) -> torch.Tensor:
-        """Scale-table index logits of group k on the full latent grid (integer-valued)."""
+    def indexes(self, k: int, hyper: torch.Tensor, prev: list[torch.Tensor], anchors: torch.Tensor | None, quality) -> torch.Tensor:
+        """Scale-table index logits of group k on the full latent grid (integer-valued).
+
+        ``prev``: the residual symbols of groups 0 .. k-1 (full grid); ``anchors``: the group's
+        anchor residual symbols (zeros at non-anchors) for the non-anchor pass, None for the anchor pass.
+        """
         feats = [hyper]
         if k:
-            feats.append(self.channel_ctx[k](_clip_int(torch.cat(prev_abs, dim=1) * 4, 0, A_MAX)))
-        if anchor_abs is None:
+            feats.append(self.channel_ctx[k](self._residual_planes(torch.cat(prev, dim=1))))
+        if anchors is None:
             feats.append(hyper.new_zeros((hyper.shape[0], self.spatial_ctx[k].weight.shape[0], *hyper.shape[-2:])))
         else:
-            feats.append(self.spatial_ctx[k](_clip_int(anchor_abs * 4, 0, A_MAX)))
+            feats.append(self.spatial_ctx[k](self._residual_planes(anchors)))
         qc = self.quality_code(quality, hyper).expand(-1, 1, *hyper.shape[-2:])
         feats.append(qc)
         out = self.heads[k](torch.cat(feats, dim=1))

@@ -91,9 +91,9 @@ class CheckerboardGroup(nn.Module):
     def forward(self, y: torch.Tensor, side: torch.Tensor, index_fn=None):
         """Training/evaluation pass ("two-pass" checkerboard).
 
-        Returns (y_hat, likelihoods, residual symbols, float-scale likelihoods).  ``index_fn(anchor_abs)``
+        Returns (y_hat, likelihoods, residual symbols, float-scale likelihoods).  ``index_fn(anchors)``
         (optional) replaces the network's scales by scale-table indexes from an integer scale path:
-        called with None for the anchor pass and with the anchors' absolute residual symbols (zeros
+        called with None for the anchor pass and with the anchors' residual symbols (zeros
         elsewhere) for the non-anchor pass.  The network's own (floating-point) scales still give the
         fourth value, the likelihoods the float path would have coded with (None without
         ``index_fn``): training learns both, and their ratio is the integer path's rate overhead.
@@ -119,7 +119,7 @@ class CheckerboardGroup(nn.Module):
         if index_fn is None:
             scales = float_scales
         else:
-            idx = index_fn(None) * anchor + index_fn(residual.abs() * anchor) * non_anchor
+            idx = index_fn(None) * anchor + index_fn(residual * anchor) * non_anchor
             scales = table_scales(idx, gc.scale_table, exact=not self.training)
             _, float_likelihoods = gc(y, float_scales, means)
         _, likelihoods = gc(y, scales, means)
@@ -290,7 +290,7 @@ class LALIC(CodingModel):
         z_hat = quantize_ste(z - medians) + medians
         hyper_params = self.h_s(z_hat)
         y_split = y.split(self.groups, dim=1)
-        y_hats, likelihoods, float_likelihoods, residual_abs = [], [], [], []
+        y_hats, likelihoods, float_likelihoods, residuals = [], [], [], []
         hyper_int = None
         if self.scale_path is not None:
             z_sym = torch.round(z - medians).detach()
@@ -299,12 +299,12 @@ class LALIC(CodingModel):
             side = self.channel_groups.side_params(k, hyper_params, y_hats)
             index_fn = None
             if hyper_int is not None:
-                index_fn = partial(self.scale_path.indexes, k, hyper_int, list(residual_abs), quality=quality)
+                index_fn = partial(self.scale_path.indexes, k, hyper_int, list(residuals), quality=quality)
             y_hat_k, lik_k, res_k, flik_k = self.group(k)(y_split[k], side, index_fn)
             y_hats.append(y_hat_k)
             likelihoods.append(lik_k)
             float_likelihoods.append(flik_k)
-            residual_abs.append(res_k.abs())
+            residuals.append(res_k)
         y_hat = torch.cat(y_hats, dim=1)
         x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality))
         out = {
@@ -378,7 +378,7 @@ class LALIC(CodingModel):
         of group ``k`` and returns them; the same routine drives the encoder and the decoder.
         """
         y_hats: list[torch.Tensor] = []
-        residual_abs: list[torch.Tensor] = []
+        residuals: list[torch.Tensor] = []
         hyper_int = None
         if self.scale_path is not None:
             hyper_int = self.scale_path.hyper_features(z_sym.to(hyper_params.dtype), quality)
@@ -391,15 +391,15 @@ class LALIC(CodingModel):
                 if hyper_int is None:
                     indexes = gc.build_indexes(scales)
                 else:
-                    anchor_abs = None if i == 0 else embed(torch.stack([packed[0].abs(), torch.zeros_like(packed[0])]))
-                    full = self.scale_path.indexes(k, hyper_int, residual_abs, anchor_abs, quality)
+                    anchors = None if i == 0 else embed(torch.stack([packed[0], torch.zeros_like(packed[0])]))
+                    full = self.scale_path.indexes(k, hyper_int, residuals, anchors, quality)
                     indexes = unembed(full)[i].int()
                 sym = code_symbols(k, i, indexes, means)
                 packed.append(sym.to(means.dtype))
                 return packed[-1] + means
 
             y_hats.append(self.group(k).code(side, step))
-            residual_abs.append(embed(torch.stack(packed)).abs())
+            residuals.append(embed(torch.stack(packed)))
         return torch.cat(y_hats, dim=1)
 
     # --- construction from state dicts -------------------------------------------------------------
@@ -463,11 +463,13 @@ class VariableRateLALIC(LALIC):
     variable_rate = True
     pad_multiple = 64
 
-    def __init__(self, *args, lambdas=DEFAULT_LAMBDAS, int_scale: bool = False, **kwargs):
+    def __init__(self, *args, lambdas=DEFAULT_LAMBDAS, int_scale: bool | dict = False, **kwargs):
+        """``int_scale``: False, True (the v1 integer scale path) or the path's keyword arguments
+        (see :class:`IntegerScalePath`; e.g. ``INT_SCALE_V2``)."""
         super().__init__(*args, **kwargs)
         M = self.config.dims[3]
         if int_scale:
-            self.scale_path = IntegerScalePath(self.config.dims[5], self.groups)
+            self.scale_path = IntegerScalePath(self.config.dims[5], self.groups, **(int_scale if isinstance(int_scale, dict) else {}))
         lam = torch.tensor(lambdas, dtype=torch.float32)
         self.register_buffer("lambdas", lam)
         # high-rate theory: the quantisation step scales like lambda^(-1/2)
@@ -506,11 +508,14 @@ class VariableRateLALIC(LALIC):
     @classmethod
     def from_state_dict(cls, sd: dict, strict: bool = True) -> "VariableRateLALIC":
         cfg = LALIC.config_from_state_dict(sd)
-        int_scale = any(k.startswith("scale_path.") for k in sd)
+        int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
         model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale)
         model.load_state_dict(sd, strict=strict)
         return model
 
+
+#: the v2 integer scale path: signed residual contexts, two-layer channel context, three-layer head
+INT_SCALE_V2 = dict(hidden=128, ctx=48, head=96, signed=True, deep=True)
 
 #: the bundled default model's architecture (about 7.4 M parameters, integer scale path)
 DEFAULT_CONFIG = dict(N=32, M=128, dims=(48, 64, 96, 128, 96, 64), depths=(0, 1, 2, 1), groups=(8, 8, 16, 32, 64), int_scale=True)
