@@ -11,7 +11,7 @@ from lalic_codec import pipeline
 from lalic_codec.entropy.coder import SymbolMismatchError
 from lalic_codec.errors import DeviceMismatchError
 from lalic_codec.formats import container as fmt
-from lalic_codec.models.lalic import LALIC, VariableRateLALIC
+from lalic_codec.models.lalic import INT_SCALE_V2, LALIC, VariableRateLALIC
 
 
 def perturb_float_path(model, rel: float, seed: int = 0):
@@ -37,10 +37,10 @@ def perturb_float_path(model, rel: float, seed: int = 0):
     return restore
 
 
-@pytest.fixture(scope="module")
-def int_model():
+@pytest.fixture(scope="module", params=[True, INT_SCALE_V2], ids=["int_path_v1", "int_path_v2"])
+def int_model(request):
     torch.manual_seed(3)
-    m = VariableRateLALIC(**TINY, int_scale=True)
+    m = VariableRateLALIC(**TINY, int_scale=request.param)
     m.update(force=True)
     return m.eval()
 
@@ -159,3 +159,16 @@ def test_tiled_file_decodes_seamlessly(tiny_vr_weights):
     w0 = pipeline.tile_weights(t0, lic.header.width, lic.header.height)
     assert w0[0, 0] == min(t0.w, t0.h) - 0.5  # only the right and bottom edges are interior
     assert w0[0, -1] == 0.5 and w0[-1, 0] == 0.5 and w0.min() > 0
+
+
+@pytest.mark.parametrize("layout", [True, INT_SCALE_V2], ids=["v1", "v2"])
+def test_integer_path_layout_is_read_from_the_weights(tmp_path, layout):
+    from lalic_codec.models.checkpoints import save_weights
+
+    torch.manual_seed(4)
+    path = save_weights(VariableRateLALIC(**TINY, int_scale=layout), tmp_path / "w.safetensors")
+    sp = pipeline.load_model("default", str(path), "cpu").model.scale_path
+    assert sp.signed == (layout is not True) and sp.deep == (layout is not True)
+    if layout is not True:
+        assert sp.heads[0][0].weight.shape[0] == INT_SCALE_V2["head"]
+        assert sp.spatial_ctx[0].weight.shape[1] == 2 * TINY["groups"][0]  # signed and magnitude planes
