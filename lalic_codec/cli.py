@@ -7,6 +7,7 @@ Start-up matters: ``codec --help``, ``codec --version`` and ``codec info`` never
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -83,10 +84,10 @@ def write_output(path: str, data_or_writer, force: bool) -> None:
         sys.stdout.buffer.flush()
         return
     p = Path(path)
-    if p.exists() and not force:
-        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
     if p.is_dir():
         raise BadInputError(f"{path} is a folder")
+    if p.exists() and not force:
+        raise OutputExistsError(f"{path} exists (use --force to overwrite)")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise BadInputError(f"{parent}: no such folder")
@@ -225,9 +226,11 @@ def _clean_for(output: str, started: float) -> None:
         clean_stale_temps(p.parent if str(p.parent) else Path("."), {p.name}, started)
 
 
-def _output_format(path: str) -> str:
+def _output_format(path: str, ext: str | None = None) -> str:
+    """Pillow's name of the format to write to ``path``: its extension's, or ``ext``'s (from
+    ``--format``) on stdout, or PNG."""
     if path == "-":
-        return "PNG"
+        return OUTPUT_FORMATS[ext] if ext else "PNG"
     suffix = Path(path).suffix.lower()
     if not suffix:
         return "PNG"
@@ -284,8 +287,48 @@ def _pairs(src_dir: Path, dst_dir: Path, suffixes: set[str], out_suffix: str):
     files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
         raise BadInputError(f"{src_dir}: no input files found")
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    return [(p, dst_dir / (p.stem + out_suffix)) for p in files]
+    pairs = [(p, dst_dir / (p.stem + out_suffix)) for p in files]
+    _refuse_clashes(pairs)
+    _make_folder(dst_dir)
+    return pairs
+
+
+def _refuse_clashes(pairs) -> None:
+    """Folders: refuse, before anything is written, inputs that would be written to the same output
+    (``x.png`` and ``x.jpg``; ``a.lic`` and ``a.LIC``).  Names are compared as the system does
+    (``os.path.normcase``: ignoring case on Windows)."""
+    by_dst: dict = {}
+    for src, dst in pairs:
+        by_dst.setdefault(os.path.normcase(str(dst)), []).append((src, dst))
+    clashes = [group for group in by_dst.values() if len(group) > 1]
+    if not clashes:
+        return
+    srcs = [str(src) for src, _ in clashes[0]]
+    names = ", ".join(srcs[:-1]) + " and " + srcs[-1]
+    more = f" (and {len(clashes) - 1} more such clash{'es' * (len(clashes) > 2)})" if len(clashes) > 1 else ""
+    raise BadInputError(f"{names} would {'both' if len(srcs) == 2 else 'all'} be written to {clashes[0][0][1]}{more}")
+
+
+def _make_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(f"{folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"{folder}: cannot create folder ({e.strerror or e})") from None
+
+
+def _single_output(input: str, output: str, out_suffix: str) -> str:
+    """Single-file mode: an OUT that ends in a slash, or is an existing folder, means
+    OUT/<IN's name><out_suffix>; a missing folder is created."""
+    slashes = tuple(s for s in (os.sep, os.altsep) if s)
+    if output == "-" or not (output.endswith(slashes) or Path(output).is_dir()):
+        return output
+    if input == "-":
+        raise click.UsageError(f"OUT {output!r} is a folder: give a file name (or -) to write what is read from stdin")
+    folder = Path(output)
+    _make_folder(folder)
+    return str(folder / (Path(input).stem + out_suffix))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,6 +356,41 @@ def _max_pixels_option(f):
     )(f)
 
 
+def _finite(ctx, param, value):
+    """Callback: refuse nan and infinities (click's FloatRange lets them through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _format_ext(ctx, param, value):
+    """Callback for decode --format: "jpg", "JPG" or ".jpg" -> ".jpg"; unknown formats refused."""
+    if value is None:
+        return None
+    ext = "." + value.lower().lstrip(".")
+    if ext not in OUTPUT_FORMATS:
+        raise click.BadParameter(f"{value!r} is not an output format; use one of {', '.join(e[1:] for e in OUTPUT_FORMATS)}")
+    return ext
+
+
+def _bad_option(name: str, message: str) -> click.BadParameter:
+    """A usage error (exit 2) about option ``name``, for checks that need the model or the pipeline."""
+    ctx = click.get_current_context()
+    return click.BadParameter(message, ctx=ctx, param=next(p for p in ctx.command.params if p.name == name))
+
+
+def _check_tile(tile: int, pipeline) -> None:
+    try:
+        pipeline.plan_tiles(tile, tile, tile)  # the rule lives with the tiling
+    except BadInputError as e:
+        raise _bad_option("tile", str(e)) from None
+
+
+def _check_quality(quality: float | None, lm) -> None:
+    if quality is not None and lm.variable_rate and quality > lm.model.num_levels:
+        raise _bad_option("quality", f"{quality:g} is not in the range 1<=x<={lm.model.num_levels} of model {lm.model_id}")
+
+
 def _common_model_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="where the network runs")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="weights file (official checkpoint or .safetensors)")(f)
@@ -323,8 +401,8 @@ def _common_model_options(f):
 @click.argument("input", metavar="IN")
 @click.argument("output", metavar="OUT")
 @click.option("--model", default="default", show_default=True, help="default (bundled), lalic or mambaic (these need --weights)")
-@click.option("--quality", "-q", type=float, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
-@click.option("--target-bpp", type=float, default=None, help="largest quality whose file is at most this many bits per pixel")
+@click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
+@click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel")
 @click.option("--tile", type=int, default=1024, show_default=True, help="larger images are coded as overlapping tiles of at most this size (multiple of 64)")
 @_common_model_options
 @_max_pixels_option
@@ -346,11 +424,11 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
     try:
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
-        if target_bpp is not None and not target_bpp > 0:
-            raise BadInputError("--target-bpp must be positive")
         from . import pipeline
 
+        _check_tile(tile, pipeline)
         lm = pipeline.load_model(model, weights, device)
+        _check_quality(quality, lm)
         limit = pipeline.MAX_PIXELS if max_pixels is None else max_pixels
 
         def job(src: str, dst: str) -> None:
@@ -376,6 +454,7 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
         if input != "-" and Path(input).is_dir():
             pairs = _pairs(Path(input), Path(output), IMAGE_SUFFIXES, ".lic")
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started))
+        output = _single_output(input, output, ".lic")
         _clean_for(output, started)
         job(input, output)
     except click.UsageError:
@@ -394,29 +473,29 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
 @_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
-@click.option("--format", "out_format", default=None, help="output format for folders and stdout (png, jpg, webp, bmp, tif, ppm)")
+@click.option("--format", "ext", callback=_format_ext, default=None, help="output format for stdout and folders (png, jpg, webp, bmp, tif, ppm)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def decode(input, output, device, weights, max_pixels, force, skip_existing, out_format, quiet):
+def decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet):
     """Decompress IN (.lic) into image OUT; the format follows OUT's extension (PNG by default)."""
     from ._runtime import tune_allocator
 
     started = time.time()
     tune_allocator()
     with _signals_interrupt():
-        _decode(input, output, device, weights, max_pixels, force, skip_existing, out_format, quiet, started)
+        _decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet, started)
 
 
-def _decode(input, output, device, weights, max_pixels, force, skip_existing, out_format, quiet, started):
+def _decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet, started):
+    """``ext``: the extension that --format names (".jpg"), or None."""
     try:
         from . import pipeline
 
-        ext = "." + out_format.lower().lstrip(".") if out_format else None
         lim = pipeline.limits(max_pixels)
 
         def job(src: str, dst: str) -> None:
             data = read_input(src)
             res = pipeline.decode_bytes(data, weights, device, lim)
-            fmt_name = _output_format(ext if (dst == "-" and ext) else dst)
+            fmt_name = _output_format(dst, ext)
             write_output(dst, lambda f: pipeline.save_image(res.image, f, fmt_name), force)
             if dst != "-":
                 _say(f"{src} -> {dst}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
@@ -424,8 +503,11 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, ou
         if input != "-" and Path(input).is_dir():
             pairs = _pairs(Path(input), Path(output), {".lic"}, ext or ".png")
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started))
+        output = _single_output(input, output, ext or ".png")
         _clean_for(output, started)
         job(input, output)
+    except click.UsageError:
+        raise
     except KeyboardInterrupt:
         click.echo("codec: interrupted", err=True)
         sys.exit(130)
