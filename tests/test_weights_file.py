@@ -1,0 +1,128 @@
+"""Our safetensors weights files: the Gaussian CDF tables every channel group repeats are stored
+once (``"aliases"`` metadata), loading restores them exactly, and the fingerprint does not move."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import TINY
+from lalic_codec import pipeline
+from lalic_codec.errors import ModelError
+from lalic_codec.models.checkpoints import fingerprint, load_state_dict_file, save_weights
+from lalic_codec.models.lalic import VariableRateLALIC
+
+BUNDLED = Path(pipeline.__file__).resolve().parent.parent / "models" / "default-v1.safetensors"
+#: the first default-v1 file (no aliases) and the fingerprint bench-results/kodak/default.json records for it
+V1_SHA256 = "b81067cadf52a4a56ff0b10fa04357afc0aa4cef84f33c0f18f6f8af54258539"
+V1_FINGERPRINT = "79376d6689aa89100b8168caf9572a31"
+TABLES = ("_quantized_cdf", "_cdf_length", "_offset", "scale_table")
+
+
+def module_alias(key: str) -> bool:
+    """LALIC's top-level h_a/h_s, which repeat latent_codec.hyper.h_a/h_s and are never written."""
+    return key.startswith(("h_a.", "h_s."))
+
+
+def tiny_model(fp16_exact: bool = False) -> VariableRateLALIC:
+    torch.manual_seed(3)
+    m = VariableRateLALIC(**TINY).eval()
+    if fp16_exact:  # every float representable in fp16, so an fp16 file holds the model exactly
+        with torch.no_grad():
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
+    m.update(force=True)
+    return m
+
+
+def reload(path) -> torch.nn.Module:
+    net, _ = pipeline.build_from_state_dict(load_state_dict_file(path))
+    net.update(force=False)
+    return net.eval()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_save_load_round_trip_is_exact(tmp_path, fp16):
+    m = tiny_model(fp16_exact=fp16)
+    path = save_weights(m, tmp_path / "w.safetensors", fp16=fp16)
+    expected = {k: v for k, v in m.state_dict().items() if not module_alias(k)}
+    sd = load_state_dict_file(path)
+    assert sd.keys() == expected.keys()
+    for k, v in sd.items():
+        assert torch.equal(v.float() if v.is_floating_point() else v, expected[k]), k
+    assert_same_state(reload(path).state_dict(), m.state_dict())
+    assert fingerprint(reload(path)) == fingerprint(m)
+    # the restored copies are separate tensors, so a second save finds (and aliases) them again
+    again = save_weights(reload(path), tmp_path / "again.safetensors", fp16=fp16)
+    assert again.stat().st_size == path.stat().st_size and fingerprint(reload(again)) == fingerprint(m)
+
+
+def test_equal_gaussian_tables_are_stored_once(tmp_path):
+    m = tiny_model()
+    path = save_weights(m, tmp_path / "w.safetensors", metadata={"aliases": {"stale": "ignored"}})
+    with safe_open(str(path), "pt") as f:
+        stored, aliases = set(f.keys()), json.loads(f.metadata()["aliases"])
+    groups = len(m.groups)
+    assert groups > 1
+    gc = [k for k in m.state_dict() if ".gaussian_conditional." in k and k.endswith(TABLES)]
+    assert len(gc) == 4 * groups and len([k for k in gc if k in stored]) == 4  # one copy of each table
+    assert set(aliases) == set(gc) - stored and set(aliases.values()) <= stored
+    assert set(m.state_dict()) - stored == set(aliases) | {k for k in m.state_dict() if module_alias(k)}
+    for dup, first in aliases.items():
+        assert dup.rsplit(".", 1)[1] == first.rsplit(".", 1)[1]
+        assert torch.equal(m.state_dict()[dup], m.state_dict()[first])
+
+
+def test_different_tables_are_not_aliased(tmp_path):
+    m = tiny_model()
+    m.group(1).gaussian_conditional.update_scale_table([0.11 * 1.1**i for i in range(64)], force=True)
+    path = save_weights(m, tmp_path / "w.safetensors", fp16=False)
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads(f.metadata()["aliases"])
+    assert not any(".y1." in k or ".y1." in v for k, v in aliases.items())
+    assert fingerprint(reload(path)) == fingerprint(m)
+
+
+def test_alias_free_files_still_load(tmp_path):
+    """Files written before the aliases (e.g. the first default-v1) load as they always did."""
+    m = tiny_model()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items() if not module_alias(k)}, str(tmp_path / "old.safetensors"))
+    assert fingerprint(reload(tmp_path / "old.safetensors")) == fingerprint(m)
+
+
+def test_bundled_v1_weights_keep_their_fingerprint():
+    if not BUNDLED.is_file() or hashlib.sha256(BUNDLED.read_bytes()).hexdigest() != V1_SHA256:
+        pytest.skip("the bundled weights are no longer the first default-v1 file")
+    with safe_open(str(BUNDLED), "pt") as f:
+        assert "aliases" not in (f.metadata() or {})
+    assert fingerprint(reload(BUNDLED)).hex() == V1_FINGERPRINT
+
+
+@pytest.mark.parametrize(
+    "aliases, message",
+    [
+        ({"b.scale_table": "missing.scale_table"}, "which the file does not hold"),
+        ({"a.scale_table": "a.scale_table"}, "names a tensor the file also holds"),
+        (["a.scale_table"], "not a JSON map"),
+        ({"b.scale_table": 3}, "not a JSON map"),
+        ("{not json", "not a JSON map"),
+    ],
+)
+def test_broken_aliases_are_refused(tmp_path, aliases, message):
+    path = tmp_path / "bad.safetensors"
+    meta = {"aliases": aliases if isinstance(aliases, str) else json.dumps(aliases)}
+    save_file({"a.scale_table": torch.ones(4)}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=message) as e:
+        load_state_dict_file(path)
+    assert isinstance(e.value, ModelError) and "bad.safetensors" in str(e.value)  # the CLI's exit 5, one line
