@@ -1,8 +1,9 @@
 """Images to .lic bytes and back: the layer between the CLI (or the Python API) and the networks.
 
-encode: image -> orientation, colour mode, metadata -> RGB tensor -> centred zero padding ->
-model.compress -> streams -> container.  decode: container -> model (checked against the
-header's weights fingerprint) -> model.decompress -> crop -> restore mode, alpha and metadata.
+encode: image -> orientation, colour mode, metadata -> RGB tensor -> centred padding (edges
+replicated) -> model.compress -> streams -> container.  decode: container -> model (checked
+against the header's weights fingerprint) -> model.decompress -> crop -> restore mode, alpha and
+metadata.
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def prepare_image(im: Image.Image) -> PreparedImage:
 
 
 def centred_padding(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding up to a multiple, centred as the official evaluation does."""
+    """(left, right, top, bottom) padding up to a multiple, centred as the official evaluation does."""
     H = -(-h // multiple) * multiple
     W = -(-w // multiple) * multiple
     left, top = (W - w) // 2, (H - h) // 2
@@ -343,9 +344,18 @@ def tile_weights(tile: fmt.Tile, width: int, height: int) -> np.ndarray:
 
 
 def _to_tensor(rgb: np.ndarray, pad, device) -> torch.Tensor:
+    """(1, 3, H, W) samples in [0, 1], padded by repeating the edge pixels outwards.
+
+    The decoder crops the padding away, so what fills it is the encoder's choice (FORMAT.md 7.1).
+    Zeros (the official evaluation's choice) cost rate and damage the pixels next to them, the
+    more so the smaller the image: a 1x1 tile is one pixel in 64x64 of black, and a flat colour
+    came back at 7 dB.  Replicated edges add no new edge or colour: the same PSNR as mirroring on
+    Kodak crops, at a lower rate."""
     x = torch.from_numpy(np.array(rgb.transpose(2, 0, 1))).float().div_(255.0).unsqueeze(0)
     l, r, t, b = pad
-    return torch.nn.functional.pad(x, (l, r, t, b)).to(device)
+    if l or r or t or b:
+        x = torch.nn.functional.pad(x, (l, r, t, b), mode="replicate")
+    return x.to(device)
 
 
 # ------------------------------------------------------------------------------------------------
