@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--weights", default=None, help="start from these weights (default: random, the default architecture)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as codec train run --bf16")
     ap.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last", help="memory layout of images and convolution weights")
     args = ap.parse_args()
     tune_allocator()
@@ -112,8 +113,11 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
+    bf16 = tr.use_bf16(args.bf16, torch.device("cpu"))
+
     def forward_backward():
-        out = model(x, quality=q)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, quality=q)
         bpp, mse = tr.rd_terms(out, x)
         loss = (bpp + model.lambda_for(q) * 255.0**2 * mse).mean()
         fb = tr.float_y_bpp(out, x)
@@ -139,13 +143,15 @@ def main() -> None:
     opt_s = _time(optimizer_step, args.steps)
 
     parts = _parts(model)
-    calls = _record_calls(model, parts, x, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        calls = _record_calls(model, parts, x, q)
     part_s = {}
     for name, cs in calls.items():
 
         def replay(cs=cs):
             for mod, a, kw in cs:
-                s = _scalar(mod(*a, **kw))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    s = _scalar(mod(*a, **kw))
                 if s.requires_grad:
                     s.backward()
 
@@ -153,7 +159,7 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
 
     px = args.batch * args.crop * args.crop
-    print(f"training step, batch {args.batch} x {args.crop}x{args.crop}, {args.threads} threads, torch {torch.__version__}")
+    print(f"training step, batch {args.batch} x {args.crop}x{args.crop}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, torch {torch.__version__}")
     print(f"  step {step_s:.3f} s  ->  {px / step_s:,.0f} pixels/s")
     print(f"  {'part':<46} {'s/step':>8} {'share':>7}")
     rows = list(part_s.items()) + [("loss and glue (forward+backward - parts)", fb_s - sum(part_s.values())), ("optimizer (clip, Adam, aux)", opt_s)]

@@ -34,6 +34,9 @@ def biwkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
         return biwkv_triton(w, u, k, v)
     check_shapes(w, u, k, v)
-    if os.environ.get("LALIC_FORCE_REFERENCE", "") in ("", "0") and fast_path_ok(w, u, k):
-        return biwkv_cpu(w, u, k, v)
+    if os.environ.get("LALIC_FORCE_REFERENCE", "") in ("", "0"):
+        # half-precision inputs (CPU autocast) are evaluated in float32, as the reference does
+        kf = k.float() if k.dtype in (torch.bfloat16, torch.float16) else k
+        if fast_path_ok(w, u, kf):
+            return biwkv_cpu(w, u, kf, v.to(kf.dtype)).to(k.dtype)
     return biwkv_reference(w, u, k, v)

@@ -66,6 +66,7 @@ class TrainConfig:
     gain_lr_mult: float = 5.0  # the latent gains (log units) set each quality's rate
     float_rate_weight: float = 0.5  # weight of the float scales' y rate (trained beside the integer path's)
     val_crop: int = 512  # validation codes the centre crop of at most this size
+    bf16: str = "auto"  # bf16 autocast for the transforms and context networks: auto (CUDA, or a CPU with bf16 instructions), on, off
     seed: int = 0
     workers: int = 1
     log_every: int = 20
@@ -186,6 +187,23 @@ def build_model(arch: dict):
     model = VariableRateLALIC(**(arch or DEFAULT_CONFIG))
     model.update(force=True)  # the scale table is needed in training; export recomputes all tables
     return model
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """Whether the training step runs under bf16 autocast.  The entropy models and the integer
+    scale path always compute in float32 (``full_precision``); "auto" turns it on for CUDA and
+    for CPUs whose oneDNN has bf16 kernels (AVX512-BF16 or AMX), where it measured about 1.3x
+    faster forward and backward on 2 cores."""
+    if setting not in ("auto", "on", "off"):
+        raise click.ClickException(f"--bf16 must be auto, on or off, not {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def rd_terms(out: dict, x: torch.Tensor):
@@ -432,6 +450,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             torch.cuda.set_rng_state(state["cuda_rng"])
     log = open(out_dir / "log.jsonl", "a")
     levels = model.num_levels
+    bf16 = use_bf16(cfg.bf16, device)
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -472,7 +491,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 if device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 qa = q[a * cfg.batch : (a + 1) * cfg.batch]
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = model(x, quality=qa)
                 bpp, mse = rd_terms(out, x)
                 lam = model.lambda_for(qa)
@@ -588,6 +607,8 @@ def cli():
               help="fresh runs: transforms start as a two-level block KLT of the training data, or random")
 @click.option("--resume", default=None, help="resume exactly from a checkpoint.pt")
 @click.option("--float-rate-weight", default=0.5, show_default=True, help="weight of the float scales' y rate beside the integer path's")
+@click.option("--bf16", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="bf16 autocast (rates stay float32): auto = CUDA, or a CPU with bf16 instructions")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
 def run_cmd(resume, max_minutes, **kw):
     """Train (or resume training) the variable-rate default model."""

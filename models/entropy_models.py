@@ -11,6 +11,8 @@ codes with exactly the same tables.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -19,6 +21,28 @@ import torch.nn.functional as F
 from ..entropy.tables import CdfTables, gaussian_cdf_tables, gaussian_scale_table, pmf_to_cdf_tables
 
 _TABLE_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length")
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def full_precision(fn):
+    """Run a method outside autocast, with half-precision tensor arguments cast to float32.
+
+    Rates are logarithms of small probability differences: mixed-precision training (bf16
+    autocast, on CUDA and on CPUs with bf16 instructions) keeps them in float32.  Without
+    autocast and with float32/float64 inputs the method runs unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or not torch.is_autocast_enabled(t.device.type) and t.dtype not in _HALF:
+            return fn(self, *args, **kwargs)
+        up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a  # noqa: E731
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(self, *(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 class _LowerBoundFn(torch.autograd.Function):
@@ -148,6 +172,7 @@ class EntropyBottleneck(EntropyModel):
         upper = self._logits_cumulative(inputs + 0.5, stop_gradient)
         return torch.sigmoid(upper) - torch.sigmoid(lower), lower, upper
 
+    @full_precision
     def forward(self, x: torch.Tensor, training: bool | None = None):
         """Returns (noisy or quantized x, likelihoods); x is (B, C, ...)."""
         if training is None:
@@ -234,6 +259,7 @@ class GaussianConditional(EntropyModel):
     def _standardized_cumulative(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * torch.erfc(-(2**-0.5) * x)
 
+    @full_precision
     def likelihood(self, inputs: torch.Tensor, scales: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
         values = inputs - means if means is not None else inputs
         scales = self.lower_bound_scale(scales)
@@ -242,6 +268,7 @@ class GaussianConditional(EntropyModel):
         lower = self._standardized_cumulative((-0.5 - values) / scales)
         return upper - lower
 
+    @full_precision
     def forward(self, inputs, scales, means=None, training: bool | None = None):
         if training is None:
             training = self.training

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .entropy_models import full_precision
+
 W_MAX = 63
 A_MAX = 127
 NUM_SCALES = 64
@@ -61,6 +63,7 @@ class IntConv2d(nn.Module):
         b = self.bias * 2.0**self.shift
         return _ste_round(b) if self.training else torch.floor(b + 0.5)
 
+    @full_precision
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             acc = F.conv2d(x, self.int_weight(), self.int_bias(), padding=self.k // 2)
