@@ -618,6 +618,65 @@ def run_cmd(resume, max_minutes, **kw):
     click.echo(f"checkpoint: {path}")
 
 
+@cli.command("fit-int-path")
+@click.argument("checkpoint")
+@click.option("--out", default=None, help="checkpoint to write (default: CHECKPOINT with -intfit before .pt)")
+@click.option("--cpu-minutes", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="process CPU time for the fit")
+@click.option("--batches", default=300, show_default=True, help="cached training batches of 8 crops of 128")
+@click.option("--layout", type=click.Choice(["keep", "v1", "v2"]), default="keep", show_default=True,
+              help="keep the checkpoint's integer path and continue it, or start a fresh path of this layout")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: default)")
+def fit_int_path_cmd(checkpoint, out, cpu_minutes, batches, layout, lr, threads):
+    """Train the integer scale path alone on the frozen rest of CHECKPOINT (the distortion cannot
+    change); keeps the parameters with the lowest y rate on the held-out images."""
+    from . import int_path_fit as ipf
+    from .models.int_scale import IntegerScalePath
+    from .models.lalic import DEFAULT_CONFIG, INT_SCALE_V2
+
+    tune_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    state = load_checkpoint(Path(checkpoint))
+    cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
+    model = build_model(cfg.arch)
+    model.load_state_dict(state["model"])
+    if model.scale_path is None:
+        raise click.ClickException(f"{checkpoint}: this model has no integer scale path")
+    if layout != "keep":
+        kw = INT_SCALE_V2 if layout == "v2" else True
+        torch.manual_seed(cfg.seed)
+        model.scale_path = IntegerScalePath(model.config.dims[5], model.groups, **(kw if isinstance(kw, dict) else {}))
+        cfg.arch = {**(cfg.arch or DEFAULT_CONFIG), "int_scale": kw}
+        state["optimizer"] = _drop_optimizer_state(state["optimizer"], "scale_path.")
+    train_files, held_out = split_data(cfg.data, cfg.holdout)
+    t0 = time.time()
+    cache = ipf.training_cache(model, train_files, batches)
+    val = ipf.validation_cache(model, held_out)
+    gcs = model.gaussian_conditionals()
+    click.echo(f"features of {batches} batches and {len(val)} held-out crops in {time.time() - t0:.0f} s; "
+               f"float scales {sum(ipf.float_bits(f, gcs) for f in val) / sum(f['pixels'] for f in val):.4f} y bpp held out", err=True)
+    res = ipf.fit(model.scale_path, cache, gcs, 60 * cpu_minutes, lr=lr, val=val, log=lambda m: click.echo(m, err=True))
+    click.echo(f"integer path: held-out y {res['held_out_bpp_start']:.4f} -> {res['held_out_bpp']:.4f} bpp "
+               f"({res['steps']} steps, {res['cpu_seconds']:.0f} CPU s)", err=True)
+    state["config"] = asdict(cfg)
+    state["model"] = model.state_dict()
+    totals = dict(state.get("totals", {}))
+    totals["cpu_seconds"] = totals.get("cpu_seconds", 0.0) + res["cpu_seconds"]
+    state["totals"] = totals
+    state.setdefault("int_path_fits", []).append({k: v for k, v in res.items()} | {"layout": layout, "batches": batches})
+    dest = Path(out) if out else Path(checkpoint).with_name(Path(checkpoint).stem + "-intfit.pt")
+    save_checkpoint(dest, state)
+    click.echo(f"checkpoint: {dest}")
+
+
+def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
+    """Adam state without the entries of parameters whose names start with ``prefix``."""
+    names = [n for g in saved["param_groups"] for n in g.get("names", [])]
+    keep = {i for i, n in enumerate(names) if not n.startswith(prefix)}
+    return {**saved, "state": {i: v for i, v in saved["state"].items() if i in keep}}
+
+
 @cli.command("export")
 @click.argument("checkpoint")
 @click.argument("out")

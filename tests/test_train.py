@@ -169,3 +169,27 @@ def test_next_round_starts_from_shipped_weights(tmp_path, data_dir):
     tr.train(cfg_for(tmp_path / "b", data_dir, steps=2, val_count=0), resume=str(tmp_path / "b" / "run" / "checkpoint.pt"))
     after = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
     assert after["step"] == 2 and not torch.equal(after["model"]["g_a.0.weight"], start["g_a.0.weight"])
+
+
+def test_fit_int_path_changes_only_the_path_and_never_worsens_held_out_rate(tmp_path, data_dir):
+    from click.testing import CliRunner
+
+    cfg = cfg_for(tmp_path, data_dir, steps=2, holdout=2)
+    ckpt = tr.train(cfg)
+    before = torch.load(ckpt, weights_only=True)
+    out = tmp_path / "fit.pt"
+    res = CliRunner().invoke(tr.cli, ["fit-int-path", str(ckpt), "--out", str(out), "--cpu-minutes", "0.05", "--batches", "2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    after = torch.load(out, weights_only=True)
+    fit = after["int_path_fits"][-1]
+    assert fit["steps"] > 0 and fit["held_out_bpp"] <= fit["held_out_bpp_start"]
+    changed = {k for k in before["model"] if not torch.equal(before["model"][k], after["model"][k])}
+    assert changed and all(k.startswith("scale_path.") for k in changed)
+    assert after["totals"]["cpu_seconds"] > before["totals"]["cpu_seconds"]
+    # a fresh v2 path: the checkpoint's architecture follows, and training resumes from it
+    res = CliRunner().invoke(tr.cli, ["fit-int-path", str(ckpt), "--out", str(out), "--cpu-minutes", "0.05", "--batches", "2", "--layout", "v2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    v2 = torch.load(out, weights_only=True)
+    assert v2["config"]["arch"]["int_scale"]["signed"] is True
+    assert "scale_path.heads.0.2.weight" in v2["model"]
+    tr.train(cfg_for(tmp_path, data_dir, steps=3, holdout=2), resume=str(out))
