@@ -147,15 +147,15 @@ class CheckerboardGroup(nn.Module):
 
 
 class ChannelGroups(nn.Module):
-    def __init__(self, groups: list[int], M: int, N: int):
+    def __init__(self, groups: list[int], M: int, N: int, hidden_rate: int = 8):
         super().__init__()
         self.groups = list(groups)
         self.channel_context = nn.ModuleDict(
             {
                 f"y{k}": nn.Sequential(
                     nn.Conv2d(sum(groups[:k]), M, 3, padding=1),
-                    RwkvBlock(M, hidden_rate=8),
-                    RwkvBlock(M, hidden_rate=8),
+                    RwkvBlock(M, hidden_rate=hidden_rate),
+                    RwkvBlock(M, hidden_rate=hidden_rate),
                     nn.Conv2d(M, groups[k] * 2, 1),
                 )
                 for k in range(1, len(groups))
@@ -194,12 +194,16 @@ class LALICConfig:
     dims: tuple = (96, 144, 256, 320, 256, 192)
     depths: tuple = (2, 4, 6, 6)
     groups: tuple | None = None  # default: (16, 16, 32, 64, M - 128)
+    ctx_hidden_rate: int = 8  # hidden width of the channel context's RWKV blocks, in multiples of M (official: 8)
 
     def resolved_groups(self) -> list[int]:
         return list(self.groups) if self.groups else [16, 16, 32, 64, self.M - 128]
 
     def to_dict(self) -> dict:
-        return {"N": self.N, "M": self.M, "dims": list(self.dims), "depths": list(self.depths), "groups": self.resolved_groups()}
+        d = {"N": self.N, "M": self.M, "dims": list(self.dims), "depths": list(self.depths), "groups": self.resolved_groups()}
+        if self.ctx_hidden_rate != 8:
+            d["ctx_hidden_rate"] = self.ctx_hidden_rate
+        return d
 
 
 @dataclass
@@ -220,9 +224,9 @@ class LALIC(CodingModel):
     #: the network itself needs multiples of this (y at 1/16, z at 1/64)
     size_multiple = 64
 
-    def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False):
+    def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False, ctx_hidden_rate=8):
         super().__init__()
-        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None)
+        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate)
         N1, N2, N3, N4, N5, N6 = dims
         L1, L2, L3, L4 = depths
         groups = self.config.resolved_groups()
@@ -240,7 +244,7 @@ class LALIC(CodingModel):
         )
         h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
         h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, N4, 5))
-        self.latent_codec = _Hyperprior(ChannelGroups(groups, M, N), _Hyper(EntropyBottleneck(N6), h_a, h_s))
+        self.latent_codec = _Hyperprior(ChannelGroups(groups, M, N, ctx_hidden_rate), _Hyper(EntropyBottleneck(N6), h_a, h_s))
         # the official model also registers the hyper transforms at the top level (aliased keys)
         self.h_a = h_a
         self.h_s = h_s
@@ -438,12 +442,14 @@ class LALIC(CodingModel):
             raise ValueError(f"not a LALIC state dict (missing or malformed: {e})") from None
         if not groups:
             raise ValueError("not a LALIC state dict (no channel groups)")
-        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups))
+        key = "latent_codec.y.channel_context.y1.1.ffn.key.weight"
+        rate = sd[key].shape[0] // dims[3] if key in sd else 8
+        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate)
 
     @classmethod
     def from_state_dict(cls, sd: dict, strict: bool = True) -> "LALIC":
         cfg = cls.config_from_state_dict(sd)
-        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups)
+        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate)
         model.load_state_dict(sd, strict=strict)
         return model
 
@@ -509,7 +515,7 @@ class VariableRateLALIC(LALIC):
     def from_state_dict(cls, sd: dict, strict: bool = True) -> "VariableRateLALIC":
         cfg = LALIC.config_from_state_dict(sd)
         int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
-        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale)
+        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale, ctx_hidden_rate=cfg.ctx_hidden_rate)
         model.load_state_dict(sd, strict=strict)
         return model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import natural_image
+from conftest import TINY, natural_image
 from lalic_codec import pipeline
 from lalic_codec.errors import BadInputError, CorruptFileError, CrcMismatchError, LimitExceededError, MissingWeightsError, WeightsMismatchError
 from lalic_codec.formats import container as fmt
@@ -207,3 +207,14 @@ def test_save_weights_writes_aliases_once(tmp_path):
     from lalic_codec.models.checkpoints import fingerprint
 
     assert lm.fingerprint == fingerprint(m.eval())  # the same network after a float32 round trip
+
+
+def test_channel_context_width_is_read_from_the_weights(tmp_path):
+    from lalic_codec.models.checkpoints import save_weights
+    from lalic_codec.models.lalic import VariableRateLALIC
+
+    torch.manual_seed(0)
+    path = save_weights(VariableRateLALIC(**TINY, int_scale=True, ctx_hidden_rate=2), tmp_path / "w.safetensors")
+    model = pipeline.load_model("default", str(path), "cpu").model
+    assert model.config.ctx_hidden_rate == 2
+    assert model.channel_groups.channel_context["y1"][1].ffn.key.weight.shape[0] == 2 * TINY["dims"][3]
