@@ -20,9 +20,12 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import BadInputError, CodecError, OutputExistsError
+from .errors import BadInputError, CodecError, CorruptFileError, NotALicFileError, OutputExistsError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".gif", ".tga"}
+#: what --model accepts: the choices shown, then other names of the same models
+MODELS = ("default", "lalic", "mambaic")
+MODEL_ALIASES = ("default-v1", "lalic-vr")
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM", ".tga": "TGA"}
 
 
@@ -44,6 +47,23 @@ def _fail(err: BaseException) -> int:
     detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     click.echo(f"codec: internal error: {type(err).__name__}: {detail} (set LALIC_DEBUG=1 for a traceback)", err=True)
     return 1
+
+
+def _shown(path: str, std: str = "stdin") -> str:
+    """A path as messages name it: ``std`` (stdin, stdout) for -."""
+    return path if path != "-" else std
+
+
+def _named(src: str, err: CodecError) -> CodecError:
+    """``err`` (about input ``src``) with a message that starts with the input's name."""
+    name = _shown(src)
+    if str(err).startswith(f"{name}: "):
+        return err
+    try:
+        named = type(err)(f"{name}: {err}")
+    except TypeError:  # an error class with another constructor: keep it as it is
+        return err
+    return named
 
 
 def read_input(path: str, max_bytes: int = 2**31) -> bytes:
@@ -277,7 +297,7 @@ def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: 
         parts.append(f"{len(failures)} failed")
     _say(", ".join(parts), quiet and not failures)
     for src, e in failures:
-        click.echo(f"  {src}: {e}", err=True)
+        click.echo(f"  {e}" if str(e).startswith(f"{src}: ") else f"  {src}: {e}", err=True)
     return failures[0][1].exit_code if failures else 0
 
 
@@ -391,6 +411,13 @@ def _check_quality(quality: float | None, lm) -> None:
         raise _bad_option("quality", f"{quality:g} is not in the range 1<=x<={lm.model.num_levels} of model {lm.model_id}")
 
 
+def _model_name(ctx, param, value):
+    """Callback for --model: refuse names that are no model of ours."""
+    if value is not None and value not in MODELS + MODEL_ALIASES:
+        raise click.BadParameter(f"unknown model {value} (choose from {', '.join(MODELS)})")
+    return value
+
+
 def _common_model_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="where the network runs")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="weights file (official checkpoint or .safetensors)")(f)
@@ -400,7 +427,7 @@ def _common_model_options(f):
 @main.command()
 @click.argument("input", metavar="IN")
 @click.argument("output", metavar="OUT")
-@click.option("--model", default="default", show_default=True, help="default (bundled), lalic or mambaic (these need --weights)")
+@click.option("--model", default="default", show_default=True, callback=_model_name, help="default (bundled), lalic or mambaic (these need --weights)")
 @click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
 @click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel")
 @click.option("--tile", type=int, default=1024, show_default=True, help="larger images are coded as overlapping tiles of at most this size (multiple of 64)")
@@ -433,7 +460,7 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
 
         def job(src: str, dst: str) -> None:
             data = read_input(src)
-            im = pipeline.open_image(data, max_pixels=limit)
+            im = pipeline.open_image(data, max_pixels=limit, name=_shown(src))
             if target_bpp is not None:
                 res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile)
             else:
@@ -494,7 +521,13 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, ex
 
         def job(src: str, dst: str) -> None:
             data = read_input(src)
-            res = pipeline.decode_bytes(data, weights, device, lim)
+            try:
+                res = pipeline.decode_bytes(data, weights, device, lim)
+            except (BadInputError, CorruptFileError) as e:
+                _, kind = pipeline.file_kind(data[:4096])
+                if type(e) is NotALicFileError and data and kind:  # say what it is rather than its first bytes
+                    e = NotALicFileError(f"not a .lic file ({kind})")
+                raise _named(src, e) from None
             fmt_name = _output_format(dst, ext)
             write_output(dst, lambda f: pipeline.save_image(res.image, f, fmt_name), force)
             if dst != "-":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,39 +170,155 @@ class PreparedImage:
 INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "PPM", "GIF", "TGA", "AVIF", "JXL")
 
 
-def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open and fully decode an image, refusing decompression bombs before they are decoded.
 
     Only :data:`INPUT_FORMATS` are opened.  Any failure is a :class:`BadInputError` (or
-    :class:`LimitExceededError` for an image over ``max_pixels``), whatever Pillow raised."""
+    :class:`LimitExceededError` for an image over ``max_pixels``), whatever Pillow raised, that
+    starts with ``name`` (a path's own name by default) and says what the file is."""
     import warnings
 
+    if name is None and isinstance(data, (str, Path)):
+        name = str(data)
+    prefix = f"{name}: " if name else ""
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     Image.init()
     formats = [f for f in INPUT_FORMATS if f in Image.OPEN]
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None  # Image.open's check is the one just below (Pillow's message states twice the limit)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit is enforced below; metadata noise
             im = Image.open(src, formats=formats)
             if im.width * im.height > max_pixels:
-                raise LimitExceededError(f"image is {im.width}x{im.height}, more than the limit of {max_pixels} pixels")
+                raise LimitExceededError(f"{prefix}{_over_limit(im.width * im.height, max_pixels, f'{im.width}x{im.height} = ')}")
+            Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's later checks (other frames, tiles)
             im.load()
         return im
-    except Image.DecompressionBombError as e:
-        raise LimitExceededError(f"image too large: {e}") from None
+    except Image.DecompressionBombError as e:  # say our limit, not Pillow's double of it
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        raise LimitExceededError(f"{prefix}{_over_limit(int(m[1]) if m else None, max_pixels)}") from None
     except MemoryError:
-        raise LimitExceededError("image too large: out of memory while decoding it") from None
+        raise LimitExceededError(f"{prefix}image too large: out of memory while decoding it") from None
     except CodecError:
         raise
     except Exception as e:  # Pillow's decoders raise many kinds (OSError, SyntaxError, EOFError, struct.error...)
         if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise BadInputError(f"cannot read the image: {e.strerror}") from None
+            raise BadInputError(f"{prefix}cannot read the image: {e.strerror}") from None
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"not a readable image: {detail}") from None
+        if isinstance(e, Image.UnidentifiedImageError) or "cannot identify image file" in detail:
+            detail = ""  # Pillow's message names a file object (<_io.BytesIO object at 0x...>)
+        raise BadInputError(f"{prefix}{_unreadable(_head(data), detail)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+def _over_limit(pixels: int | None, max_pixels: int, size: str = "") -> str:
+    """The message for an image over the pixel limit: the limit in force and where it comes from."""
+    where = "the default; --max-pixels N changes it" if max_pixels == MAX_PIXELS else f"--max-pixels {max_pixels}"
+    size = f"{size}{pixels} pixels, " if pixels is not None else ""
+    return f"image is {size}more than the limit of {max_pixels} pixels ({where})"
+
+
+def _head(data: bytes | str | Path, n: int = 4096) -> bytes:
+    """The first ``n`` bytes of an image given as bytes or a path (b"" if it cannot be read)."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data[:n])
+    try:
+        with open(data, "rb") as f:
+            return f.read(n)
+    except (OSError, TypeError):
+        return b""
+
+
+#: what files are, by their first bytes: (magic, Pillow's plugin for the formats we read or None, what it is)
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "JPEG", "a JPEG image"),
+    (b"GIF87a", "GIF", "a GIF image"),
+    (b"GIF89a", "GIF", "a GIF image"),
+    (b"II*\x00", "TIFF", "a TIFF image"),
+    (b"MM\x00*", "TIFF", "a TIFF image"),
+    (b"BM", "BMP", "a BMP image"),
+    (b"\xff\x0a", "JXL", "a JPEG XL image"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JXL", "a JPEG XL image"),
+    (b"\x89LIC", None, "a .lic file"),
+    (b"%PDF-", None, "a PDF document"),
+    (b"%!PS", None, "a PostScript (EPS) file"),
+    (b"\xc5\xd0\xd3\xc6", None, "an EPS file"),
+    (b"8BPS", None, "a Photoshop (PSD) file"),
+    (b"\x00\x00\x01\x00", None, "a Windows icon (ICO)"),
+    (b"qoif", None, "a QOI image"),
+    (b"\xff\x4f\xff\x51", None, "a JPEG 2000 image"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", None, "a JPEG 2000 image"),
+    (b"PK\x03\x04", None, "a ZIP archive"),
+    (b"\x1f\x8b", None, "a gzip file"),
+    (b"(\xb5/\xfd", None, "a zstd file"),
+    (b"7z\xbc\xaf\x27\x1c", None, "a 7-Zip archive"),
+    (b"\x7fELF", None, "a program"),
+)
+#: images in formats that we do not read
+_OTHER_IMAGES = {
+    "a PostScript (EPS) file", "an EPS file", "a Photoshop (PSD) file", "a Windows icon (ICO)", "a QOI image",
+    "a JPEG 2000 image", "a HEIF/HEIC image", "an SVG (vector) image",
+}
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+#: the formats we read, as messages name them
+_ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP, TIFF, PPM, GIF, TGA, AVIF, JPEG XL"
+
+
+def file_kind(head: bytes) -> tuple[str | None, str | None]:
+    """What a file is, judged from its first bytes: (Pillow's plugin if it is a format we read,
+    "a PNG image" / "a PDF document" / "a text file" / "an empty file"...), (None, None) if unknown."""
+    if not head:
+        return None, "an empty file"
+    for magic, plugin, what in _MAGIC:
+        if head.startswith(magic):
+            return plugin, what
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP", "a WebP image"
+    if re.match(rb"P[1-7]\s", head):
+        return "PPM", "a PPM image"
+    if head[4:8] == b"ftyp":  # ISO media: AVIF, HEIF
+        brands = head[8 : max(16, min(len(head), int.from_bytes(head[:4], "big")))]
+        words = {brands[i : i + 4] for i in range(0, len(brands) - 3, 4)}
+        if words & {b"avif", b"avis"}:
+            return "AVIF", "an AVIF image"
+        if brands[:4] in _HEIF_BRANDS:
+            return None, "a HEIF/HEIC image"
+    if b"\0" not in head:
+        import codecs
+
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
+        except UnicodeDecodeError:
+            return None, None
+        start = text.lstrip("\ufeff \t\r\n")[:1000].lower()
+        if start.startswith("<svg") or start.startswith("<?xml") and "<svg" in start:
+            return None, "an SVG (vector) image"
+        return None, "a text file"
+    return None, None
+
+
+def _unreadable(head: bytes, detail: str = "") -> str:
+    """Why a file Pillow could not open is not a readable image, in a person's words."""
+    plugin, what = file_kind(head)
+    if what == "an empty file":
+        return "not a readable image: empty file"
+    if what == "a text file":
+        return "not a readable image (a text file?)"
+    if plugin is not None:
+        Image.init()
+        if plugin not in Image.OPEN:
+            return f"not a readable image: {what}, which this installation cannot read (Pillow lacks the format)"
+        return f"not a readable image: a damaged or truncated {what[what.index(' ') + 1:]}" + (f" ({detail})" if detail else "")
+    if what == "a .lic file":
+        return "not a readable image: a .lic file (codec decode turns it into an image)"
+    if what in _OTHER_IMAGES:
+        return f"not a readable image: {what}, a format the codec does not read (convert it to PNG or JPEG first)"
+    if what is not None:
+        return f"not a readable image: {what}"
+    return f"not a readable image: not a format the codec reads ({_ACCEPTED_NAMES})"
 
 
 def _palette_bytes(im: Image.Image) -> bytes:

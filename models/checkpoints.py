@@ -65,16 +65,75 @@ def load_state_dict_file(path: str | Path) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"cannot read {path.name}: {e}") from None
         return expand_aliases(sd, meta.get("aliases"), path.name)
+    import pickle
     import warnings
 
+    not_one = _not_a_checkpoint(path)
+    if not_one:
+        raise ModelError(f"{path.name} is not a checkpoint ({not_one})")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors of many kinds; weights_only refuses code objects
+    except pickle.UnpicklingError as e:  # weights_only refuses what is not tensors and plain containers
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        calls = f"loading it would call {m[1]}, which" if m else "it holds more than tensors and plain containers, and loading it"
+        raise ModelError(
+            f"{path.name} is not a weights-only checkpoint: {calls} could run code; refused (nothing in it was run). "
+            "Save the state dict alone (torch.save(model.state_dict(), ...)) or use a .safetensors file"
+        ) from None
+    except Exception as e:  # damaged archives and pickles of many kinds
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "failed finding central directory" in first or isinstance(e, EOFError):
+            raise ModelError(f"{path.name} is a damaged or truncated checkpoint") from None
         raise ModelError(f"cannot load {path.name} as a weights-only checkpoint: {first[:200]}") from None
     return normalize_keys(unwrap_checkpoint(obj))
+
+
+#: the first bytes of files that are given as weights by mistake
+_NOT_WEIGHTS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"\x89LIC", "a .lic file, not weights"))
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a PyTorch checkpoint, judged from its first bytes, or None if it may be
+    one: a zip archive (what torch.save writes) or a pickle (older torch.save, raw pickles)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or _starts_a_pickle(head, truncated=len(head) == 1 << 16):
+        return None
+    for magic, what in _NOT_WEIGHTS:
+        if head.startswith(magic):
+            return what
+    n = int.from_bytes(head[:8], "little")
+    if len(head) > 9 and head[8:9] == b"{" and 2 <= n <= 100_000_000:
+        return "it looks like a safetensors file: name it *.safetensors"
+    if b"\0" not in head:
+        import codecs
+
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
+            return "a text file?"
+        except UnicodeDecodeError:
+            pass
+    return "neither a PyTorch checkpoint nor a .safetensors file"
+
+
+def _starts_a_pickle(head: bytes, truncated: bool) -> bool:
+    """True if ``head`` begins with a well-formed pickle (read, never run), or might when cut short."""
+    import pickletools
+
+    try:
+        for op, _, _ in pickletools.genops(head):
+            if op.name == "STOP":
+                return True
+    except Exception as e:  # an unknown opcode: not a pickle; running out of bytes: cut short
+        return truncated and "unknown" not in str(e)
+    return truncated
 
 
 def fingerprint(model: torch.nn.Module) -> bytes:

@@ -1,0 +1,160 @@
+"""What the codec command says: error messages a person can act on (the file's name and what it
+is, our own limits, unknown models, files that are not checkpoints)."""
+
+import io
+import os
+import pickle
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import natural_image
+from lalic_codec.cli import main
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def error_line(r) -> str:
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("codec: error: "), r.output
+    assert "Traceback" not in r.output and "<_io." not in r.output and " at 0x" not in r.output, r.output
+    return lines[0][len("codec: error: "):]
+
+
+# ------------------------------------------------------------------------------------------------
+# A. inputs that are not images: the name, and what the file is
+
+
+def _pdf() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PDF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name,content,words",
+    [
+        ("empty.png", b"", "empty file"),
+        ("notes.txt", b"shopping list:\n- milk\n- bread\n", "a text file?"),
+        ("photo.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "a damaged or truncated PNG"),
+        ("doc.pdf", _pdf(), "a PDF document"),
+        ("pic.heic", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "HEIF"),
+        ("old.lic", b"\x89LIC\r\n\x1a\n" + b"\0" * 40, "a .lic file"),
+        ("blob", bytes(range(256)) * 4, "not a format the codec reads"),
+    ],
+)
+def test_encode_names_the_input_and_says_what_it_is(tmp_path, tiny_vr_weights, name, content, words):
+    src = tmp_path / name
+    src.write_bytes(content)
+    r = run("encode", src, tmp_path / "o.lic", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3, r.output
+    msg = error_line(r)
+    assert msg.startswith(f"{src}: ") and words in msg, msg
+    assert not (tmp_path / "o.lic").exists()
+
+
+def test_encode_from_stdin_names_stdin(tmp_path, tiny_vr_weights):
+    r = run("encode", "-", tmp_path / "o.lic", "--weights", tiny_vr_weights, input=b"")
+    assert r.exit_code == 3 and error_line(r) == "stdin: not a readable image: empty file"
+
+
+def test_truncated_image_in_a_folder_is_listed_once_by_name(tmp_path, tiny_vr_weights):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(natural_image(40, 48)).save(src / "good.png")
+    (src / "empty.png").write_bytes(b"")
+    r = run("encode", src, tmp_path / "out", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3
+    assert f"  {src / 'empty.png'}: not a readable image: empty file" in r.output.splitlines(), r.output
+
+
+def test_decode_names_the_input_and_says_what_it_is(tmp_path, rgb_png, tiny_vr_weights):
+    for name, content, words in (("a.lic", b"", "empty"), ("img.png", rgb_png.read_bytes(), "a PNG image")):
+        (tmp_path / name).write_bytes(content)
+        r = run("decode", tmp_path / name, tmp_path / "o.png", "--weights", tiny_vr_weights)
+        assert r.exit_code == 3, r.output
+        msg = error_line(r)
+        assert msg.startswith(f"{tmp_path / name}: not a .lic file") and words in msg, msg
+
+
+# ------------------------------------------------------------------------------------------------
+# A. size limits: ours and --max-pixels, never Pillow's internal double
+
+
+def test_size_limit_states_our_limit_and_max_pixels(tmp_path, tiny_vr_weights):
+    src = tmp_path / "big.png"
+    Image.fromarray(natural_image(40, 50)).save(src)  # 2000 pixels
+    for limit in (1999, 999, 100):  # under Pillow's check (2 x the limit) and over it
+        r = run("encode", src, tmp_path / "o.lic", "--weights", tiny_vr_weights, "--max-pixels", limit)
+        assert r.exit_code == 3
+        msg = error_line(r)
+        assert msg == f"{src}: image is 50x40 = 2000 pixels, more than the limit of {limit} pixels (--max-pixels {limit})", msg
+        assert "decompression bomb" not in msg and f"limit of {2 * limit}" not in msg
+
+
+def test_size_limit_by_default_says_how_to_raise_it(monkeypatch, tmp_path, tiny_vr_weights):
+    from lalic_codec import pipeline
+
+    src = tmp_path / "big.png"
+    Image.fromarray(natural_image(40, 50)).save(src)
+    monkeypatch.setattr(pipeline, "MAX_PIXELS", 900)
+    r = run("encode", src, tmp_path / "o.lic", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3
+    assert error_line(r) == f"{src}: image is 50x40 = 2000 pixels, more than the limit of 900 pixels (the default; --max-pixels N changes it)"
+
+
+# ------------------------------------------------------------------------------------------------
+# A. --model and --weights
+
+
+def test_unknown_model_is_named_with_the_choices(tmp_path, rgb_png):
+    r = run("encode", "--model", "foo", rgb_png, tmp_path / "o.lic")
+    assert r.exit_code == 2, r.output
+    assert "unknown model foo (choose from default, lalic, mambaic)" in r.output
+    assert "bundled weights" not in r.output and not (tmp_path / "o.lic").exists()
+
+
+@pytest.mark.parametrize(
+    "name,content,words",
+    [
+        ("notes.txt", b"these are my notes\n", "not a checkpoint (a text file?)"),
+        ("empty.pth", b"", "not a checkpoint (an empty file)"),
+        ("photo.pth", None, "not a checkpoint (a PNG image)"),
+        ("zeros.bin", b"\0" * 100, "not a checkpoint"),
+    ],
+)
+def test_weights_that_are_not_a_checkpoint_say_so(tmp_path, rgb_png, name, content, words):
+    w = tmp_path / name
+    w.write_bytes(rgb_png.read_bytes() if content is None else content)
+    r = run("encode", rgb_png, tmp_path / "o.lic", "--weights", w)
+    assert r.exit_code == 5, r.output
+    msg = error_line(r)
+    assert msg.startswith(f"{name} is ") and words in msg, msg
+    assert "weights-only" not in msg and ": 101" not in msg
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_pickles_that_would_run_code_get_our_own_sentence(tmp_path, rgb_png):
+    import torch
+
+    tensors = {"g_a.0.weight": torch.zeros(2, 3, 5, 5)}
+    zip_ckpt, legacy, raw = tmp_path / "evil.pth.tar", tmp_path / "legacy.pth", tmp_path / "raw.pt"
+    torch.save({"state_dict": tensors, "extra": _Payload()}, zip_ckpt)
+    torch.save({"state_dict": tensors, "extra": _Payload()}, legacy, _use_new_zipfile_serialization=False)
+    raw.write_bytes(pickle.dumps(_Payload()))
+    for ckpt in (zip_ckpt, legacy, raw):
+        r = run("encode", rgb_png, tmp_path / "o.lic", "--model", "lalic", "--weights", ckpt)
+        assert r.exit_code == 5, r.output
+        msg = error_line(r)
+        assert msg.startswith(f"{ckpt.name} is not a weights-only checkpoint: "), msg
+        assert "could run code" in msg and "refused" in msg, msg
+        assert "weights_only" not in msg and "PyTorch 2.6" not in msg, msg
+        if ckpt is not raw:
+            assert "system" in msg  # what it would call
