@@ -33,9 +33,41 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 # helpers
 
 
+#: the progress bar of the folder being processed, if shown: lines are printed above it
+_bar = None
+
+
 def _say(msg: str, quiet: bool = False) -> None:
-    if not quiet:
+    if quiet:
+        return
+    if _bar is not None and not _bar.disable:
+        _bar.write(msg, file=sys.stderr)  # clears the bar, prints the line, draws the bar again
+    else:
         click.echo(msg, err=True)
+
+
+def _stdout_is_terminal() -> bool:
+    return _is_terminal(sys.stdout)
+
+
+def _stderr_is_terminal() -> bool:
+    return _is_terminal(sys.stderr)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or closed
+        return False
+
+
+def _refuse_terminal(output: str, what: str, example: str) -> None:
+    """Refuse, as zstd and gzip do, to write binary data to a terminal (OUT is - and stdout is one)."""
+    if output == "-" and _stdout_is_terminal():
+        raise click.UsageError(
+            f"refusing to write {what} to a terminal (OUT is -): redirect stdout to a file or a pipe, "
+            f"e.g. {example}"
+        )
 
 
 def _fail(err: BaseException) -> int:
@@ -270,11 +302,12 @@ def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: 
     if stale:
         _say(f"removed {stale} temporary file{'s' * (stale != 1)} left by an interrupted run", quiet)
     failures, done, skipped = [], 0, 0
-    with tqdm(pairs, unit="file", disable=quiet or None, file=sys.stderr, leave=False) as bar:
+    with tqdm(pairs, unit="file", disable=quiet or not _stderr_is_terminal(), file=sys.stderr, leave=False) as bar, _lines_above(bar):
         for src, dst in bar:
             if skip_existing and Path(dst).exists():
                 skipped += 1
                 continue
+            bar.set_postfix_str("", refresh=False)  # a --target-bpp search shows its trials there
             try:
                 job(str(src), str(dst))
                 done += 1
@@ -299,6 +332,26 @@ def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: 
     for src, e in failures:
         click.echo(f"  {e}" if str(e).startswith(f"{src}: ") else f"  {src}: {e}", err=True)
     return failures[0][1].exit_code if failures else 0
+
+
+@contextmanager
+def _lines_above(bar):
+    """While ``bar`` is shown, :func:`_say` prints its lines above it instead of across it."""
+    global _bar
+    _bar = bar
+    try:
+        yield bar
+    finally:
+        _bar = None
+
+
+def _trial(res, target_bpp: float, quiet: bool) -> None:
+    """--target-bpp: one line per quality tried (in folders, the progress bar's postfix)."""
+    line = f"quality {res.quality:g}: {res.bpp:.4f} bpp (target {target_bpp:g})"
+    if _bar is not None:
+        _bar.set_postfix_str(line)
+    else:
+        _say(f"  trying {line}", quiet)
 
 
 def _pairs(src_dir: Path, dst_dir: Path, suffixes: set[str], out_suffix: str):
@@ -451,6 +504,7 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
     try:
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
+        _refuse_terminal(output, "binary .lic data", "codec encode IN - > OUT.lic")
         from . import pipeline
 
         _check_tile(tile, pipeline)
@@ -462,11 +516,11 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
             data = read_input(src)
             im = pipeline.open_image(data, max_pixels=limit, name=_shown(src))
             if target_bpp is not None:
-                res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile)
+                res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile, on_trial=lambda r: _trial(r, target_bpp, quiet))
             else:
                 res = pipeline.encode_image(im, lm, quality, tile=tile)
             write_output(dst, res.data, force)
-            msg = f"{src} -> {dst}: {res.width}x{res.height}, {len(res.data)} bytes, {res.bpp:.4f} bpp"
+            msg = f"{_shown(src)} -> {_shown(dst, 'stdout')}: {res.width}x{res.height}, {len(res.data)} bytes, {res.bpp:.4f} bpp"
             if lm.variable_rate:
                 msg += f", quality {res.quality:g}"
             if report_psnr:
@@ -475,13 +529,14 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
                 msg += f", PSNR {pipeline.image_psnr(ref, dec.image):.2f} dB"
             for note in res.notes:
                 msg += f" ({note})"
-            if src != "-" or dst != "-":
-                _say(msg, quiet)
+            _say(msg, quiet)
 
         if input != "-" and Path(input).is_dir():
             pairs = _pairs(Path(input), Path(output), IMAGE_SUFFIXES, ".lic")
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started))
         output = _single_output(input, output, ".lic")
+        if output != "-" and Path(output).suffix.lower() != ".lic":
+            _say(f"codec: warning: {output} does not end in .lic (encode writes .lic files whatever their name; decode makes images)", quiet)
         _clean_for(output, started)
         job(input, output)
     except click.UsageError:
@@ -515,6 +570,7 @@ def decode(input, output, device, weights, max_pixels, force, skip_existing, ext
 def _decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet, started):
     """``ext``: the extension that --format names (".jpg"), or None."""
     try:
+        _refuse_terminal(output, "image data", f"codec decode IN - {f'--format {ext[1:]} ' if ext else ''}> OUT{ext or '.png'}")
         from . import pipeline
 
         lim = pipeline.limits(max_pixels)
@@ -530,8 +586,7 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, ex
                 raise _named(src, e) from None
             fmt_name = _output_format(dst, ext)
             write_output(dst, lambda f: pipeline.save_image(res.image, f, fmt_name), force)
-            if dst != "-":
-                _say(f"{src} -> {dst}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
+            _say(f"{_shown(src)} -> {_shown(dst, 'stdout')}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
 
         if input != "-" and Path(input).is_dir():
             pairs = _pairs(Path(input), Path(output), {".lic"}, ext or ".png")

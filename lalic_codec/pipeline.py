@@ -193,6 +193,7 @@ def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS, name: str
             if im.width * im.height > max_pixels:
                 raise LimitExceededError(f"{prefix}{_over_limit(im.width * im.height, max_pixels, f'{im.width}x{im.height} = ')}")
             Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's later checks (other frames, tiles)
+            getattr(im, "n_frames", 1)  # counted (and cached) under the limit: GIF reads every frame
             im.load()
         return im
     except Image.DecompressionBombError as e:  # say our limit, not Pillow's double of it
@@ -330,6 +331,14 @@ def _palette_bytes(im: Image.Image) -> bytes:
 EXIF_ORIENTATION = 0x0112
 
 
+def _frame_count(im: Image.Image) -> int:
+    """How many frames (animation, pages) an image has; 1 when Pillow cannot tell."""
+    try:
+        return max(1, int(getattr(im, "n_frames", 1)))
+    except Exception:  # a damaged later frame, or one over Pillow's size limit
+        return 1
+
+
 def prepare_image(im: Image.Image) -> PreparedImage:
     """Apply EXIF orientation and bring any Pillow mode to 8-bit RGB, remembering how to restore it.
 
@@ -337,6 +346,9 @@ def prepare_image(im: Image.Image) -> PreparedImage:
     XMP copy of the orientation is dropped (as Pillow's ``exif_transpose`` does), so that no viewer
     rotates the decoded image a second time."""
     notes: list[str] = []
+    frames = _frame_count(im)
+    if frames > 1:
+        notes.append(f"only the first of its {frames} frames is coded")
     im.load()  # some formats settle their mode and palette only when loaded
     transposed = False
     try:
@@ -548,23 +560,33 @@ def encode_image(im: Image.Image, lm: LoadedModel, quality: float | None = None,
     return EncodeResult(data, W, H, q, prep.notes)
 
 
-def encode_to_target(im: Image.Image, lm: LoadedModel, target_bpp: float, iterations: int = 7, tile: int = DEFAULT_TILE) -> EncodeResult:
+def encode_to_target(
+    im: Image.Image, lm: LoadedModel, target_bpp: float, iterations: int = 7, tile: int = DEFAULT_TILE, on_trial=None
+) -> EncodeResult:
     """The highest quality whose file is at most ``target_bpp`` (bisection over continuous quality).
 
-    If even the lowest quality is larger, that smallest file is returned with a note."""
+    If even the lowest quality is larger, that smallest file is returned with a note.  ``on_trial``,
+    if given, is called with the :class:`EncodeResult` of each quality tried (progress)."""
     if not lm.variable_rate:
         raise BadInputError(f"model {lm.model_id} has a fixed rate; --target-bpp needs a variable-rate model")
+
+    def trial(q: float) -> EncodeResult:
+        res = encode_image(im, lm, q, tile)
+        if on_trial is not None:
+            on_trial(res)
+        return res
+
     lo, hi = 1.0, float(lm.model.num_levels)
-    best = encode_image(im, lm, lo, tile)
+    best = trial(lo)
     if best.bpp > target_bpp:
         best.notes.append(f"target {target_bpp:g} bpp is below the smallest file this model makes")
         return best
-    top = encode_image(im, lm, hi, tile)
+    top = trial(hi)
     if top.bpp <= target_bpp:
         return top
     for _ in range(iterations):
         mid = round((lo + hi) / 2, 4)
-        res = encode_image(im, lm, mid, tile)
+        res = trial(mid)
         if res.bpp <= target_bpp:
             lo, best = mid, res
         else:

@@ -158,3 +158,104 @@ def test_pickles_that_would_run_code_get_our_own_sentence(tmp_path, rgb_png):
         assert "weights_only" not in msg and "PyTorch 2.6" not in msg, msg
         if ckpt is not raw:
             assert "system" in msg  # what it would call
+
+
+# ------------------------------------------------------------------------------------------------
+# B. terminals and feedback
+
+
+def test_binary_output_to_a_terminal_is_refused(tmp_path, rgb_png, tiny_vr_weights):
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    try:
+        cmd = [sys.executable, "-m", "lalic_codec.cli", "encode", str(rgb_png), "-", "--weights", str(tiny_vr_weights)]
+        p = subprocess.run(cmd, stdout=slave, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert "refusing to write binary .lic data to a terminal (OUT is -)" in p.stderr
+        assert "codec encode IN - > OUT.lic" in p.stderr and "Traceback" not in p.stderr
+        assert select.select([master], [], [], 0.2)[0] == []  # not a byte reached the terminal
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_decoded_image_to_a_terminal_is_refused(monkeypatch, tmp_path, rgb_png, tiny_vr_weights):
+    from lalic_codec import cli
+
+    lic = tmp_path / "a.lic"
+    assert run("encode", rgb_png, lic, "--weights", tiny_vr_weights).exit_code == 0
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    r = CliRunner().invoke(main, ["decode", str(lic), "-", "--weights", str(tiny_vr_weights), "--format", "jpg"])
+    assert r.exit_code == 2 and r.stdout_bytes == b""
+    assert "refusing to write image data to a terminal (OUT is -)" in r.stderr and "> OUT.jpg" in r.stderr
+    r = CliRunner().invoke(main, ["encode", str(rgb_png), "-", "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 2 and r.stdout_bytes == b"" and "terminal" in r.stderr
+    r = CliRunner().invoke(main, ["decode", str(lic), str(tmp_path / "a.png"), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 0  # files are fine whatever stdout is
+
+
+def test_stdin_to_stdout_prints_its_summary_on_stderr(rgb_png, tiny_vr_weights):
+    r = CliRunner().invoke(main, ["encode", "-", "-", "--weights", str(tiny_vr_weights)], input=rgb_png.read_bytes())
+    assert r.exit_code == 0 and r.stdout_bytes[:4] == b"\x89LIC"
+    assert r.stderr.startswith("stdin -> stdout: 203x97, ") and "bpp, quality 4" in r.stderr, r.stderr
+    lic = r.stdout_bytes
+    r = CliRunner().invoke(main, ["decode", "-", "-", "--weights", str(tiny_vr_weights)], input=lic)
+    assert r.exit_code == 0 and r.stdout_bytes[:4] == b"\x89PNG" and r.stderr == "stdin -> stdout: 203x97 RGB\n"
+    r = CliRunner().invoke(main, ["encode", "-", "-", "--weights", str(tiny_vr_weights), "--quiet"], input=rgb_png.read_bytes())
+    assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_animated_images_say_only_the_first_frame_is_coded(tmp_path, tiny_vr_weights):
+    frames = [Image.fromarray(natural_image(30, 40, seed=i)) for i in range(3)]
+    for name in ("anim.gif", "anim.webp", "anim.png"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], duration=100)
+        r = CliRunner().invoke(main, ["encode", str(tmp_path / name), str(tmp_path / f"{name}.lic"), "--weights", str(tiny_vr_weights)])
+        assert r.exit_code == 0, r.output
+        assert "(only the first of its 3 frames is coded)" in r.stderr, (name, r.stderr)
+    frames[0].save(tmp_path / "still.gif")
+    r = CliRunner().invoke(main, ["encode", str(tmp_path / "still.gif"), str(tmp_path / "still.lic"), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 0 and "frame" not in r.stderr
+
+
+def test_encode_warns_when_the_output_name_is_not_lic(tmp_path, rgb_png, tiny_vr_weights):
+    r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / "out.png"), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 0 and (tmp_path / "out.png").read_bytes()[:4] == b"\x89LIC"
+    assert r.stderr.startswith(f"codec: warning: {tmp_path / 'out.png'} does not end in .lic"), r.stderr
+    for name in ("out.lic", "OUT.LIC"):
+        r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / name), "--weights", str(tiny_vr_weights)])
+        assert r.exit_code == 0 and "warning" not in r.stderr
+    r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / "q.bin"), "--weights", str(tiny_vr_weights), "--quiet"])
+    assert r.exit_code == 0 and r.stderr == ""
+
+
+def test_per_file_lines_do_not_overwrite_the_progress_bar(monkeypatch, tmp_path, tiny_vr_weights):
+    import re
+
+    from lalic_codec import cli
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(natural_image(40, 48, seed=i)).save(src / f"img{i}.png")
+    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    r = CliRunner().invoke(main, ["encode", str(src), str(tmp_path / "out"), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 0, r.stderr
+    assert "file/s]" in r.stderr or "s/file]" in r.stderr  # the bar was drawn
+    segments = re.split(r"[\r\n]", r.stderr)
+    lines = [s for s in segments if " -> " in s]
+    assert len(lines) == 3 and all(s.startswith(str(src / "img")) for s in lines), lines  # each at the start of a line
+    assert "encoded 3 files" in segments
+
+
+def test_target_bpp_shows_each_trial(tmp_path, rgb_png, tiny_vr_weights):
+    r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / "a.lic"), "--weights", str(tiny_vr_weights), "--target-bpp", "3"])
+    assert r.exit_code == 0, r.output
+    trials = [ln for ln in r.stderr.splitlines() if ln.startswith("  trying quality ")]
+    assert len(trials) >= 2 and all(ln.endswith("bpp (target 3)") for ln in trials), r.stderr
+    assert trials[0].startswith("  trying quality 1: ")
+    r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / "b.lic"), "--weights", str(tiny_vr_weights), "--target-bpp", "3", "--quiet"])
+    assert r.exit_code == 0 and r.stderr == ""
