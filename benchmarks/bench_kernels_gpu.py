@@ -192,8 +192,8 @@ def run_sweep(tri, shapes, args):
                     rows.append(r)
             rows.sort(key=lambda r: r[0])
             for _, kw0, _, _ in rows[:3]:
-                for pps, cc in itertools.product((2, 8, 16), (1, 4)):
-                    r = timed(dict(kw0, programs_per_sm=pps, combine_c=cc))
+                for tp, cc in itertools.product((264, 1056, 2112), (1, 4)):  # 2, 8, 16 per SM of an H100
+                    r = timed(dict(kw0, target_programs=tp, combine_c=cc))
                     if r:
                         rows.append(r)
             rows.sort(key=lambda r: r[0])

@@ -23,6 +23,11 @@ Each of the ``n <= 32`` chunks is cut into ``S`` segments of ``L`` rows, and cha
 blocks of ``BLOCK_C``.  One program handles one (batch, chunk, segment, channel block) and
 walks its segment in tiles of ``[BLOCK_T, BLOCK_C]`` (coalesced along C):
 
+The number of segments per chunk is a function of the problem shape alone (enough for about
+:data:`TARGET_PROGRAMS` programs, a constant), not of the GPU's SM count: the split fixes the
+order of the floating-point sums, so the rounding of the result does not change with the GPU
+model (as in the selective scan's ``Plan``).
+
 1. *summary*: one read of the segment, writes a few log-scaled sums per channel;
 2. *combine*: one program per (batch, channel block of ``combine_c``, 1 on a GPU) combines the
    ``n x S`` summaries (chunk totals, the decayed cross-chunk sums as ``[n, n]`` masked
@@ -71,6 +76,13 @@ from .biwkv_ref import num_chunks_and_len
 EPS = 1e-6
 NEG = -1.0e30  # log(0); finite so that NEG - NEG = 0 and exp(NEG - x) = 0
 MAX_SEGMENTS = 16  # segments per chunk (the combine pass is O(n S^2) per channel)
+#: programs a launch aims at when choosing the segments per chunk.  Fixed, not read from the GPU:
+#: the split decides the order of the floating-point sums, so the result then depends only on the
+#: problem shape, never on the GPU model.  528 = 4 programs per SM on the 132 SMs of an H100 /
+#: H200, where the tiles were tuned (the plans there are the ones the SM count used to give).
+TARGET_PROGRAMS = 528
+#: the same under the interpreter (programs run one after the other)
+INTERPRET_TARGET_PROGRAMS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,29 +868,18 @@ def _bwd_output_kernel(
 # host side
 # --------------------------------------------------------------------------------------------
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 class Plan:
     """How a (B, T, C) problem is cut: chunks, segments per chunk, tiles, channel blocks.
 
     ``block_t`` / ``bwd_block_t``: rows per tile of the forward / backward passes;
-    ``block_c``: channels per program; ``segments``: segments per chunk (default: enough
-    programs for ``programs_per_sm`` per SM); ``combine_c``: channels per program of the
-    combine passes (1 on a GPU for parallelism, all in the interpreter).
+    ``block_c``: channels per program; ``segments``: segments per chunk (default: enough for
+    about ``target_programs`` programs, :data:`TARGET_PROGRAMS` on a GPU; a function of the
+    shape alone, so that the rounding does not depend on the GPU model); ``combine_c``: channels
+    per program of the combine passes (1 on a GPU for parallelism, all in the interpreter).
     """
 
     def __init__(self, B, T, C, device, block_t=None, block_c=None, segments=None, num_warps=None,
-                 bwd_block_t=None, bwd_num_warps=None, combine_c=None, programs_per_sm=4):
+                 bwd_block_t=None, bwd_num_warps=None, combine_c=None, target_programs=None):
         self.B, self.T, self.C = B, T, C
         self.n, self.P = num_chunks_and_len(T)
         interp = INTERPRET or device.type != "cuda"
@@ -895,7 +896,7 @@ class Plan:
         self.bwd_num_warps = bwd_num_warps or 4
         self.ncb = -(-C // self.block_c)
         if segments is None:
-            target = programs_per_sm * _sm_count(device)
+            target = target_programs or (INTERPRET_TARGET_PROGRAMS if interp else TARGET_PROGRAMS)
             base = B * self.ncb * self.n
             segments = max(1, min(MAX_SEGMENTS, -(-target // base), -(-self.P // self.block_t)))
         segments = max(1, min(int(segments), MAX_SEGMENTS, self.P))
@@ -1002,13 +1003,15 @@ class _BiWKVTriton(torch.autograd.Function):
                 dk if nd[2] else None, dv if nd[3] else None, None)
 
 
-def biwkv_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **plan_kw) -> torch.Tensor:
+def biwkv_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan | None = None,
+                 **plan_kw) -> torch.Tensor:
     """BiWKV forward (differentiable), same function and signature as ``biwkv_reference``.
 
     ``w, u``: (C,), already divided by T; ``k, v``: (B, T, C).  Returns (B, T, C) in the dtype
     of ``k``.  Keyword arguments tune the decomposition (``block_t``, ``block_c``,
-    ``segments``, ``num_warps``, ``bwd_block_t``, ``bwd_num_warps``); the result does not
-    depend on them beyond rounding.
+    ``segments``, ``num_warps``, ``bwd_block_t``, ``bwd_num_warps``, ``combine_c``,
+    ``target_programs``), or ``plan`` gives a ready :class:`Plan` for this (B, T, C); the result
+    does not depend on them beyond rounding.
     """
     if k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"k and v must both be (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -1018,9 +1021,14 @@ def biwkv_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     _check_device(k, "biwkv_triton")
     if T == 0 or B == 0 or C == 0:
         return torch.zeros_like(k)
-    plan = Plan(B, T, C, k.device, **plan_kw)
+    if plan is None:
+        plan = Plan(B, T, C, k.device, **plan_kw)
+    elif plan_kw:
+        raise TypeError("biwkv_triton: pass either plan or plan keywords, not both")
+    elif (plan.B, plan.T, plan.C) != (B, T, C):
+        raise ValueError(f"plan is for (B, T, C) = {(plan.B, plan.T, plan.C)}; got {(B, T, C)}")
     return _BiWKVTriton.apply(w.contiguous(), u.contiguous(), k.contiguous(), v.contiguous(), plan)
 
 
-__all__ = ["biwkv_triton", "Plan", "EPS"]
+__all__ = ["biwkv_triton", "Plan", "EPS", "TARGET_PROGRAMS"]
 

@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny random-weight models saved as weight files, and test images."""
+"""Shared fixtures: tiny random-weight models saved as weight files, and test images; helpers for the kernel tests."""
 
+import contextlib
+import types
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +55,38 @@ def rgb_png(tmp_path) -> Path:
     p = tmp_path / "img.png"
     Image.fromarray(natural_image(97, 203)).save(p)
     return p
+
+
+# ---- helpers shared by the kernel tests ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def simulated_gpus(sm_counts):
+    """Make ``torch.cuda`` report one GPU per entry of ``sm_counts``, with that many SMs (no CUDA needed).
+
+    Only the queries a host-side planner could use are answered (``is_available``, ``device_count``,
+    ``current_device``, ``get_device_properties``); nothing runs on these devices.  Give every
+    simulated GPU its own device index so that no per-device cache can hide the difference.
+    """
+    props = [types.SimpleNamespace(name=f"simulated GPU with {n} SMs", multi_processor_count=n, major=9, minor=0,
+                                   total_memory=80 << 30) for n in sm_counts]
+
+    def index(device=None):
+        if device is None:
+            return 0
+        if isinstance(device, int):
+            return device
+        device = torch.device(device)
+        return device.index if device.index is not None else 0
+
+    saved = {name: getattr(torch.cuda, name) for name in
+             ("is_available", "device_count", "current_device", "get_device_properties")}
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: len(props)
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.get_device_properties = lambda device=None: props[index(device)]
+    try:
+        yield [torch.device("cuda", i) for i in range(len(props))]
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)

@@ -10,7 +10,9 @@ multiple of 16 (3, 5, 20, with partially masked channel blocks), B > 1, several 
 chunk and several tiles per segment, float64 (the algorithm must match the reference to
 rounding), float32 with |k| up to 30 (random signs, shifted by +-30), bf16 inputs, and the
 official kernel's vectors in ``shared/refvec/biwkv_cases.pt``.  Gradients of w, u, k, v are
-compared with the reference's autograd (M_t constant, as in the reference).
+compared with the reference's autograd (M_t constant, as in the reference).  The plans a GPU
+would get do not depend on its SM count (simulated GPUs with 1, 7 and 132 SMs): same plans,
+bitwise the same forward and gradients when run under the interpreter.
 """
 
 from __future__ import annotations
@@ -137,8 +139,62 @@ def _worker() -> dict:  # pragma: no cover - executed in the subprocess
         results[f"official/{i}"] = entry
         print(i, time.time() - t0, file=sys.stderr)
 
+    results["sm_count"] = _sm_count_independence(case, run, rel_errors)
+    print("sm_count", time.time() - t0, file=sys.stderr)
+
     results["_seconds"] = time.time() - t0
     return results
+
+
+# shapes whose GPU plans must not depend on the SM count: Kodak-sized maps, 2K, training crops
+PLAN_SHAPES = [(1, 1, 3), (1, 200, 6), (1, 1024, 32), (1, 24576, 144), (1, 98304, 96), (1, 393216, 48),
+               (8, 1024, 96), (8, 4096, 48), (16, 256, 192), (2, 6144, 288)]
+SM_COUNTS = (1, 7, 132)
+
+
+def _sm_count_independence(case, run, rel_errors) -> dict:  # pragma: no cover - executed in the subprocess
+    """The plans a GPU with 1, 7 or 132 SMs would get, and their forward and gradients under the interpreter."""
+    import torch
+
+    import lalic_codec.kernels.biwkv_triton as bt
+    from conftest import simulated_gpus
+    from lalic_codec.kernels.biwkv_ref import biwkv_reference
+
+    def gpu_plan(device, B, T, C, **kw):
+        saved, bt.INTERPRET = bt.INTERPRET, False  # plan as on a GPU: tiles, combine width, segments
+        try:
+            plan = bt.Plan(B, T, C, device, **kw)
+        finally:
+            bt.INTERPRET = saved
+        plan.scan = False  # prefix maxima as masked reductions: the same values, and fast in the interpreter
+        return plan
+
+    out: dict = {}
+    with simulated_gpus(SM_COUNTS) as devices:
+        plans = {sh: [repr(gpu_plan(d, *sh)) for d in devices] for sh in PLAN_SHAPES}
+        out["plans_differ"] = [list(sh) for sh, p in plans.items() if len(set(p)) > 1]
+        out["plans_split"] = sum(gpu_plan(devices[0], *sh).S > 1 for sh in PLAN_SHAPES)
+        # float32, 2 segments per chunk with the GPU's target (29 chunks of 7 tokens, tiles of 4 rows)
+        B, T, C = 1, 200, 6
+        w, u, k, v = case(B, T, C, seed=11)
+        gy = torch.randn(B, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        args32 = [x.float() for x in (w, u, k, v)]
+        tiles = dict(block_t=4, bwd_block_t=4)
+        runs = []
+        for d in devices:
+            plan = gpu_plan(d, B, T, C, **tiles)
+            runs.append(run(lambda *a: bt.biwkv_triton(*a, plan=plan), args32, gy))
+        out["segments"] = [gpu_plan(d, B, T, C, **tiles).S for d in devices]
+        one_seg = gpu_plan(devices[0], B, T, C, segments=1, **tiles)
+        other_split = run(lambda *a: bt.biwkv_triton(*a, plan=one_seg), args32, gy)
+    out["bitwise_equal"] = {name: all(torch.equal(r[i], runs[0][i]) for r in runs[1:])
+                            for i, name in enumerate("ywukv")}
+    # the check can see a change of split: one segment per chunk rounds differently
+    out["other_split_differs"] = any(not torch.equal(a, b) for a, b in zip(other_split, runs[0]))
+    ref64 = run(biwkv_reference, [x.double() for x in args32], gy)
+    out["triton"] = rel_errors(runs[0], ref64)
+    out["reference_fp32"] = rel_errors(run(biwkv_reference, args32, gy), ref64)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,6 +262,21 @@ def test_official_cases(results):
         if "grad" in e:
             assert e["fp64_abs"] < 1e-12, (key, e)
             _check(e["grad"], dict(y=1e-10, w=1e-9, u=1e-9, k=1e-9, v=1e-9))
+
+
+def test_split_does_not_depend_on_the_sm_count(results):
+    """Simulated GPUs with 1, 7 and 132 SMs get the same plans, hence bitwise the same results."""
+    r = results["sm_count"]
+    assert r["plans_differ"] == [], r["plans_differ"]
+    assert r["plans_split"] >= 3, r  # the comparison covers plans with several segments per chunk
+    assert r["segments"] == [2, 2, 2], r["segments"]
+    for name, same in r["bitwise_equal"].items():
+        assert same, f"{name} differs between simulated SM counts"
+    assert r["other_split_differs"], "a different split should change the rounding (the check would be blind)"
+    ours, ref = r["triton"], r["reference_fp32"]
+    for q in "ywukv":
+        assert ours[q + "_finite"], q
+        assert ours[q] < max(3e-5, 4 * ref[q]), (q, ours[q], ref[q])
 
 
 def test_module_imports_without_gpu():
