@@ -291,8 +291,9 @@ def _output_format(path: str, ext: str | None = None) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: str, started: float | None = None) -> int:
-    """Process (input, output) pairs; report bad files and go on; return the exit status."""
+def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: str, started: float | None = None, ignored=()) -> int:
+    """Process (input, output) pairs; report bad files and go on; list the ``ignored`` entries of the
+    folder, [(path, reason)]; return the exit status."""
     from tqdm import tqdm
 
     by_folder: dict = {}
@@ -326,9 +327,13 @@ def _run_batch(pairs, job, quiet: bool, skip_existing: bool, force: bool, verb: 
     parts = [f"{verb} {done} file{'s' * (done != 1)}"]
     if skipped:
         parts.append(f"skipped {skipped} existing")
+    if ignored:
+        parts.append(f"{len(ignored)} ignored")
     if failures:
         parts.append(f"{len(failures)} failed")
     _say(", ".join(parts), quiet and not failures)
+    for p, why in ignored:
+        _say(f"  {_entry(p)}: ignored ({why})", quiet)
     for src, e in failures:
         click.echo(f"  {e}" if str(e).startswith(f"{src}: ") else f"  {src}: {e}", err=True)
     return failures[0][1].exit_code if failures else 0
@@ -354,16 +359,97 @@ def _trial(res, target_bpp: float, quiet: bool) -> None:
         _say(f"  trying {line}", quiet)
 
 
-def _pairs(src_dir: Path, dst_dir: Path, suffixes: set[str], out_suffix: str):
+def _pairs(src_dir: Path, dst_dir: Path, take, out_suffix: str, recursive: bool = False):
+    """Folders: the (input, output) pairs, and the entries left out with the reason for each,
+    [(path, reason)].  ``take(path)`` is None for a file to process, else why not; with
+    ``recursive``, subfolders are walked and their tree is kept under ``dst_dir``."""
     if dst_dir.exists() and not dst_dir.is_dir():
         raise BadInputError(f"{dst_dir} is not a folder")
-    files = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    files, ignored = [], []
+    _collect(src_dir, take, recursive, dst_dir, files, ignored)
     if not files:
-        raise BadInputError(f"{src_dir}: no input files found")
-    pairs = [(p, dst_dir / (p.stem + out_suffix)) for p in files]
+        shown = ", ".join(f"{_entry(p, src_dir)} ({why})" for p, why in ignored[:3])
+        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        raise BadInputError(f"{src_dir}: no input files found" + (f" (ignored: {shown}{more})" if ignored else ""))
+    pairs = [(p, dst_dir / p.relative_to(src_dir).parent / (p.stem + out_suffix)) for p in files]
     _refuse_clashes(pairs)
-    _make_folder(dst_dir)
-    return pairs
+    for folder in sorted({dst.parent for _, dst in pairs} | {dst_dir}):
+        _make_folder(folder)
+    return pairs, ignored
+
+
+def _collect(folder: Path, take, recursive: bool, out_dir: Path, files: list, ignored: list) -> None:
+    """Walk ``folder`` for :func:`_pairs` (links to folders are not followed; the output folder,
+    when inside, is passed over)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        ignored.append((folder, f"cannot list it: {e.strerror or e}"))
+        return
+    for p in entries:
+        if p.is_dir():
+            if p.is_symlink():
+                ignored.append((p, "a link to a folder, not followed"))
+            elif p.resolve() == out_dir.resolve():
+                continue
+            elif recursive:
+                _collect(p, take, recursive, out_dir, files, ignored)
+            else:
+                ignored.append((p, "a folder; -r includes subfolders"))
+        elif not p.is_file():
+            ignored.append((p, "not a regular file"))
+        else:
+            why = take(p)
+            if why is None:
+                files.append(p)
+            else:
+                ignored.append((p, why))
+
+
+def _entry(p: Path, relative_to: Path | None = None) -> str:
+    """A folder entry as messages name it: folders end in /."""
+    name = str(p.relative_to(relative_to)) if relative_to is not None else str(p)
+    return name + "/" if p.is_dir() else name
+
+
+def _first_bytes(p: Path, n: int = 4096) -> bytes | None:
+    """The first ``n`` bytes of file ``p``; None if it cannot be read (its job will say why)."""
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
+
+
+def _takes_image(pipeline):
+    """encode's ``take`` for :func:`_pairs`: image extensions, and any file whose content is an
+    image in a format we read (AVIF, names without an extension...), as in single-file mode."""
+
+    def take(p: Path) -> str | None:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return None
+        head = _first_bytes(p)
+        if head is None:
+            return None
+        plugin, what = pipeline.file_kind(head)
+        return None if plugin is not None else (what or "not an image the codec reads")
+
+    return take
+
+
+def _takes_lic(pipeline):
+    """decode's ``take`` for :func:`_pairs`: .lic files, by extension or content."""
+
+    def take(p: Path) -> str | None:
+        if p.suffix.lower() == ".lic":
+            return None
+        head = _first_bytes(p)
+        if head is None or head.startswith(b"\x89LIC"):
+            return None
+        _, what = pipeline.file_kind(head)
+        return f"{what}, not a .lic file" if what else "not a .lic file"
+
+    return take
 
 
 def _refuse_clashes(pairs) -> None:
@@ -488,19 +574,20 @@ def _common_model_options(f):
 @_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
+@click.option("--recursive", "-r", is_flag=True, help="folders: include subfolders, keeping their tree in OUT")
 @click.option("--psnr", "report_psnr", is_flag=True, help="also decode the result and print its PSNR")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, report_psnr, quiet):
+def encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet):
     """Compress image IN into OUT (.lic).  IN and OUT may be folders, or - for stdin/stdout."""
     from ._runtime import tune_allocator
 
     started = time.time()
     tune_allocator()
     with _signals_interrupt():
-        _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, report_psnr, quiet, started)
+        _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started)
 
 
-def _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, report_psnr, quiet, started):
+def _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started):
     try:
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
@@ -532,8 +619,8 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
             _say(msg, quiet)
 
         if input != "-" and Path(input).is_dir():
-            pairs = _pairs(Path(input), Path(output), IMAGE_SUFFIXES, ".lic")
-            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started))
+            pairs, ignored = _pairs(Path(input), Path(output), _takes_image(pipeline), ".lic", recursive)
+            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started, ignored))
         output = _single_output(input, output, ".lic")
         if output != "-" and Path(output).suffix.lower() != ".lic":
             _say(f"codec: warning: {output} does not end in .lic (encode writes .lic files whatever their name; decode makes images)", quiet)
@@ -555,19 +642,20 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
 @_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
+@click.option("--recursive", "-r", is_flag=True, help="folders: include subfolders, keeping their tree in OUT")
 @click.option("--format", "ext", callback=_format_ext, default=None, help="output format for stdout and folders (png, jpg, webp, bmp, tif, ppm)")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet):
+def decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, quiet):
     """Decompress IN (.lic) into image OUT; the format follows OUT's extension (PNG by default)."""
     from ._runtime import tune_allocator
 
     started = time.time()
     tune_allocator()
     with _signals_interrupt():
-        _decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet, started)
+        _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, quiet, started)
 
 
-def _decode(input, output, device, weights, max_pixels, force, skip_existing, ext, quiet, started):
+def _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, quiet, started):
     """``ext``: the extension that --format names (".jpg"), or None."""
     try:
         _refuse_terminal(output, "image data", f"codec decode IN - {f'--format {ext[1:]} ' if ext else ''}> OUT{ext or '.png'}")
@@ -589,8 +677,8 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, ex
             _say(f"{_shown(src)} -> {_shown(dst, 'stdout')}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
 
         if input != "-" and Path(input).is_dir():
-            pairs = _pairs(Path(input), Path(output), {".lic"}, ext or ".png")
-            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started))
+            pairs, ignored = _pairs(Path(input), Path(output), _takes_lic(pipeline), ext or ".png", recursive)
+            sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started, ignored))
         output = _single_output(input, output, ext or ".png")
         _clean_for(output, started)
         job(input, output)

@@ -259,3 +259,66 @@ def test_target_bpp_shows_each_trial(tmp_path, rgb_png, tiny_vr_weights):
     assert trials[0].startswith("  trying quality 1: ")
     r = CliRunner().invoke(main, ["encode", str(rgb_png), str(tmp_path / "b.lic"), "--weights", str(tiny_vr_weights), "--target-bpp", "3", "--quiet"])
     assert r.exit_code == 0 and r.stderr == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# C. folders take what single files take; -r keeps the tree; every file left out is listed
+
+
+def test_folders_take_images_by_content_and_list_what_they_leave_out(tmp_path, tiny_vr_weights):
+    from PIL import features
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(natural_image(40, 48, seed=0)).save(src / "a.png")
+    Image.fromarray(natural_image(40, 48, seed=1)).save(src / "scan", format="PNG")  # no extension
+    Image.fromarray(natural_image(40, 48, seed=2)).save(src / "b.JPG_original", format="JPEG")
+    Image.fromarray(natural_image(40, 48, seed=3)).save(src / "sub" / "d.png")
+    (src / "notes.txt").write_text("not an image\n")
+    expected = ["a.lic", "b.lic", "scan.lic"]
+    if features.check("avif"):
+        Image.fromarray(natural_image(40, 48, seed=4)).save(src / "c.avif", quality=90)
+        expected = ["a.lic", "b.lic", "c.lic", "scan.lic"]
+    r = CliRunner().invoke(main, ["encode", str(src), str(dst), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in dst.iterdir()) == expected
+    lines = r.stderr.splitlines()
+    assert f"encoded {len(expected)} files, 2 ignored" in lines
+    assert f"  {src / 'notes.txt'}: ignored (a text file)" in lines, r.stderr
+    assert f"  {src / 'sub'}/: ignored (a folder; -r includes subfolders)" in lines, r.stderr
+    # decode: .lic files by content too, and the others listed
+    (dst / "renamed").write_bytes((dst / "a.lic").read_bytes())
+    (dst / "readme.md").write_text("# hello\n")
+    back = tmp_path / "back"
+    r = CliRunner().invoke(main, ["decode", str(dst), str(back), "--weights", str(tiny_vr_weights)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in back.iterdir()) == sorted([n[:-4] + ".png" for n in expected] + ["renamed.png"])
+    assert f"  {dst / 'readme.md'}: ignored (a text file, not a .lic file)" in r.stderr.splitlines(), r.stderr
+
+
+def test_a_folder_with_nothing_to_code_says_what_it_ignored(tmp_path, tiny_vr_weights):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "notes.txt").write_text("hello\n")
+    r = run("encode", src, tmp_path / "out", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3
+    assert error_line(r) == f"{src}: no input files found (ignored: notes.txt (a text file), sub/ (a folder; -r includes subfolders))"
+
+
+def test_recursive_keeps_the_tree(tmp_path, tiny_vr_weights):
+    src, dst, back = tmp_path / "in", tmp_path / "out", tmp_path / "back"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "empty").mkdir()
+    for i, rel in enumerate(("a.png", "sub/b.png", "sub/deeper/c.png", "sub/deeper/a.png")):
+        Image.fromarray(natural_image(40, 48, seed=i)).save(src / rel)
+    r = run("encode", "-r", src, dst, "--weights", tiny_vr_weights)
+    assert r.exit_code == 0, r.output
+    assert "encoded 4 files" in r.output and "ignored" not in r.output
+    tree = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert tree == ["a.lic", "sub/b.lic", "sub/deeper/a.lic", "sub/deeper/c.lic"]
+    assert not (dst / "empty").exists()
+    r = run("decode", "--recursive", dst, back, "--weights", tiny_vr_weights)
+    assert r.exit_code == 0, r.output
+    assert sorted(str(p.relative_to(back)) for p in back.rglob("*") if p.is_file()) == [t[:-4] + ".png" for t in tree]
+    r = run("encode", "-r", src, dst, "--weights", tiny_vr_weights, "--skip-existing")
+    assert r.exit_code == 0 and "skipped 4 existing" in r.output
