@@ -371,10 +371,6 @@ def test_ss2d_cuda_path_matches_cpu_path(results):
     assert e["abs"] < 1e-5 * max(1.0, e["scale"]), e
 
 
-def test_interpreter_run_is_fast_enough(results):
-    assert results["_seconds"] < 240  # CI budget; about 30 s single-threaded on a laptop core
-
-
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     try:
