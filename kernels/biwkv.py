@@ -6,22 +6,17 @@ Set ``LALIC_FORCE_REFERENCE=1`` to use the reference on every device (debugging)
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ._dispatch import force_reference, use_triton
 from .biwkv_cpu import biwkv_cpu, fast_path_ok
 from .biwkv_ref import biwkv_reference, check_shapes
 
+__all__ = ["biwkv"]
+
 
 def _use_triton(k: torch.Tensor) -> bool:
-    if not k.is_cuda or os.environ.get("LALIC_FORCE_REFERENCE", "") not in ("", "0"):
-        return False
-    try:
-        from . import biwkv_triton  # noqa: F401  (imports triton)
-    except ImportError:
-        return False
-    return True
+    return use_triton(k, "biwkv_triton")
 
 
 def biwkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -34,7 +29,7 @@ def biwkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
         return biwkv_triton(w, u, k, v)
     check_shapes(w, u, k, v)
-    if os.environ.get("LALIC_FORCE_REFERENCE", "") in ("", "0"):
+    if not force_reference():
         # half-precision inputs (CPU autocast) are evaluated in float32, as the reference does
         kf = k.float() if k.dtype in (torch.bfloat16, torch.float16) else k
         if fast_path_ok(w, u, kf):

@@ -1,4 +1,6 @@
-"""Plain PyTorch reference of the BiWKV operator used by LALIC (CPU path, and the ground truth for Triton).
+"""Plain PyTorch reference of the BiWKV operator used by LALIC (fallback path, and the comparison for Triton).
+
+The O(T^2) definition itself, term by term, is the naive oracle in ``biwkv_naive`` (tests only).
 
 What it computes
 ----------------
@@ -39,8 +41,11 @@ import math
 
 import torch
 
+#: the kernel's epsilon, added to the denominator in the domain shifted by the stabiliser M_t
 EPS = 1e-6
-_NEG = -1e30  # stands for log(0); finite so that no inf - inf appears
+#: stands for log(0); finite so that no inf - inf appears (NEG - NEG = 0, exp(NEG - x) = 0)
+NEG = -1e30
+_NEG = NEG
 
 
 def num_chunks_and_len(T: int) -> tuple[int, int]:
@@ -172,40 +177,9 @@ def biwkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.
     return y.reshape(B, Tp, C)[:, :T].to(out_dtype)
 
 
-def biwkv_dense(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, detach_max: bool = False) -> torch.Tensor:
-    """O(T^2) evaluation of the same function, straight from its definition.  For tests only.
+def __getattr__(name):  # the naive oracle moved to biwkv_naive; the old name keeps working
+    if name == "biwkv_dense":
+        from .biwkv_naive import biwkv_naive
 
-    ``detach_max`` makes autograd treat the stabiliser ``M_t`` as a constant, as the reference does.
-    """
-    B, T, C = k.shape
-    P = max(1, math.ceil(T / 32))
-    t = torch.arange(T).view(T, 1)
-    j = torch.arange(T).view(1, T)
-    s = (t // P) * P
-    dt = (t - j).to(k.dtype)
-    w_ = w.view(1, 1, C)
-    e_before = k.unsqueeze(1) - w_ * dt.unsqueeze(-1)  # (B, t, j, C), decay |t-j|
-    e_same = e_before + w_  # decay |t-j| - 1
-    e_after = k.unsqueeze(1) + w_ * dt.unsqueeze(-1)  # j > t: -w (j - t)
-    e_res = k.unsqueeze(1) + w_ * dt.unsqueeze(-1)  # residual exponent k_j + w (t - j)
-    m_before = (j < s).unsqueeze(-1)
-    m_same = ((j >= s) & (j < t)).unsqueeze(-1)
-    m_after = (j > t).unsqueeze(-1)
-    m_res = ((j > s) & (j <= t)).unsqueeze(-1)
-    m_self = (j == t).unsqueeze(-1)
-    neg = torch.full_like(e_before, -math.inf)
-    e_main = torch.where(m_before, e_before, torch.where(m_same, e_same, torch.where(m_after, e_after, neg)))
-    e_self = torch.where(m_self, (u.view(1, 1, C) + k.unsqueeze(1)).expand_as(e_before), neg)
-    # stabiliser, exactly as the kernel forms it
-    o2 = torch.where(m_before | m_same, e_main, neg).amax(dim=2)
-    o1a = torch.where((j >= s).unsqueeze(-1), e_after.expand_as(e_before), neg).amax(dim=2)
-    o1b = torch.where(m_res, e_res + w_, neg).amax(dim=2)
-    M = torch.maximum(torch.maximum(o1a, o1b), torch.maximum(o2, u.view(1, C) + k))
-    if detach_max:
-        M = M.detach()
-    Mx = M.unsqueeze(2)
-    wt = torch.exp(e_main - Mx) + torch.exp(e_self - Mx)
-    wt = wt + torch.where(m_res, (1 - torch.exp(w_)) * torch.exp(e_res - Mx), torch.zeros_like(e_res))
-    num = (wt * v.unsqueeze(1)).sum(dim=2)
-    den = wt.sum(dim=2)
-    return num / (den + EPS)
+        return biwkv_naive
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

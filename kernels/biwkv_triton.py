@@ -71,10 +71,8 @@ from ._triton_common import acc_types as _acc
 from ._triton_common import check_device as _check_device
 from ._triton_common import next_pow2 as _next_pow2
 from ._triton_common import quiet as _quiet
-from .biwkv_ref import num_chunks_and_len
+from .biwkv_ref import EPS, NEG, check_shapes, num_chunks_and_len  # NEG: log(0), finite (NEG - NEG = 0)
 
-EPS = 1e-6
-NEG = -1.0e30  # log(0); finite so that NEG - NEG = 0 and exp(NEG - x) = 0
 MAX_SEGMENTS = 16  # segments per chunk (the combine pass is O(n S^2) per channel)
 #: programs a launch aims at when choosing the segments per chunk.  Fixed, not read from the GPU:
 #: the split decides the order of the floating-point sums, so the result then depends only on the
@@ -1013,11 +1011,8 @@ def biwkv_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Ten
     ``target_programs``), or ``plan`` gives a ready :class:`Plan` for this (B, T, C); the result
     does not depend on them beyond rounding.
     """
-    if k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"k and v must both be (B, T, C); got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_shapes(w, u, k, v)
     B, T, C = k.shape
-    if w.shape != (C,) or u.shape != (C,):
-        raise ValueError(f"w and u must be ({C},); got {tuple(w.shape)} and {tuple(u.shape)}")
     _check_device(k, "biwkv_triton")
     if T == 0 or B == 0 or C == 0:
         return torch.zeros_like(k)

@@ -6,6 +6,9 @@ delta_softplus=False)`` with exactly the semantics and shapes of
 :func:`selective_scan_ref.selective_scan_reference`.  Set ``LALIC_FORCE_REFERENCE=1`` to use
 the reference on every device (debugging).  The cross scan and cross merge are plain tensor
 reshuffles and run as PyTorch code on every device.
+
+:func:`fused_cross_scan_kernel` dispatches SS2D's fused cross scan + scan + cross merge
+(``selective_scan_triton.cross_selective_scan_fused``, inference on CUDA only).
 """
 
 from __future__ import annotations
@@ -14,19 +17,14 @@ import os
 
 import torch
 
+from ._dispatch import use_triton
 from .selective_scan_ref import cross_merge, cross_scan, selective_scan_reference
 
-__all__ = ["selective_scan", "cross_scan", "cross_merge"]
+__all__ = ["selective_scan", "cross_scan", "cross_merge", "fused_cross_scan_kernel"]
 
 
 def _use_triton(u: torch.Tensor) -> bool:
-    if not u.is_cuda or os.environ.get("LALIC_FORCE_REFERENCE", "") not in ("", "0"):
-        return False
-    try:
-        from . import selective_scan_triton  # noqa: F401  (imports triton)
-    except ImportError:
-        return False
-    return True
+    return use_triton(u, "selective_scan_triton")
 
 
 def selective_scan(
@@ -48,3 +46,14 @@ def selective_scan(
 
         return selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def fused_cross_scan_kernel(x: torch.Tensor, needs_grad: bool):
+    """Dispatcher of the fused Triton cross scan + selective scan + cross merge: the kernel for a
+    CUDA map when no gradient is needed (and triton imports, ``LALIC_FORCE_REFERENCE`` is unset,
+    ``LALIC_SS2D_FUSED`` is not ``0``), else None (the unfused path, differentiable)."""
+    if not x.is_cuda or needs_grad or os.environ.get("LALIC_SS2D_FUSED", "1") == "0" or not _use_triton(x):
+        return None
+    from .selective_scan_triton import cross_selective_scan_fused
+
+    return cross_selective_scan_fused

@@ -2,7 +2,8 @@
 
 These are the operators MambaIC's SS2D blocks use (``forward_type="v2"``: the CUDA op
 ``selective_scan_cuda_core.fwd`` and the pure-torch ``CrossScan``/``CrossMerge`` of the
-official ``VSS_module.py``); see ``shared/refvec/README.md`` section 1.2.
+official ``VSS_module.py``); see ``shared/refvec/README.md`` section 1.2.  The naive oracle
+(the recurrence token by token in float64, for tests) is ``selective_scan_naive``.
 
 What the selective scan computes
 --------------------------------

@@ -11,14 +11,12 @@ key: an ``SS2D`` registers ``x_proj_weight, dt_projs_weight, dt_projs_bias, A_lo
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import selective_scan as _scan_dispatch
-from ..kernels.selective_scan import cross_merge, cross_scan, selective_scan
+from ..kernels.selective_scan import cross_merge, cross_scan, fused_cross_scan_kernel, selective_scan
 
 
 class DropPath(nn.Module):
@@ -42,17 +40,6 @@ class DropPath(nn.Module):
 #: below this many scan elements (b * 4 * d_inner * H*W) the four directions are scanned in one call;
 #: larger maps are scanned one direction at a time to bound memory
 _ONE_CALL_ELEMENTS = 1 << 24
-
-
-def fused_cross_scan_kernel(x: torch.Tensor, needs_grad: bool):
-    """Dispatcher of the fused Triton cross scan + selective scan + cross merge: the kernel for a
-    CUDA map when no gradient is needed (and triton imports, ``LALIC_FORCE_REFERENCE`` is unset,
-    ``LALIC_SS2D_FUSED`` is not ``0``), else None (the unfused path, differentiable)."""
-    if not x.is_cuda or needs_grad or os.environ.get("LALIC_SS2D_FUSED", "1") == "0" or not _scan_dispatch._use_triton(x):
-        return None
-    from ..kernels.selective_scan_triton import cross_selective_scan_fused
-
-    return cross_selective_scan_fused
 
 
 class SS2D(nn.Module):
