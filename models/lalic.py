@@ -121,7 +121,9 @@ class CheckerboardGroup(nn.Module):
         else:
             idx = index_fn(None) * anchor + index_fn(residual * anchor) * non_anchor
             scales = table_scales(idx, gc.scale_table, exact=not self.training)
-            _, float_likelihoods = gc(y, float_scales, means)
+            # the float scales learn to code the latent the integer path codes: no gradient from
+            # their rate reaches the latent or the means
+            _, float_likelihoods = gc(y.detach(), float_scales, means.detach())
         _, likelihoods = gc(y, scales, means)
         return y_hat_a + y_hat_n, likelihoods, residual, float_likelihoods
 
