@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight models saved as weight files, and test images; helpers for the kernel tests."""
 
 import contextlib
+import sys
 import types
 from pathlib import Path
 
@@ -90,3 +91,129 @@ def simulated_gpus(sm_counts):
     finally:
         for name, fn in saved.items():
             setattr(torch.cuda, name, fn)
+
+
+def rel_errors(out, ref, names, floor: float = 0.0) -> dict:
+    """Per output: max |out - ref| relative to max |ref| (at least ``floor``; absolute when that is 0),
+    whether ``out`` is finite, and its dtype.  ``ref`` entries that are None are left out."""
+    errs = {}
+    for name, a, b in zip(names, out, ref):
+        if b is None:
+            continue
+        scale = max(b.abs().max().item(), floor)
+        err = (a.double() - b.double()).abs().max().item()
+        errs[name] = err / scale if scale > 0 else err
+        errs[name + "_finite"] = bool(torch.isfinite(a).all())
+        errs[name + "_dtype"] = str(a.dtype)
+    return errs
+
+
+def assert_errors_below(errs: dict, tol: dict) -> None:
+    """Every output named in ``tol`` is finite and its relative error (see :func:`rel_errors`) below its tolerance."""
+    for name, t in tol.items():
+        assert errs[name + "_finite"], f"{name}: non-finite values"
+        assert errs[name] < t, f"{name}: relative error {errs[name]:.3g} >= {t:g}"
+
+
+def run_with_grads(fn, args, gy=None, **kwargs):
+    """``fn(*args, **kwargs)`` on fresh leaves and the gradients of ``sum(y * gy)`` (float64 ``gy``,
+    random when not given): ``([y, grad of each arg (None for None args)], gy)``."""
+    xs = [a.clone().requires_grad_() if a is not None else None for a in args]
+    y = fn(*xs, **kwargs)
+    if gy is None:
+        gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (y.double() * gy).sum().backward()
+    return [y.detach()] + [x.grad if x is not None else None for x in xs], gy
+
+
+# ---- kernel checks in a worker subprocess, case by case -------------------------------------
+# The Triton tests run their kernels under the interpreter (TRITON_INTERPRET=1), which must be set
+# before triton is imported and must not leak into other test modules: each test file is also a
+# worker script.  The tests of a file share one worker process, which runs only the cases of the
+# tests selected in this session (``-k`` runs one case alone); a case that raises fails only its
+# test, and a case that kills the worker (crash, timeout) fails alone too: the others run in a
+# fresh worker.
+
+
+def serve_cases(cases: dict, names) -> None:
+    """Worker side: run the named cases (every case when ``names`` is empty), printing ``START name``
+    before and one ``CASE {json}`` line after each: ``{"case", "seconds", "result" | "error"}``."""
+    import json
+    import time
+    import traceback
+
+    for name in list(names) or list(cases):
+        print("START " + name, flush=True)
+        t0 = time.perf_counter()
+        try:
+            entry = {"case": name, "result": cases[name]()}
+        except Exception:  # noqa: BLE001 - reported to the test of this case
+            entry = {"case": name, "error": traceback.format_exc(limit=-6)}
+        entry["seconds"] = time.perf_counter() - t0
+        print("CASE " + json.dumps(entry), flush=True)
+        print(f"{entry['seconds']:7.2f}s {name}", file=sys.stderr, flush=True)
+
+
+def run_case_worker(script, cases, flag: str = "--worker", interpret: bool = True, env_extra=None,
+                    timeout: float = 900) -> dict:
+    """Run ``python script flag case...`` (see :func:`serve_cases`); return {case: entry}.  A worker
+    that dies marks the case it was running as failed and the remaining cases run in a new one."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.update(env_extra or {})
+    results: dict = {}
+    todo = list(dict.fromkeys(cases))
+    while todo:
+        try:
+            proc = subprocess.run([sys.executable, str(script), flag, *todo], env=env, capture_output=True,
+                                  text=True, timeout=timeout)
+            out, err, rc = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            text = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else b) or ""  # noqa: E731
+            out, err, rc = text(e.stdout), text(e.stderr), f"timeout after {timeout:g} s"
+        running = None
+        for line in out.splitlines():
+            if line.startswith("START "):
+                running = line[len("START "):]
+            elif line.startswith("CASE "):
+                entry = json.loads(line[len("CASE "):])
+                results[entry["case"]] = entry
+                running = None
+        if rc != 0 and "No module named 'triton'" in err:
+            pytest.skip("triton is not importable")
+        failure = f"worker exit status {rc}:\n{out[-2000:]}\n{err[-6000:]}"
+        if rc != 0 and running is not None:  # died inside a case: that case fails, the rest go on
+            results[running] = {"case": running, "error": "the worker died in this case; " + failure}
+            todo = [n for n in todo if n not in results]
+            continue
+        for n in todo:
+            results.setdefault(n, {"case": n, "error": "no result from the worker; " + failure})
+        break
+    return results
+
+
+def selected_cases(request, param: str = "case") -> list:
+    """The ``param`` parameters (worker case names) of the requesting module's tests that this session runs."""
+    names = []
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if getattr(item, "module", None) is request.module and spec is not None and param in spec.params:
+            names.append(spec.params[param])
+    return list(dict.fromkeys(names))
+
+
+def case_result(results: dict, name: str):
+    """The result of worker case ``name``; fails the calling test (only it) if the case failed."""
+    entry = results.get(name)
+    if entry is None:
+        pytest.fail(f"case {name}: not run by the worker", pytrace=False)
+    if "error" in entry:
+        pytest.fail(f"case {name} failed in the worker:\n{entry['error']}", pytrace=False)
+    return entry["result"]
