@@ -79,7 +79,9 @@ BLOCK_ELEMENTS = 1 << 22
 GROUP_ELEMENTS = 1 << 19
 GROUP_TOKENS = (4, 128)
 
-_LOG2E = 1.0 / math.log(2.0)
+#: log2(e): exp(x) = exp2(x LOG2E)
+LOG2E = 1.0 / math.log(2.0)
+_LOG2E = LOG2E
 
 
 # ---------------------------------------------------------------------------------------------

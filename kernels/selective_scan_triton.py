@@ -83,9 +83,8 @@ from ._triton_common import acc_types as _acc
 from ._triton_common import check_device as _check_device
 from ._triton_common import next_pow2 as _next_pow2
 from ._triton_common import quiet as _quiet
-from .selective_scan_ref import check_scan_shapes
+from .selective_scan_ref import LOG2E, check_scan_shapes
 
-LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # globals used inside kernels must be constexpr
 #: segments per sequence at most (the scan pass combines the summaries of the segments before it)
 MAX_SEGMENTS = 32
