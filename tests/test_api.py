@@ -1,5 +1,5 @@
 """The Python API (lalic_codec.encode/decode/info/Codec): inputs, fidelity, errors, caching,
-laziness, and the README's Python examples."""
+laziness.  The README's Python examples are run by test_readme.py."""
 
 import io
 import re
@@ -353,32 +353,3 @@ def test_import_and_info_do_not_import_torch(W, tmp_path):
     assert p.returncode == 0, p.stderr
     with pytest.raises(AttributeError):
         lalic_codec.no_such_name
-
-
-# ------------------------------------------------------------------------------------------------
-# the README's examples
-
-
-def readme_python_blocks() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
-
-
-def test_readme_python_examples_run(W, tmp_path, monkeypatch, capsys):
-    """The examples run as written, with the tiny random model standing in for the default one."""
-    bundled = tmp_path / "weights" / "default-v1.safetensors"
-    bundled.parent.mkdir()
-    shutil.copy(W, bundled)
-    monkeypatch.setitem(pipeline.BUNDLED, "default-v1", str(bundled))
-    monkeypatch.chdir(tmp_path)
-    Image.fromarray(natural_image(40, 56)).save("photo.png")
-    blocks = readme_python_blocks()
-    assert len(blocks) >= 3
-    namespace: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", lalic_codec.CodecWarning)  # the examples are clean
-        for block in blocks:
-            exec(compile(block, "README.md", "exec"), namespace)
-    assert Path("photo.lic").is_file() and Image.open("photo-decoded.png").size == (56, 40)
-    assert "RGBA" in capsys.readouterr().out
