@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .models.int_scale import IntegerScalePath
 from .models.lalic import checkerboard_mask
@@ -85,14 +84,11 @@ def training_cache(model, files: list[Path], batches: int, crop: int = 128, batc
 
 def validation_cache(model, files: list[Path], crop: int = 256, qualities=(1.0, 4.0, 8.0)) -> list[dict]:
     """Features of the centre crops of ``files`` at each quality."""
+    from .train import centre_crop
+
     out = []
     for f in files:
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-        H, W = a.shape[:2]
-        h, w = min(crop, H // 64 * 64), min(crop, W // 64 * 64)
-        top, left = (H - h) // 2, (W - w) // 2
-        x = torch.from_numpy(a[top : top + h, left : left + w].transpose(2, 0, 1).copy()).unsqueeze(0)
+        x = centre_crop(f, crop)
         out.extend(features(model, x, torch.tensor([q])) for q in qualities)
     return out
 

@@ -305,6 +305,16 @@ def _load_optimizer(opt, saved: dict, groups: list[dict], model) -> None:
     opt.load_state_dict(fresh)
 
 
+def centre_crop(path: Path, crop: int) -> torch.Tensor:
+    """(1, 3, h, w) in [0, 1]: the centre of an image, at most ``crop`` and a multiple of 64 on each side."""
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    H, W = a.shape[:2]
+    h, w = min(crop, H // 64 * 64), min(crop, W // 64 * 64)
+    top, left = (H - h) // 2, (W - w) // 2
+    return torch.from_numpy(a[top : top + h, left : left + w].transpose(2, 0, 1).copy()).unsqueeze(0)
+
+
 @torch.no_grad()
 def validate(model, files: list[Path], qualities, device, crop: int = 512) -> dict:
     """Estimated bpp and PSNR per quality on the centre crops (at most ``crop``, multiples of 64) of
@@ -315,12 +325,7 @@ def validate(model, files: list[Path], qualities, device, crop: int = 512) -> di
     for q in qualities:
         rows = []
         for f in files:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            H, W = a.shape[:2]
-            h, w = min(crop, H // 64 * 64), min(crop, W // 64 * 64)
-            top, left = (H - h) // 2, (W - w) // 2
-            x = torch.from_numpy(a[top : top + h, left : left + w].transpose(2, 0, 1).copy()).unsqueeze(0).to(device)
+            x = centre_crop(f, crop).to(device)
             out = model(x, quality=torch.tensor([q], device=device))
             bpp, _ = rd_terms(out, x)
             x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
