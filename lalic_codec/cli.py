@@ -280,12 +280,10 @@ def _clean_for(output: str, started: float) -> None:
 
 def _output_format(path: str, ext: str | None = None) -> str:
     """Pillow's name of the format to write to ``path``: its extension's, or ``ext``'s (from
-    ``--format``) on stdout, or PNG."""
-    if path == "-":
-        return OUTPUT_FORMATS[ext] if ext else "PNG"
-    suffix = Path(path).suffix.lower()
+    ``--format``) on stdout and for names without an extension, or PNG."""
+    suffix = "" if path == "-" else Path(path).suffix.lower()
     if not suffix:
-        return "PNG"
+        return OUTPUT_FORMATS[ext] if ext else "PNG"
     if suffix not in OUTPUT_FORMATS:
         raise BadInputError(f"{path}: unknown output format {suffix!r} (use .png, .jpg, .webp, .bmp, .tif or .ppm)")
     return OUTPUT_FORMATS[suffix]
@@ -522,6 +520,13 @@ def _finite(ctx, param, value):
     return value
 
 
+def _check_format_matches(output: str, ext: str | None) -> None:
+    """decode OUT --format X: a usage error when OUT's extension asks for another format."""
+    suffix = "" if output == "-" else Path(output).suffix.lower()
+    if ext and suffix in OUTPUT_FORMATS and OUTPUT_FORMATS[suffix] != OUTPUT_FORMATS[ext]:
+        raise _bad_option("ext", f"{ext[1:]} conflicts with {output}, whose extension asks for {OUTPUT_FORMATS[suffix]}")
+
+
 def _format_ext(ctx, param, value):
     """Callback for decode --format: "jpg", "JPG" or ".jpg" -> ".jpg"; unknown formats refused."""
     if value is None:
@@ -680,6 +685,7 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
             pairs, ignored = _pairs(Path(input), Path(output), _takes_lic(pipeline), ext or ".png", recursive)
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started, ignored))
         output = _single_output(input, output, ext or ".png")
+        _check_format_matches(output, ext)
         _clean_for(output, started)
         job(input, output)
     except click.UsageError:

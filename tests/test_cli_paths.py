@@ -72,6 +72,18 @@ def test_decode_to_stdout_honours_format(lic, tiny_vr_weights):
     assert r.stdout_bytes[:4] == b"RIFF" and r.stdout_bytes[8:12] == b"WEBP"
 
 
+def test_decode_format_and_a_named_output(tmp_path, lic, tiny_vr_weights):
+    # an extension that asks for another format: refused before anything is written
+    r = run("decode", lic, tmp_path / "out.png", "--weights", tiny_vr_weights, "--format", "jpg")
+    assert r.exit_code == 2 and "conflicts with" in r.output and "PNG" in r.output, r.output
+    assert not (tmp_path / "out.png").exists()
+    # the same format under another spelling, and a name without an extension: --format decides
+    assert run("decode", lic, tmp_path / "a.jpeg", "--weights", tiny_vr_weights, "--format", "jpg").exit_code == 0
+    r = run("decode", lic, tmp_path / "plain", "--weights", tiny_vr_weights, "--format", "jpg")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "plain").read_bytes().startswith(JPEG_MAGIC)
+
+
 def test_decode_refuses_unknown_format_once_up_front(tmp_path, lic, tiny_vr_weights):
     r = run("decode", lic, "-", "--weights", tiny_vr_weights, "--format", "gif")
     assert r.exit_code == 2 and "--format" in r.output and "'gif'" in r.output
