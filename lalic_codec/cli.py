@@ -520,6 +520,11 @@ def _finite(ctx, param, value):
     return value
 
 
+def _refuse_folder_to_stdout(input: str, output: str) -> None:
+    if output == "-":
+        raise click.UsageError(f"IN {input} is a folder: OUT must be a folder too, not - (stdout takes one file)")
+
+
 def _check_format_matches(output: str, ext: str | None) -> None:
     """decode OUT --format X: a usage error when OUT's extension asks for another format."""
     suffix = "" if output == "-" else Path(output).suffix.lower()
@@ -624,6 +629,7 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
             _say(msg, quiet)
 
         if input != "-" and Path(input).is_dir():
+            _refuse_folder_to_stdout(input, output)
             pairs, ignored = _pairs(Path(input), Path(output), _takes_image(pipeline), ".lic", recursive)
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started, ignored))
         output = _single_output(input, output, ".lic")
@@ -682,6 +688,7 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
             _say(f"{_shown(src)} -> {_shown(dst, 'stdout')}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
 
         if input != "-" and Path(input).is_dir():
+            _refuse_folder_to_stdout(input, output)
             pairs, ignored = _pairs(Path(input), Path(output), _takes_lic(pipeline), ext or ".png", recursive)
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started, ignored))
         output = _single_output(input, output, ext or ".png")

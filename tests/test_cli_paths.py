@@ -167,3 +167,16 @@ def test_good_option_values_at_the_bounds(tmp_path, rgb_png, tiny_vr_weights):
     for i, args in enumerate((["-q", "1"], ["-q", "8"], ["--tile", "192"])):
         r = run("encode", rgb_png, tmp_path / f"a{i}.lic", "--weights", tiny_vr_weights, *args)
         assert r.exit_code == 0, (args, r.output)
+
+
+def test_a_folder_is_not_written_to_stdout(tmp_path, lic, tiny_vr_weights, monkeypatch):
+    photos = _photos(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a folder named - used to appear
+    r = run("encode", photos, "-", "--weights", tiny_vr_weights)
+    assert r.exit_code == 2 and "folder" in r.output, r.output
+    assert not (tmp_path / "-").exists() and not (photos / "-").exists()
+    src = tmp_path / "lics"
+    src.mkdir()
+    shutil.copy(lic, src / "a.lic")
+    r = run("decode", src, "-", "--weights", tiny_vr_weights)
+    assert r.exit_code == 2 and "folder" in r.output, r.output
