@@ -214,11 +214,15 @@ def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS, name: str
         Image.MAX_IMAGE_PIXELS = old
 
 
+def _limit_source(max_pixels: int) -> str:
+    """Where the pixel limit in force comes from, as messages say it."""
+    return "the default; --max-pixels N changes it" if max_pixels == MAX_PIXELS else f"--max-pixels {max_pixels}"
+
+
 def _over_limit(pixels: int | None, max_pixels: int, size: str = "") -> str:
     """The message for an image over the pixel limit: the limit in force and where it comes from."""
-    where = "the default; --max-pixels N changes it" if max_pixels == MAX_PIXELS else f"--max-pixels {max_pixels}"
     size = f"{size}{pixels} pixels, " if pixels is not None else ""
-    return f"image is {size}more than the limit of {max_pixels} pixels ({where})"
+    return f"image is {size}more than the limit of {max_pixels} pixels ({_limit_source(max_pixels)})"
 
 
 def _head(data: bytes | str | Path, n: int = 4096) -> bytes:
@@ -677,7 +681,13 @@ def decode_bytes(
 
     ``high_bit_depth``: a file whose header records 16-bit grayscale comes back as mode ``I;16``
     (samples v * 257, so 8-bit precision) instead of ``L``; see :func:`restore_image`."""
-    lic = fmt.read(data, limits)  # every declared size checked against the file and the limits
+    try:
+        lic = fmt.read(data, limits)  # every declared size checked against the file and the limits
+    except LimitExceededError as e:
+        max_pixels = (limits or fmt.Limits()).max_pixels
+        if "image is " in str(e) and str(e).endswith(f"limit of {max_pixels}"):
+            raise LimitExceededError(f"{e} pixels ({_limit_source(max_pixels)})") from None
+        raise
     h = lic.header
     lm = model_for_file(h, weights, device)
     check_tiles(lic, lm)  # and against the model, before any tensor is allocated

@@ -322,3 +322,13 @@ def test_recursive_keeps_the_tree(tmp_path, tiny_vr_weights):
     assert sorted(str(p.relative_to(back)) for p in back.rglob("*") if p.is_file()) == [t[:-4] + ".png" for t in tree]
     r = run("encode", "-r", src, dst, "--weights", tiny_vr_weights, "--skip-existing")
     assert r.exit_code == 0 and "skipped 4 existing" in r.output
+
+
+def test_lic_over_the_pixel_limit_says_where_the_limit_comes_from(tmp_path, tiny_vr_weights):
+    src = tmp_path / "a.png"
+    Image.fromarray(natural_image(40, 50)).save(src)
+    lic = tmp_path / "a.lic"
+    assert run("encode", src, lic, "--weights", tiny_vr_weights).exit_code == 0
+    r = run("decode", lic, tmp_path / "b.png", "--weights", tiny_vr_weights, "--max-pixels", "1000")
+    assert r.exit_code == 3
+    assert error_line(r).endswith("image is 50x40 = 2000 pixels, more than the limit of 1000 pixels (--max-pixels 1000)"), error_line(r)
