@@ -583,9 +583,9 @@ def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: di
 # command line
 
 
-@click.group(invoke_without_command=False)
+@click.group(invoke_without_command=False, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
-    """Train the default model, resume training, or export a checkpoint."""
+    """Train the default model, resume training, fit its integer scale path, or export a checkpoint."""
 
 
 @cli.command("run")

@@ -193,3 +193,12 @@ def test_fit_int_path_changes_only_the_path_and_never_worsens_held_out_rate(tmp_
     assert v2["config"]["arch"]["int_scale"]["signed"] is True
     assert "scale_path.heads.0.2.weight" in v2["model"]
     tr.train(cfg_for(tmp_path, data_dir, steps=3, holdout=2), resume=str(out))
+
+
+@pytest.mark.parametrize("args", [["train", "-h"], ["train", "run", "-h"], ["train", "export", "-h"], ["train", "fit-int-path", "-h"]])
+def test_train_help_with_short_option(args):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lalic_codec.cli", *args], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("Usage:"), r.stderr
