@@ -35,7 +35,7 @@ def load(weights: str | None, checkpoint: str | None):
     else:
         from lalic_codec.models.checkpoints import load_state_dict_file
 
-        path = weights or str(Path(tr.__file__).resolve().parent.parent / "models" / "default-v1.safetensors")
+        path = weights or str(Path(tr.__file__).resolve().parent.parent / "models" / "default-v2.safetensors")
         sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(path).items()}
     model.load_state_dict(sd, strict=False)
     if checkpoint:  # checkpoints hold no fitted quantiles/tables for coding: derive them as export does

@@ -27,8 +27,10 @@ from .models.checkpoints import fingerprint, load_state_dict_file
 
 MODELS_DIR = Path(_models_pkg.__file__).resolve().parent  # works for wheel and editable installs
 #: bundled variable-rate model: model id -> weights file inside the package
-BUNDLED = {"default-v1": "default-v1.safetensors"}
-DEFAULT_MODEL = "default-v1"
+BUNDLED = {"default-v2": "default-v2.safetensors"}
+DEFAULT_MODEL = "default-v2"
+#: bundled models of earlier versions: model id -> (its weights file, a commit that holds it)
+RETIRED = {"default-v1": ("default-v1.safetensors", "87fa0ac")}
 DEFAULT_QUALITY = 4.0
 #: largest image accepted by default (pixels); the container enforces the same bound
 MAX_PIXELS = fmt.Limits().max_pixels
@@ -117,6 +119,12 @@ def load_model(model: str = DEFAULT_MODEL, weights: str | Path | None = None, de
     if weights is None:
         if model in ("default", DEFAULT_MODEL):
             model = DEFAULT_MODEL
+        if model in RETIRED and model not in BUNDLED:
+            name, rev = RETIRED[model]
+            raise MissingWeightsError(
+                f"this file was encoded with the earlier bundled model {model!r}, which {DEFAULT_MODEL!r} "
+                f"replaced; decode it with --weights {name} (git show {rev}:models/{name} > {name})"
+            )
         if model not in BUNDLED:
             raise MissingWeightsError(
                 f"model {model!r} has no bundled weights; pass --weights PATH (e.g. the official checkpoint)"

@@ -322,14 +322,14 @@ def test_codec_holds_one_cached_model(W, tiny_lalic_weights):
 def test_bundled_name_and_explicit_weights_do_not_share_an_id(W, tmp_path, monkeypatch):
     """The same weights file loaded as the bundled model and as --weights: each keeps its id,
     whatever was loaded first."""
-    bundled = tmp_path / "default-v1.safetensors"
+    bundled = tmp_path / "bundled.safetensors"
     shutil.copy(W, bundled)
-    monkeypatch.setitem(pipeline.BUNDLED, "default-v1", str(bundled))
+    monkeypatch.setitem(pipeline.BUNDLED, pipeline.DEFAULT_MODEL, str(bundled))
     assert lalic_codec.Codec(weights=bundled, device="cpu").model_id == "lalic-vr"
     default = lalic_codec.Codec(device="cpu")
-    assert default.model_id == "default-v1"
+    assert default.model_id == pipeline.DEFAULT_MODEL
     data = default.encode(natural_image(16, 16))
-    assert lalic_codec.info(data)["model_id"] == "default-v1"
+    assert lalic_codec.info(data)["model_id"] == pipeline.DEFAULT_MODEL
     # a Codec with other weights still decodes files of the bundled model
     assert lalic_codec.Codec(weights=W, device="cpu").decode(data).size == (16, 16)
     assert lalic_codec.decode(data, device="cpu").size == (16, 16)
@@ -353,3 +353,20 @@ def test_import_and_info_do_not_import_torch(W, tmp_path):
     assert p.returncode == 0, p.stderr
     with pytest.raises(AttributeError):
         lalic_codec.no_such_name
+
+
+def test_files_of_a_retired_bundled_model_say_how_to_decode_them(W, monkeypatch):
+    """A file made with an earlier bundled model (default-v1): refused with the way to get its weights."""
+    old = "default-v1"
+    assert old in pipeline.RETIRED
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL", old)
+    monkeypatch.setitem(pipeline.BUNDLED, old, str(W))
+    pipeline.clear_model_cache()
+    data = lalic_codec.Codec(device="cpu").encode(natural_image(16, 16))
+    assert lalic_codec.info(data)["model_id"] == old
+    monkeypatch.delitem(pipeline.BUNDLED, old)
+    pipeline.clear_model_cache()
+    with pytest.raises(MissingWeightsError, match=r"earlier bundled model 'default-v1'.*--weights default-v1.safetensors.*git show"):
+        lalic_codec.Codec(device="cpu").decode(data)
+    # with its weights it decodes
+    assert lalic_codec.Codec(weights=W, device="cpu").decode(data).size == (16, 16)
