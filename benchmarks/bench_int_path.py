@@ -17,31 +17,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from lalic_codec import pipeline
 from lalic_codec import train as tr
 from lalic_codec._paths import shared_dir
 from lalic_codec._runtime import tune_allocator
 
 
 def load(weights: str | None, checkpoint: str | None):
-    model = tr.build_model({})
     if checkpoint:
-        sd = tr.load_checkpoint(Path(checkpoint))["model"]
-    else:
-        from lalic_codec.models.checkpoints import load_state_dict_file
-
-        path = weights or str(Path(tr.__file__).resolve().parent.parent / "models" / "default-v2.safetensors")
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(path).items()}
-    model.load_state_dict(sd, strict=False)
-    if checkpoint:  # checkpoints hold no fitted quantiles/tables for coding: derive them as export does
+        _, _, model = tr.model_from_checkpoint(checkpoint)
+        # checkpoints hold no fitted quantiles/tables for coding: derive them as export does
         model.entropy_bottleneck.fit_quantiles()
         model.update(force=True)
-    return model.eval()
+        return model.eval()
+    return pipeline.load_model("default", weights, "cpu").model  # the bundled model without --weights
 
 
 @contextlib.contextmanager
@@ -82,11 +74,8 @@ def main() -> None:
     for q in args.quality:
         bits_int = bits_float = pixels = 0
         for f in files:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            H, W = a.shape[:2]
-            h, w = H // 64 * 64, W // 64 * 64  # the network's size multiple (no padding needed)
-            x = torch.from_numpy(a[:h, :w].transpose(2, 0, 1).copy()).unsqueeze(0)
+            x = tr.centre_crop(f, 1 << 30)  # the whole image, cut to the network's size multiple (no padding)
+            h, w = x.shape[-2:]
             qt = torch.tensor([q])
             with torch.no_grad():
                 c_int = model.compress(x, quality=qt)

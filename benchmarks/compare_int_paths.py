@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -42,10 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
-    state = tr.load_checkpoint(Path(args.checkpoint))
-    cfg = tr.TrainConfig(**{**tr.asdict(tr.TrainConfig()), **state["config"]})
-    model = tr.build_model(cfg.arch)
-    model.load_state_dict(state["model"])
+    _, cfg, model = tr.model_from_checkpoint(args.checkpoint)
     gcs = model.gaussian_conditionals()
     train_files, held_out = tr.split_data(cfg.data, cfg.holdout)
     t0 = time.time()

@@ -206,24 +206,27 @@ def use_bf16(setting: str, device: torch.device) -> bool:
         return False
 
 
+def _bpp(likelihoods: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample bits per pixel of the image ``x`` that ``likelihoods`` (B, ...) code."""
+    return torch.log(likelihoods).flatten(1).sum(1) / (-math.log(2) * x.shape[2] * x.shape[3])
+
+
 def rd_terms(out: dict, x: torch.Tensor):
     """Per-sample bits per pixel and MSE."""
-    n_pix = x.shape[2] * x.shape[3]
-    bits = sum(torch.log(lik).flatten(1).sum(1) for lik in out["likelihoods"].values()) / -math.log(2)
+    bpp = sum(_bpp(lik, x) for lik in out["likelihoods"].values())
     mse = (out["x_hat"].float() - x).square().flatten(1).mean(1)
-    return bits / n_pix, mse
+    return bpp, mse
 
 
 def float_y_bpp(out: dict, x: torch.Tensor) -> torch.Tensor | None:
     """Per-sample bits per pixel of y had the float scales been coded (None without a scale path)."""
     lik = out.get("float_likelihoods_y")
-    if lik is None:
-        return None
-    return torch.log(lik).flatten(1).sum(1) / (-math.log(2) * x.shape[2] * x.shape[3])
+    return None if lik is None else _bpp(lik, x)
 
 
 def y_bpp(out: dict, x: torch.Tensor) -> torch.Tensor:
-    return torch.log(out["likelihoods"]["y"]).flatten(1).sum(1) / (-math.log(2) * x.shape[2] * x.shape[3])
+    """Per-sample bits per pixel of y as coded."""
+    return _bpp(out["likelihoods"]["y"], x)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -372,6 +375,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(path: str | Path):
+    """(state, config, model) of a training checkpoint: the model built with the run's architecture
+    and holding its weights."""
+    state = load_checkpoint(Path(path))
+    cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
+    model = build_model(cfg.arch)
+    model.load_state_dict(state["model"])
+    return state, cfg, model
 
 
 def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None = None) -> Path:
@@ -560,10 +573,7 @@ def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: di
     metadata (architecture, lambdas, training summary) as a safetensors file."""
     from .models.checkpoints import save_weights
 
-    state = load_checkpoint(Path(checkpoint))
-    cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
-    model = build_model(cfg.arch)
-    model.load_state_dict(state["model"])
+    state, cfg, model = model_from_checkpoint(checkpoint)
     model.entropy_bottleneck.fit_quantiles()
     model.update(force=True)
     meta = {
@@ -642,10 +652,7 @@ def fit_int_path_cmd(checkpoint, out, cpu_minutes, batches, layout, lr, threads)
     tune_allocator()
     if threads:
         torch.set_num_threads(threads)
-    state = load_checkpoint(Path(checkpoint))
-    cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
-    model = build_model(cfg.arch)
-    model.load_state_dict(state["model"])
+    state, cfg, model = model_from_checkpoint(checkpoint)
     if model.scale_path is None:
         raise click.ClickException(f"{checkpoint}: this model has no integer scale path")
     if layout != "keep":
@@ -669,7 +676,7 @@ def fit_int_path_cmd(checkpoint, out, cpu_minutes, batches, layout, lr, threads)
     totals = dict(state.get("totals", {}))
     totals["cpu_seconds"] = totals.get("cpu_seconds", 0.0) + res["cpu_seconds"]
     state["totals"] = totals
-    state.setdefault("int_path_fits", []).append({k: v for k, v in res.items()} | {"layout": layout, "batches": batches})
+    state.setdefault("int_path_fits", []).append(res | {"layout": layout, "batches": batches})
     dest = Path(out) if out else Path(checkpoint).with_name(Path(checkpoint).stem + "-intfit.pt")
     save_checkpoint(dest, state)
     click.echo(f"checkpoint: {dest}")
