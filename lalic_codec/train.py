@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -406,12 +405,18 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         # settings (steps, crop, batch, lr...) are whatever this invocation asks for
         cfg = TrainConfig(**{**asdict(cfg), "data": saved.data, "holdout": saved.holdout, "seed": saved.seed, "arch": saved.arch})
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch).to(device)
+    sd = None
     if cfg.init_from and state is None:
         from .models.checkpoints import load_state_dict_file
 
         sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(cfg.init_from).items()}
+        if not cfg.arch:  # the run continues the architecture of the weights it starts from
+            from .reshape import model_kwargs
+
+            cfg = replace(cfg, arch=model_kwargs(sd))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch).to(device)
+    if sd is not None:
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith(("h_a.", "h_s."))]  # aliases
         if unexpected:
@@ -687,6 +692,31 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
     names = [n for g in saved["param_groups"] for n in g.get("names", [])]
     keep = {i for i, n in enumerate(names) if not n.startswith(prefix)}
     return {**saved, "state": {i: v for i, v in saved["state"].items() if i in keep}}
+
+
+@cli.command("reshape")
+@click.argument("source")
+@click.argument("out")
+@click.option("--depths", default=None, help="transform depths L1,L2,L3,L4, each at least the current one: new RWKV blocks start as identities")
+@click.option("--ctx-hidden-rate", type=int, default=None, help="hidden width of the channel context's channel mix, in multiples of M: keeps the most important units")
+def reshape_cmd(source, out, depths, ctx_hidden_rate):
+    """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
+    what it has learnt; continue with `codec train run --init-from OUT`."""
+    from .models.checkpoints import load_state_dict_file
+    from .reshape import model_kwargs, reshape
+
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(source).items()}
+    try:
+        d = None if depths is None else tuple(int(v) for v in depths.split(","))
+        new_sd, arch = reshape(sd, d, ctx_hidden_rate)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    dest = Path(out)
+    save_checkpoint(dest, {"model": new_sd, "totals": _lineage_totals(source)})
+    before = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
+    after = sum(v.numel() for k, v in new_sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
+    click.echo(f"{model_kwargs(sd)['depths']} x{model_kwargs(sd)['ctx_hidden_rate']} -> {arch['depths']} x{arch['ctx_hidden_rate']}: "
+               f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M values; wrote {dest}")
 
 
 @cli.command("export")

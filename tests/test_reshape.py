@@ -1,0 +1,97 @@
+"""`codec train reshape`: architecture changes that keep what a model has learnt."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY
+from lalic_codec import train as tr
+from lalic_codec.models.lalic import VariableRateLALIC
+from lalic_codec.reshape import model_kwargs, reshape
+from test_train import cfg_for, data_dir  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """A tiny model with random (not identity) blocks, as training leaves them."""
+    torch.manual_seed(3)
+    m = VariableRateLALIC(**TINY, int_scale=True, ctx_hidden_rate=4)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("gamma1", "gamma2")):
+                p.uniform_(0.5, 1.5)
+    m.update(force=True)
+    return m
+
+
+def _run(model, x, q):
+    model.eval()
+    with torch.no_grad():
+        out = model(x, quality=torch.tensor([q]))
+    return out["x_hat"], torch.cat([lik.flatten() for lik in out["likelihoods"].values()])
+
+
+def _load(sd):
+    m = VariableRateLALIC(**model_kwargs(sd), lambdas=tuple(sd["lambdas"].tolist()))
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith(("h_a.", "h_s.")) for k in missing)
+    return m
+
+
+def test_deeper_transforms_compute_exactly_what_the_model_computed(trained_like):
+    sd, arch = reshape(trained_like.state_dict(), depths=(1, 2, 1, 2))
+    assert arch["depths"] == (1, 2, 1, 2) and model_kwargs(sd)["depths"] == (1, 2, 1, 2)
+    deeper = _load(sd)
+    assert sum(p.numel() for p in deeper.parameters()) > sum(p.numel() for p in trained_like.parameters())
+    x = torch.rand(1, 3, 64, 64)
+    for q in (1.0, 3.5):
+        a, la = _run(trained_like, x, q)
+        b, lb = _run(deeper, x, q)
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+    # the old blocks keep their place in their level; the new ones come last, as identities
+    # g_a (0, 1, 1) -> (1, 2, 1): conv, [new], conv, old, [new], conv, old, conv
+    src = trained_like.state_dict()
+    assert torch.equal(sd["g_a.2.weight"], src["g_a.1.weight"]) and torch.equal(sd["g_a.7.weight"], src["g_a.5.weight"])
+    assert torch.equal(sd["g_a.3.gamma1"], src["g_a.2.gamma1"])
+    assert torch.equal(sd["g_a.6.att.key.weight"], src["g_a.4.att.key.weight"])
+    for new_block in ("g_a.1", "g_a.4"):
+        assert not sd[new_block + ".gamma1"].any() and not sd[new_block + ".gamma2"].any()
+
+
+def test_leaner_channel_context_keeps_the_strongest_units(trained_like):
+    src = trained_like.state_dict()
+    sd, arch = reshape(src, ctx_hidden_rate=1)
+    M = TINY["M"]
+    key = "latent_codec.y.channel_context.y1.1.ffn.key.weight"
+    assert sd[key].shape == (M, M) and src[key].shape == (4 * M, M)
+    assert model_kwargs(sd)["ctx_hidden_rate"] == 1
+    strength = src[key].square().sum(1) * src[key.replace("key", "value")].norm(dim=0)
+    kept = {tuple(r.tolist()) for r in sd[key]}
+    assert {tuple(src[key][i].tolist()) for i in strength.topk(M).indices} == kept
+    smaller = _load(sd)
+    x_hat, lik = _run(smaller, torch.rand(1, 3, 64, 64), 2.0)
+    assert torch.isfinite(x_hat).all() and (lik > 0).all()
+    assert torch.equal(sd["g_s.0.weight"], src["g_s.0.weight"])  # the rest is untouched
+
+
+@pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0)])
+def test_reshape_refuses_what_would_lose_or_invent_structure(trained_like, kw):
+    with pytest.raises(ValueError):
+        reshape(trained_like.state_dict(), **kw)
+
+
+def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, trained_like):  # noqa: F811
+    weights = tmp_path / "w.pt"
+    torch.save({"model": trained_like.state_dict()}, weights)
+    out = tmp_path / "deeper.pt"
+    res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(out), "--depths", "1,1,1,1", "--ctx-hidden-rate", "2"])
+    assert res.exit_code == 0, res.output
+    assert "(0, 1, 1, 1) x4 -> (1, 1, 1, 1) x2" in res.output
+    bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--depths", "0,0,0,0"])
+    assert bad.exit_code == 1 and "at least the current" in bad.output and not (tmp_path / "x.pt").exists()
+    # arch={}: the run takes the architecture of the weights it starts from
+    ckpt = tr.train(cfg_for(tmp_path / "r", data_dir, steps=1, val_count=0, arch={}, init_from=str(out)))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["config"]["arch"]["depths"] == (1, 1, 1, 1) and state["config"]["arch"]["ctx_hidden_rate"] == 2
+    _, _, model = tr.model_from_checkpoint(ckpt)
+    assert model.config.depths == (1, 1, 1, 1) and model.config.ctx_hidden_rate == 2
