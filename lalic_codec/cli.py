@@ -769,5 +769,9 @@ def bench(ctx):
     bench_cli.main(args=ctx.args, prog_name="codec bench", standalone_mode=True)
 
 
+from .batch.command import batch  # noqa: E402  (codec batch: Ray is imported only when it runs)
+
+main.add_command(batch)
+
 if __name__ == "__main__":
     main()
