@@ -139,6 +139,20 @@ def test_a_worker_killed_mid_job_loses_nothing(ray_local, photos, tmp_path, monk
     assert r.exit_code == 3, r.output  # only the bad inputs failed
 
 
+def test_an_input_that_kills_every_worker_is_a_failed_row(ray_local, photos, tmp_path, monkeypatch):
+    """The worst bad input (one that kills its worker, as the OOM killer would): its batch is lost,
+    rerun one input per task, and only it is recorded as failed."""
+    src, expected = photos
+    monkeypatch.setenv("LALIC_BATCH_TEST_FAULT", "poison:img06.png")
+    out = tmp_path / "out"
+    r = run("batch", "encode", src / "sub", out, "--workers", 2, "--batch-size", 4, "--max-retries", 0)
+    got = rows(out / "batch-manifest.jsonl")
+    assert got["img06.png"]["status"] == "failed" and got["img06.png"]["error"] == "WorkerLostError"
+    assert sorted(n for n, row in got.items() if row["status"] == "ok") == [f"img{i:02d}.png" for i in range(0, N_IMAGES, 3) if i != 6]
+    assert outputs(out) == {Path(k).name: v for k, v in expected.items() if k.startswith("sub/") and "img06" not in k}
+    assert r.exit_code == 1 and "img06.png: the worker coding it died" in r.output
+
+
 def test_decode_matches_single_process_decoding(photos, encoded, tmp_path):
     from lalic_codec import pipeline
 

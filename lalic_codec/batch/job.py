@@ -116,7 +116,7 @@ def run(mode: str, src: str, dst: str, o: Options) -> int:
     pool = ""
     try:
         if todo:
-            owns = connect(ray, o.address)
+            owns = connect(ray, o.address, o.quiet)
             try:
                 spec, workers, res = job_spec(ray, mode, o)
                 pool = f" on {workers} worker{'s' * (workers != 1)} ({res})"
@@ -172,14 +172,14 @@ def _weights_bytes(o: Options):
     return None if data is None else (data, PurePosixPath(o.weights).suffix)
 
 
-def connect(ray, address: str | None) -> bool:
+def connect(ray, address: str | None, quiet: bool = False) -> bool:
     """Join the cluster at ``address`` (auto, ray://..., host:port), or start a local Ray instance;
     True when this call started or joined it (and so shuts it down).  An instance already
     initialised in this process (tests, notebooks) is used as it is."""
     if ray.is_initialized():
         return False
     ray.init(address=address or "local", include_dashboard=False, logging_level=logging.ERROR,
-             configure_logging=True)
+             log_to_driver=not quiet)
     return True
 
 
@@ -221,6 +221,11 @@ def execute(ray, todo, spec: dict, shipped, workers: int, o: Options):
     if not ctx.enable_progress_bars:  # nor the log lines that replace them, nor a warning that they are off
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # a batch lost with its worker: one line, not a traceback (this function says what it does about it)
+    lost = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    lost.setLevel(logging.CRITICAL if o.quiet else logging.WARNING)
+    if not any(isinstance(f, _OneLine) for f in lost.filters):
+        lost.addFilter(_OneLine())
     weights = None if shipped is None else [ray.put(shipped[0]), shipped[1]]  # once into the object store
     done = set()
     remaining, batch_size = list(todo), o.batch_size
@@ -231,7 +236,9 @@ def execute(ray, todo, spec: dict, shipped, workers: int, o: Options):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
                 Coder, fn_constructor_kwargs=dict(job=spec, weights=weights), batch_size=batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))), num_cpus=o.threads,
+                compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows)),
+                                                   max_tasks_in_flight_per_actor=None if attempt == 0 else 1),
+                num_cpus=o.threads,
                 **({"num_gpus": spec["gpus"]} if spec["gpus"] else {}), **_retries(ray, o.max_retries))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["row"]:
@@ -243,11 +250,23 @@ def execute(ray, todo, spec: dict, shipped, workers: int, o: Options):
         if not remaining:
             return
         say(f"codec: {len(remaining)} input{'s' * (len(remaining) != 1)} lost with {'their' if len(remaining) != 1 else 'its'} "
-            f"worker{' after retries' if attempt == 0 else ''}; {'retrying one per task' if attempt == 0 else 'recorded as failed'}")
+            f"worker{f' ({o.max_retries} retries)' if attempt == 0 and o.max_retries else ''}; {'retrying one per task' if attempt == 0 else 'recorded as failed'}")
         batch_size = 1
     for s, d in remaining:
         yield failed(new_row(s, d, o.psnr), WorkerLostError(
             f"{s}: the worker coding it died on every attempt (out of memory or killed)"))
+
+
+class _OneLine(logging.Filter):
+    """A log record with a traceback -> one line ending in the exception's first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            record.msg = f"{record.getMessage()} ({type(e).__name__}: {first[:200]})"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
 
 
 def _retries(ray, max_retries: int) -> dict:

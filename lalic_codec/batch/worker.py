@@ -104,9 +104,10 @@ class Coder:
         reads = [self.pool.submit(_read, src) for src, _ in rows]  # I/O overlaps the coding
         out = []
         for i, ((src, dst), fut) in enumerate(zip(rows, reads)):
+            self._fault_hook(src, before=True)
             out.append(json.dumps(self.code(src, dst, fut)))
             if i == 0:
-                self._fault_hook()
+                self._fault_hook(src, before=False)
         return {"row": out}
 
     def code(self, src: str, dst: str, fut) -> dict:
@@ -160,14 +161,21 @@ class Coder:
         row.update(width=h.width, height=h.height, bytes=len(data), bpp=8.0 * len(data) / (h.width * h.height),
                    quality=h.quality or None)
 
-    def _fault_hook(self) -> None:
-        """Tests only: with ``job["fault"]`` = a marker path, the first actor to get here dies
-        (no cleanup, as a killed process) after writing the first output of its batch."""
-        marker = self.job.get("fault")
-        if not marker:
+    def _fault_hook(self, src: str, before: bool) -> None:
+        """Tests only: ``job["fault"]`` = a marker path: the first actor to get here dies (no
+        cleanup, as a killed process) after writing the first output of its batch;
+        ``"poison:NAME"``: an actor dies whenever it is about to code an input named NAME."""
+        fault = self.job.get("fault")
+        if not fault:
+            return
+        if fault.startswith("poison:"):
+            if before and Path(src).name == fault[len("poison:"):]:
+                os._exit(1)
+            return
+        if before:
             return
         try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(fault, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
         os.write(fd, self.worker.encode())
