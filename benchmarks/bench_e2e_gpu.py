@@ -77,6 +77,14 @@ def _import_codec():
     return coder, lalic_mod, mambaic_mod
 
 
+def _coding_module():
+    """The module whose ``encode_stream`` / ``decode_stream`` the models' entropy models call."""
+    ensure_package()
+    import lalic_codec.models.entropy_models as entropy_models
+
+    return entropy_models
+
+
 # ------------------------------------------------------------------------------------------
 # inputs and models
 # ------------------------------------------------------------------------------------------
@@ -153,10 +161,10 @@ class OverlappedCoder:
     """
 
     def __init__(self, kind: str = "thread", workers: int = 2):
-        coder, lalic_mod, mambaic_mod = _import_codec()
+        coder, _, _ = _import_codec()
         self.kind = kind
         self._encode = coder.encode_stream
-        self._modules = (lalic_mod, mambaic_mod)
+        self._modules = (_coding_module(),)
         if kind == "thread":
             self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="range-coder")
         elif kind == "process":
@@ -225,8 +233,7 @@ class Split:
 
     @contextlib.contextmanager
     def active(self):
-        coder, lalic_mod, mambaic_mod = _import_codec()
-        mods = (lalic_mod, mambaic_mod)
+        mods = (_coding_module(),)
         saved_enc = [m.encode_stream for m in mods]
         saved_dec = [m.decode_stream for m in mods]
         saved_cpu, saved_to = torch.Tensor.cpu, torch.Tensor.to

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..entropy.coder import decode_stream, encode_stream
 from ..entropy.tables import CdfTables, gaussian_cdf_tables, gaussian_scale_table, pmf_to_cdf_tables
 
 _TABLE_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length")
@@ -223,6 +224,17 @@ class EntropyBottleneck(EntropyModel):
         B, C, H, W = shape
         return torch.arange(C, dtype=torch.int32).view(1, C, 1, 1).expand(B, C, H, W)
 
+    def compress(self, z: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """One stream of ``round(z - median)``, table c for channel c, elements in C order
+        (FORMAT.md 11.3); returns (stream, symbols)."""
+        z_sym = self.symbols(z)
+        return encode_stream(z_sym.cpu().numpy(), self.indexes(z.shape).numpy(), self.tables()), z_sym
+
+    def decompress(self, data: bytes, hw: tuple[int, int]) -> torch.Tensor:
+        """The symbols of a :meth:`compress` stream of one (C, h, w) latent, as (1, C, h, w) on the model's device."""
+        sym = decode_stream(data, self.indexes((1, self.channels, *hw)).numpy(), self.tables())
+        return torch.from_numpy(sym).to(self.quantiles.device)
+
     @torch.no_grad()
     def update(self, force: bool = False) -> bool:
         """Compute the integer CDF tables from the learned densities (CompressAI ``update``)."""
@@ -286,6 +298,16 @@ class GaussianConditional(EntropyModel):
         scales = torch.max(scales, self.scale_bound.to(scales.dtype))
         table = self.scale_table[:-1].to(device=scales.device, dtype=scales.dtype).contiguous()
         return torch.searchsorted(table, scales.contiguous(), right=False).int()
+
+    def compress(self, y: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """One stream of the symbols ``round(y - means)``, each coded with the table its index names;
+        returns (stream, symbols)."""
+        sym = self.quantize(y, "symbols", means)
+        return encode_stream(sym.cpu().numpy(), indexes.cpu().numpy(), self.tables()), sym
+
+    def decompress(self, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
+        """The symbols of a :meth:`compress` stream (shaped like ``indexes``, on its device)."""
+        return torch.from_numpy(decode_stream(data, indexes.cpu().numpy(), self.tables())).to(indexes.device)
 
     @torch.no_grad()
     def update_scale_table(self, scale_table=None, force: bool = False) -> bool:

@@ -196,8 +196,26 @@ class IntegerScalePath(nn.Module):
         out = self.heads[k](torch.cat(feats, dim=1))
         return out.clamp(0, NUM_SCALES - 1)
 
+    def for_image(self, z_sym: torch.Tensor, quality) -> "PathIndexes":
+        """The table indexes of one image (batch), from its z symbols and quality."""
+        return PathIndexes(self, z_sym, quality)
+
     @staticmethod
     def table_scales(index: torch.Tensor, scale_table: torch.Tensor) -> torch.Tensor:
         """The scale of each (possibly fractional, during training) table index: log-linear in the index."""
         lo, hi = torch.log(scale_table[0]), torch.log(scale_table[-1])
         return torch.exp(lo + index * (hi - lo) / (NUM_SCALES - 1))
+
+
+class PathIndexes:
+    """The integer path's table indexes for one image (``latent_codecs.ScaleIndexes``): the hyper
+    features are computed once from the z symbols, then group by group from the residuals."""
+
+    def __init__(self, path: IntegerScalePath, z_sym: torch.Tensor, quality):
+        self.path = path
+        self.quality = quality
+        self.hyper = path.hyper_features(z_sym, quality)
+
+    def group(self, k: int, residuals: list[torch.Tensor]):
+        prev = list(residuals)
+        return lambda anchors: self.path.indexes(k, self.hyper, prev, anchors, self.quality)

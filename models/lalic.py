@@ -6,187 +6,71 @@ checkpoints give the paper's results.  The entropy model is ELIC's space-channel
 (SCCTX) with RWKV channel-context blocks: uneven channel groups, a checkerboard spatial context
 inside each group, and parameter aggregation with channel-mix blocks.
 
-Coding works on one image at a time.  ``compress`` returns the list of streams in container order:
-the hyper-latent z first, then for every channel group an anchor stream and a non-anchor stream.
+The entropy model is a tree of latent codecs (``latent_codecs``), registered as ``latent_codec``
+with CompressAI's module names: a hyperprior (z first), then channel groups, each a checkerboard
+of two passes under a Gaussian conditional.  Coding works on one image at a time; ``compress``
+returns the streams in the order the tree writes them (FORMAT.md 11.3).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from ..entropy.coder import decode_stream, encode_stream
-from .base import CodingModel
-from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
+from .base import Coded, CodingModel  # noqa: F401  (Coded: re-exported)
+from .entropy_models import EntropyBottleneck, GaussianConditional
 from .int_scale import IntegerScalePath
+from .latent_codecs import (  # noqa: F401  (packing helpers: re-exported)
+    ChannelGroupsLatentCodec,
+    CheckerboardLatentCodec,
+    GaussianConditionalLatentCodec,
+    HyperLatentCodec,
+    HyperpriorLatentCodec,
+    checkerboard_mask,
+    embed,
+    unembed,
+)
 from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter_aggregation
-
-# ---------------------------------------------------------------------------------------------
-# checkerboard helpers: anchors are the positions with (i + j) even
+from .registry import register
 
 
-def unembed(y: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (2, B, C, H, W/2): [anchors, non-anchors], packed row by row."""
-    B, C, H, W = y.shape
-    out = y.new_empty((2, B, C, H, W // 2))
-    out[0, ..., 0::2, :] = y[..., 0::2, 0::2]
-    out[0, ..., 1::2, :] = y[..., 1::2, 1::2]
-    out[1, ..., 0::2, :] = y[..., 0::2, 1::2]
-    out[1, ..., 1::2, :] = y[..., 1::2, 0::2]
+def _channel_groups(groups: list[int], M: int, N: int, hidden_rate: int) -> ChannelGroupsLatentCodec:
+    """ELIC's channel groups with RWKV channel context (official module names and creation order)."""
+    channel_context = nn.ModuleDict(
+        {
+            f"y{k}": nn.Sequential(
+                nn.Conv2d(sum(groups[:k]), M, 3, padding=1),
+                RwkvBlock(M, hidden_rate=hidden_rate),
+                RwkvBlock(M, hidden_rate=hidden_rate),
+                nn.Conv2d(M, groups[k] * 2, 1),
+            )
+            for k in range(1, len(groups))
+        }
+    )
+    latent_codec = nn.ModuleDict(
+        {
+            f"y{k}": CheckerboardLatentCodec(
+                parameter_aggregation(2 * g + (k > 0) * 2 * g + M, 2 * g, 2 * N),
+                CheckerboardMaskedConv2d(g, 2 * g, kernel_size=5, stride=1, padding=2),
+                GaussianConditionalLatentCodec(),
+            )
+            for k, g in enumerate(groups)
+        }
+    )
+    return ChannelGroupsLatentCodec(groups, latent_codec, channel_context)
+
+
+def with_hyper_aliases(sd: dict) -> dict:
+    """Restore the top-level h_a/h_s aliases that our weight files leave out."""
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.startswith("latent_codec.hyper.h_a.") or k.startswith("latent_codec.hyper.h_s."):
+            out.setdefault(k[len("latent_codec.hyper."):], v)
     return out
-
-
-def embed(y_: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`unembed`."""
-    _, B, C, H, W2 = y_.shape
-    y = y_.new_empty((B, C, H, W2 * 2))
-    y[..., 0::2, 0::2] = y_[0, ..., 0::2, :]
-    y[..., 1::2, 1::2] = y_[0, ..., 1::2, :]
-    y[..., 0::2, 1::2] = y_[1, ..., 0::2, :]
-    y[..., 1::2, 0::2] = y_[1, ..., 1::2, :]
-    return y
-
-
-def checkerboard_mask(h: int, w: int, anchor: bool, device=None) -> torch.Tensor:
-    ij = torch.arange(h, device=device).view(h, 1) + torch.arange(w, device=device).view(1, w)
-    return ((ij % 2 == 0) == anchor).float()
-
-
-def table_scales(index: torch.Tensor, scale_table: torch.Tensor, exact: bool) -> torch.Tensor:
-    """Scales of scale-table indexes: the table entries themselves at inference, a log-linear
-    interpolation (differentiable in the index) during training."""
-    if exact:
-        return scale_table[index.long()]
-    return IntegerScalePath.table_scales(index, scale_table)
-
-
-# ---------------------------------------------------------------------------------------------
-# latent-codec containers, named as in CompressAI so that state-dict keys match
-
-
-class _GaussianLatent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gaussian_conditional = GaussianConditional()
-
-
-class CheckerboardGroup(nn.Module):
-    """One channel group: checkerboard spatial context + parameter aggregation + Gaussian conditional."""
-
-    def __init__(self, g: int, side_ch: int, min_ch: int):
-        super().__init__()
-        self.entropy_parameters = parameter_aggregation(2 * g + side_ch, 2 * g, min_ch)
-        self.context_prediction = CheckerboardMaskedConv2d(g, 2 * g, kernel_size=5, stride=1, padding=2)
-        self.y = _GaussianLatent()
-
-    @property
-    def gaussian_conditional(self) -> GaussianConditional:
-        return self.y.gaussian_conditional
-
-    def forward(self, y: torch.Tensor, side: torch.Tensor, index_fn=None):
-        """Training/evaluation pass ("two-pass" checkerboard).
-
-        Returns (y_hat, likelihoods, residual symbols, float-scale likelihoods).  ``index_fn(anchors)``
-        (optional) replaces the network's scales by scale-table indexes from an integer scale path:
-        called with None for the anchor pass and with the anchors' residual symbols (zeros
-        elsewhere) for the non-anchor pass.  The network's own (floating-point) scales still give the
-        fourth value, the likelihoods the float path would have coded with (None without
-        ``index_fn``): training learns both, and their ratio is the integer path's rate overhead.
-        """
-        B, g, H, W = y.shape
-        anchor = checkerboard_mask(H, W, True, y.device)
-        non_anchor = 1.0 - anchor
-        # the parameter network works position by position (1x1 mixing, per-token layers), so each
-        # pass evaluates it only where its output is used: on the packed half-grid of its positions
-        side_ = unembed(side)
-        y_ = unembed(y)
-        zero_ctx = y.new_zeros((B, 2 * g, H, W // 2))
-        s_a, m_a = self.entropy_parameters(torch.cat([zero_ctx, side_[0]], dim=1)).chunk(2, dim=1)
-        y_hat_a = embed(torch.stack([quantize_ste(y_[0] - m_a) + m_a, torch.zeros_like(m_a)]))
-        ctx = unembed(self.context_prediction(y_hat_a))[1]
-        s_n, m_n = self.entropy_parameters(torch.cat([ctx, side_[1]], dim=1)).chunk(2, dim=1)
-        y_hat_n = embed(torch.stack([torch.zeros_like(m_n), quantize_ste(y_[1] - m_n) + m_n]))
-        means = embed(torch.stack([m_a, m_n]))
-        residual = torch.round(y - means).detach()
-        gc = self.gaussian_conditional
-        float_scales = embed(torch.stack([s_a, s_n]))
-        float_likelihoods = None
-        if index_fn is None:
-            scales = float_scales
-        else:
-            idx = index_fn(None) * anchor + index_fn(residual * anchor) * non_anchor
-            scales = table_scales(idx, gc.scale_table, exact=not self.training)
-            # the float scales learn to code the latent the integer path codes: no gradient from
-            # their rate reaches the latent or the means
-            _, float_likelihoods = gc(y.detach(), float_scales, means.detach())
-        _, likelihoods = gc(y, scales, means)
-        return y_hat_a + y_hat_n, likelihoods, residual, float_likelihoods
-
-    def code(self, side: torch.Tensor, step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Anchor pass then non-anchor pass on packed half-grids (the order the streams are coded in).
-
-        ``step(i, scales, means)`` codes pass ``i`` (0 anchors, 1 non-anchors) and returns its
-        dequantised values, packed (B, g, H, W/2); the same routine drives encoder and decoder.
-        """
-        side_ = unembed(side)
-        B, _, H, W2 = side_.shape[1:]
-        g = self.context_prediction.in_channels
-        y_hat_ = side.new_zeros((2, B, g, H, W2))
-        for i in (0, 1):
-            if i == 0:
-                ctx = side.new_zeros((B, 2 * g, H, W2))
-            else:
-                ctx = unembed(self.context_prediction(embed(y_hat_)))[1]
-            params = self.entropy_parameters(torch.cat([ctx, side_[i]], dim=1))
-            scales, means = params.chunk(2, dim=1)
-            y_hat_[i] = step(i, scales, means)
-        return embed(y_hat_)
-
-
-class ChannelGroups(nn.Module):
-    def __init__(self, groups: list[int], M: int, N: int, hidden_rate: int = 8):
-        super().__init__()
-        self.groups = list(groups)
-        self.channel_context = nn.ModuleDict(
-            {
-                f"y{k}": nn.Sequential(
-                    nn.Conv2d(sum(groups[:k]), M, 3, padding=1),
-                    RwkvBlock(M, hidden_rate=hidden_rate),
-                    RwkvBlock(M, hidden_rate=hidden_rate),
-                    nn.Conv2d(M, groups[k] * 2, 1),
-                )
-                for k in range(1, len(groups))
-            }
-        )
-        self.latent_codec = nn.ModuleDict(
-            {f"y{k}": CheckerboardGroup(g, (k > 0) * 2 * g + M, 2 * N) for k, g in enumerate(groups)}
-        )
-
-    def side_params(self, k: int, hyper_params: torch.Tensor, y_hats: list[torch.Tensor]) -> torch.Tensor:
-        if k == 0:
-            return hyper_params
-        ctx = self.channel_context[f"y{k}"](torch.cat(y_hats, dim=1))
-        return torch.cat([ctx, hyper_params], dim=1)
-
-
-class _Hyper(nn.Module):
-    def __init__(self, entropy_bottleneck: EntropyBottleneck, h_a: nn.Module, h_s: nn.Module):
-        super().__init__()
-        self.entropy_bottleneck = entropy_bottleneck
-        self.h_a = h_a
-        self.h_s = h_s
-
-
-class _Hyperprior(nn.Module):
-    def __init__(self, y: ChannelGroups, hyper: _Hyper):
-        super().__init__()
-        self.y = y
-        self.hyper = hyper
 
 
 @dataclass
@@ -208,16 +92,7 @@ class LALICConfig:
         return d
 
 
-@dataclass
-class Coded:
-    """Result of :meth:`LALIC.compress`: streams in container order plus what the decoder needs to know."""
-
-    streams: list[bytes]
-    z_shape: tuple[int, int]
-    y_hat: torch.Tensor | None = None
-    debug: dict = field(default_factory=dict)
-
-
+@register("lalic")
 class LALIC(CodingModel):
     """The LALIC network.  ``LALIC()`` is the official default configuration (66.1 M parameters)."""
 
@@ -246,7 +121,7 @@ class LALIC(CodingModel):
         )
         h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
         h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, N4, 5))
-        self.latent_codec = _Hyperprior(ChannelGroups(groups, M, N, ctx_hidden_rate), _Hyper(EntropyBottleneck(N6), h_a, h_s))
+        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, M, N, ctx_hidden_rate), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
         # the official model also registers the hyper transforms at the top level (aliased keys)
         self.h_a = h_a
         self.h_s = h_s
@@ -259,11 +134,11 @@ class LALIC(CodingModel):
         return self.latent_codec.hyper.entropy_bottleneck
 
     @property
-    def channel_groups(self) -> ChannelGroups:
+    def channel_groups(self) -> ChannelGroupsLatentCodec:
         return self.latent_codec.y
 
-    def group(self, k: int) -> CheckerboardGroup:
-        return self.latent_codec.y.latent_codec[f"y{k}"]
+    def group(self, k: int) -> CheckerboardLatentCodec:
+        return self.latent_codec.y.group(k)
 
     def gaussian_conditionals(self) -> list[GaussianConditional]:
         return [self.group(k).gaussian_conditional for k in range(len(self.groups))]
@@ -278,6 +153,23 @@ class LALIC(CodingModel):
             updated |= gc.update_scale_table(force=force)
         return updated
 
+    # --- what the pipeline needs (CodingModel) ----------------------------------------------------
+    @property
+    def device_independent(self) -> bool:
+        return self.scale_path is not None
+
+    def coding_tree(self) -> HyperpriorLatentCodec:
+        return self.latent_codec
+
+    def scale_indexes(self, quality=None):
+        return None if self.scale_path is None else partial(self.scale_path.for_image, quality=quality)
+
+    def analysis(self, x: torch.Tensor, quality=None) -> torch.Tensor:
+        return self.latent_gain(self.g_a(x), quality)
+
+    def synthesis(self, y_hat: torch.Tensor, quality=None) -> torch.Tensor:
+        return self.g_s(self.latent_inverse_gain(y_hat, quality))
+
     # --- rate hooks (identity here; the variable-rate model scales the latent) ---------------------
 
     def latent_gain(self, y: torch.Tensor, quality=None) -> torch.Tensor:
@@ -288,125 +180,19 @@ class LALIC(CodingModel):
 
     # --- forward (training / rate estimation) -----------------------------------------------------
     def forward(self, x: torch.Tensor, quality=None) -> dict:
-        y = self.latent_gain(self.g_a(x), quality)
-        eb = self.entropy_bottleneck
-        z = self.h_a(y)
-        z_tilde, z_likelihoods = eb(z)
-        medians = eb.medians().view(1, -1, 1, 1)
-        z_hat = quantize_ste(z - medians) + medians
-        hyper_params = self.h_s(z_hat)
-        y_split = y.split(self.groups, dim=1)
-        y_hats, likelihoods, float_likelihoods, residuals = [], [], [], []
-        hyper_int = None
-        if self.scale_path is not None:
-            z_sym = torch.round(z - medians).detach()
-            hyper_int = self.scale_path.hyper_features(z_sym, quality)
-        for k in range(len(self.groups)):
-            side = self.channel_groups.side_params(k, hyper_params, y_hats)
-            index_fn = None
-            if hyper_int is not None:
-                index_fn = partial(self.scale_path.indexes, k, hyper_int, list(residuals), quality=quality)
-            y_hat_k, lik_k, res_k, flik_k = self.group(k)(y_split[k], side, index_fn)
-            y_hats.append(y_hat_k)
-            likelihoods.append(lik_k)
-            float_likelihoods.append(flik_k)
-            residuals.append(res_k)
-        y_hat = torch.cat(y_hats, dim=1)
-        x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality))
+        y = self.analysis(x, quality)
+        t = self.latent_codec(y, self.scale_indexes(quality))
         out = {
-            "x_hat": x_hat,
-            "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods},
+            "x_hat": self.synthesis(t["y_hat"], quality),
+            "likelihoods": t["likelihoods"],
             "y": y,
-            "y_hat": y_hat,
-            "z": z,
-            "z_hat": z_hat,
+            "y_hat": t["y_hat"],
+            "z": t["z"],
+            "z_hat": t["z_hat"],
         }
         if self.scale_path is not None:  # what the float scales would have cost (not coded)
-            out["float_likelihoods_y"] = torch.cat(float_likelihoods, dim=1)
+            out["float_likelihoods_y"] = t["float_likelihoods_y"]
         return out
-
-    # --- coding ---------------------------------------------------------------------------------
-    def num_streams(self) -> int:
-        return 1 + 2 * len(self.groups)
-
-    @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None, debug: bool = False) -> Coded:
-        """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams."""
-        self.check_input(x)
-        y = self.latent_gain(self.g_a(x), quality)
-        eb = self.entropy_bottleneck
-        z = self.h_a(y)
-        z_sym = eb.symbols(z)
-        streams = [encode_stream(z_sym.cpu().numpy(), eb.indexes(z.shape).numpy(), eb.tables())]
-        z_hat = eb.dequantize(z_sym)
-        dbg: dict = {"y": y, "z": z, "z_hat": z_hat, "means": [], "scale_indexes": []} if debug else {}
-        y_split = y.split(self.groups, dim=1)
-
-        def code_symbols(k, i, indexes, means):
-            sym = torch.round(unembed(y_split[k])[i] - means).int()
-            streams.append(encode_stream(sym.cpu().numpy(), indexes.cpu().numpy(), self.group(k).gaussian_conditional.tables()))
-            if debug:
-                dbg["means"].append(means)
-                dbg["scale_indexes"].append(indexes)
-            return sym
-
-        y_hat = self._code_groups(self.h_s(z_hat), z_sym, quality, code_symbols)
-        return Coded(streams, tuple(z.shape[-2:]), y_hat, dbg)
-
-    @torch.no_grad()
-    def decompress(self, streams: list[bytes], z_shape: tuple[int, int], quality=None) -> dict:
-        """Decode the streams of :meth:`compress`; returns ``x_hat`` (clamped to [0, 1]) and ``y_hat``."""
-        if len(streams) != self.num_streams():
-            raise ValueError(f"expected {self.num_streams()} streams, got {len(streams)}")
-        zh, zw = (int(v) for v in z_shape)
-        if zh < 1 or zw < 1:  # checked before any tensor is shaped from it (callers bound the size)
-            raise ValueError(f"hyper-latent shape {zh}x{zw} is empty")
-        eb = self.entropy_bottleneck
-        device = eb.quantiles.device
-        z_shape4 = (1, eb.channels, zh, zw)
-        z_sym = decode_stream(streams[0], eb.indexes(z_shape4).numpy(), eb.tables())
-        z_sym = torch.from_numpy(z_sym).to(device)
-        z_hat = eb.dequantize(z_sym)
-        pos = iter(range(1, len(streams)))
-
-        def decode_symbols(k, i, indexes, means):
-            sym = decode_stream(streams[next(pos)], indexes.cpu().numpy(), self.group(k).gaussian_conditional.tables())
-            return torch.from_numpy(sym).to(means.device)
-
-        y_hat = self._code_groups(self.h_s(z_hat), z_sym, quality, decode_symbols)
-        x_hat = self.g_s(self.latent_inverse_gain(y_hat, quality)).clamp_(0, 1)
-        return {"x_hat": x_hat, "y_hat": y_hat, "z_hat": z_hat}
-
-    def _code_groups(self, hyper_params: torch.Tensor, z_sym: torch.Tensor, quality, code_symbols) -> torch.Tensor:
-        """Run the entropy model group by group, pass by pass, in stream order.
-
-        ``code_symbols(k, i, indexes, means)`` encodes or decodes the packed symbols of pass ``i``
-        of group ``k`` and returns them; the same routine drives the encoder and the decoder.
-        """
-        y_hats: list[torch.Tensor] = []
-        residuals: list[torch.Tensor] = []
-        hyper_int = None
-        if self.scale_path is not None:
-            hyper_int = self.scale_path.hyper_features(z_sym.to(hyper_params.dtype), quality)
-        for k in range(len(self.groups)):
-            side = self.channel_groups.side_params(k, hyper_params, y_hats)
-            gc = self.group(k).gaussian_conditional
-            packed: list[torch.Tensor] = []
-
-            def step(i, scales, means, k=k, gc=gc, packed=packed):
-                if hyper_int is None:
-                    indexes = gc.build_indexes(scales)
-                else:
-                    anchors = None if i == 0 else embed(torch.stack([packed[0], torch.zeros_like(packed[0])]))
-                    full = self.scale_path.indexes(k, hyper_int, residuals, anchors, quality)
-                    indexes = unembed(full)[i].int()
-                sym = code_symbols(k, i, indexes, means)
-                packed.append(sym.to(means.dtype))
-                return packed[-1] + means
-
-            y_hats.append(self.group(k).code(side, step))
-            residuals.append(embed(torch.stack(packed)))
-        return torch.cat(y_hats, dim=1)
 
     # --- construction from state dicts -------------------------------------------------------------
     @staticmethod
@@ -449,17 +235,27 @@ class LALIC(CodingModel):
         return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate)
 
     @classmethod
+    def matches(cls, sd: dict) -> bool:
+        return "g_a.0.weight" in sd and any(k.startswith("latent_codec.y.channel_context") for k in sd) and not VariableRateLALIC.matches(sd)
+
+    @classmethod
     def from_state_dict(cls, sd: dict, strict: bool = True) -> "LALIC":
-        cfg = cls.config_from_state_dict(sd)
-        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate)
+        """Build the network that fits ``sd`` and load it (the top-level h_a/h_s may be left out)."""
+        sd = with_hyper_aliases(sd)
+        model = cls._from_config(LALIC.config_from_state_dict(sd), sd)
         model.load_state_dict(sd, strict=strict)
         return model
+
+    @classmethod
+    def _from_config(cls, cfg: LALICConfig, sd: dict) -> "LALIC":
+        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate)
 
 
 #: rate-distortion trade-offs of the variable-rate model's quality ladder 1..8 (loss = R + lambda 255^2 MSE)
 DEFAULT_LAMBDAS = tuple(float(f"{0.0018 * (0.0483 / 0.0018) ** (i / 7):.6f}") for i in range(8))
 
 
+@register("lalic-vr")
 class VariableRateLALIC(LALIC):
     """LALIC with per-channel gain vectors on the latent, one per quality level (Cui et al., CVPR 2021).
 
@@ -514,12 +310,13 @@ class VariableRateLALIC(LALIC):
         return y_hat * torch.exp(self._interp(self.log_inv_gain, quality))
 
     @classmethod
-    def from_state_dict(cls, sd: dict, strict: bool = True) -> "VariableRateLALIC":
-        cfg = LALIC.config_from_state_dict(sd)
+    def matches(cls, sd: dict) -> bool:
+        return "lambdas" in sd and "log_gain" in sd
+
+    @classmethod
+    def _from_config(cls, cfg: LALICConfig, sd: dict) -> "VariableRateLALIC":
         int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
-        model = cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale, ctx_hidden_rate=cfg.ctx_hidden_rate)
-        model.load_state_dict(sd, strict=strict)
-        return model
+        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale, ctx_hidden_rate=cfg.ctx_hidden_rate)
 
 
 #: the v2 integer scale path: signed residual contexts, two-layer channel context, three-layer head

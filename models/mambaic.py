@@ -13,9 +13,10 @@ checkpoints (e.g. ``checkpoint0.025.pth.tar``) give the paper's results.
   context block (``context_vss``) combines them with the checkerboard spatial context and
   gives (means, scales), refined again by window attention (``anchor_atten_*``); latent
   residual prediction (``lrp_transforms``) adds ``0.5 tanh(...)`` to each decoded slice.
-* Coding: stream 0 is z, then for every slice an anchor stream and a non-anchor stream, each
-  the packed half-grid (anchors at (i + j) even) in C order, as for LALIC (every stream is a
-  CRC32 of its symbols followed by the range-coded words, ``entropy.coder.encode_stream``).
+* Coding: the tree of latent codecs that LALIC uses (``latent_codecs``), built over the official
+  flat modules on each use (:meth:`MambaIC.coding_tree`): stream ``z``, then for every slice an
+  anchor stream and a non-anchor stream (``y/g<k>/anchor``, ``y/g<k>/non_anchor``), each the packed
+  half-grid (anchors at (i + j) even) in C order, as for LALIC.
 
 The official evaluation pads images to a multiple of 128; the official window attention
 only runs when the latent is at least 16 x 16 (images >= 256), ours also runs on 128-pixel
@@ -27,17 +28,27 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
-from ..entropy.coder import decode_stream, encode_stream
-from .checkpoints import normalize_keys
 from .base import CodingModel
+from .checkpoints import normalize_keys
 from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
-from .lalic import Coded, checkerboard_mask, embed, unembed
+from .latent_codecs import (
+    ChannelGroupsLatentCodec,
+    CheckerboardLatentCodec,
+    GaussianConditionalLatentCodec,
+    HyperLatentCodec,
+    HyperpriorLatentCodec,
+    StreamCoder,
+    checkerboard_mask,
+    unembed,
+)
 from .layers import CheckerboardMaskedConv2d, conv, deconv
 from .mambaic_layers import SWAtten, VSSBlock
+from .registry import register
 
 #: widths the official constructor hard-codes
 Z_CHANNELS = 192
@@ -83,6 +94,56 @@ def _param_transform(in_ch: int, out_ch: int) -> nn.Sequential:
     )
 
 
+class _MeanScaleSynthesis(nn.Module):
+    """The two hyper-synthesis networks as one: z_hat -> (latent_means, latent_scales)."""
+
+    def __init__(self, h_mean_s: nn.Module, h_scale_s: nn.Module):
+        super().__init__()
+        self.h_mean_s = h_mean_s
+        self.h_scale_s = h_scale_s
+
+    def forward(self, z_hat: torch.Tensor):
+        latent_scales = self.h_scale_s(z_hat)
+        return self.h_mean_s(z_hat), latent_scales
+
+
+class _SliceCheckerboard(CheckerboardLatentCodec):
+    """A slice's two passes: the context block and its attention refine (means, scales) on the full
+    grid; each pass keeps its half."""
+
+    def __init__(self, params, context_prediction: nn.Module, y: GaussianConditionalLatentCodec):
+        super().__init__(None, context_prediction, y)
+        self.params = params  # (ctx, support) -> (means, scales), full grid
+
+    def pass_params(self, i: int, ctx: torch.Tensor | None, side: torch.Tensor):
+        if ctx is None:
+            B, _, H, W = side.shape
+            ctx = side.new_zeros((B, 2 * self.context_prediction.in_channels, H, W))
+        means, scales = self.params(ctx, side)
+        return unembed(scales)[i], unembed(means)[i]
+
+
+class _Slices(ChannelGroupsLatentCodec):
+    """MambaIC's slices: attention supports from the hyper outputs and the earlier slices, and
+    latent residual prediction on each decoded slice."""
+
+    def __init__(self, model: "MambaIC", groups: list[int], latent_codec: nn.ModuleDict):
+        super().__init__(groups, latent_codec)
+        self.supports = model._slice_supports
+        self.lrp = model._lrp
+
+    def side_params(self, k: int, side, y_hats: list[torch.Tensor]):
+        latent_means, latent_scales = side
+        mean_support, support = self.supports(k, latent_means, latent_scales, y_hats)
+        return support, mean_support
+
+    def finish(self, k: int, y_q: torch.Tensor, mean_support, io: StreamCoder | None) -> torch.Tensor:
+        if io is not None and io.trace is not None:
+            io.trace.setdefault("y_q", []).append(y_q)
+        return self.lrp(k, mean_support, y_q)
+
+
+@register("mambaic")
 class MambaIC(CodingModel):
     """The MambaIC network.  ``MambaIC()`` is the official configuration (123.8 M parameters)."""
 
@@ -220,87 +281,25 @@ class MambaIC(CodingModel):
             "z_hat": z_hat,
         }
 
-    # --- coding ---------------------------------------------------------------------------------
-    def num_streams(self) -> int:
-        return 1 + 2 * self.num_slices
+    # --- coding (CodingModel) ------------------------------------------------------------------------
+    def coding_tree(self) -> HyperpriorLatentCodec:
+        """The latent codecs over this model's modules.  Built on each use: the official state dict
+        is flat, so the tree cannot be registered, and modules swapped after construction (e.g. by
+        ``torch.compile`` in a benchmark) are the ones it codes with."""
+        gc = GaussianConditionalLatentCodec(self.gaussian_conditional)
+        slices = nn.ModuleDict(
+            {f"y{i}": _SliceCheckerboard(partial(self._params, i), self.context_prediction[i], gc) for i in range(self.num_slices)}
+        )
+        return HyperpriorLatentCodec(
+            _Slices(self, [self.num_per_slice] * self.num_slices, slices),
+            HyperLatentCodec(self.entropy_bottleneck, self.h_a, _MeanScaleSynthesis(self.h_mean_s, self.h_scale_s)),
+        )
 
-    def _code_slices(self, z_hat: torch.Tensor, make_step, debug: dict | None = None) -> torch.Tensor:
-        """Decode order shared by encoder and decoder; ``make_step(i)`` returns ``step(pass, scales, means)``
-        that codes one packed half-grid of slice ``i`` and returns its dequantised values."""
-        latent_scales = self.h_scale_s(z_hat)
-        latent_means = self.h_mean_s(z_hat)
-        B, _, H, W = latent_means.shape
-        nps = self.num_per_slice
-        y_hat_slices: list[torch.Tensor] = []
-        for i in range(self.num_slices):
-            step = make_step(i)
-            mean_support, support = self._slice_supports(i, latent_means, latent_scales, y_hat_slices)
-            packed = latent_means.new_zeros((2, B, nps, H, W // 2))
-            means_a, scales_a = self._params(i, latent_means.new_zeros((B, 2 * nps, H, W)), support)
-            packed[0] = step(0, unembed(scales_a)[0], unembed(means_a)[0])
-            means_n, scales_n = self._params(i, self.context_prediction[i](embed(packed)), support)
-            packed[1] = step(1, unembed(scales_n)[1], unembed(means_n)[1])
-            y_q = embed(packed)
-            if debug is not None:
-                debug["y_q"].append(y_q)
-            y_hat_slices.append(self._lrp(i, mean_support, y_q))
-        return torch.cat(y_hat_slices, dim=1)
+    def analysis(self, x: torch.Tensor, quality=None) -> torch.Tensor:
+        return self.g_a(x)
 
-    @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None, debug: bool = False) -> Coded:
-        """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams (z first)."""
-        self.check_input(x)
-        y = self.g_a(x)
-        z = self.h_a(y)
-        eb = self.entropy_bottleneck
-        z_sym = eb.symbols(z)
-        streams = [encode_stream(z_sym.cpu().numpy(), eb.indexes(z.shape).numpy(), eb.tables())]
-        z_hat = eb.dequantize(z_sym)
-        gc = self.gaussian_conditional
-        dbg: dict = {"y": y, "z": z, "z_hat": z_hat, "means": [], "scale_indexes": [], "y_q": []} if debug else {}
-        y_slices = y.chunk(self.num_slices, dim=1)
-
-        def make_step(i: int):
-            y_packed = unembed(y_slices[i])
-
-            def step(p, scales, means):
-                indexes = gc.build_indexes(scales)
-                sym = torch.round(y_packed[p] - means).int()
-                streams.append(encode_stream(sym.cpu().numpy(), indexes.cpu().numpy(), gc.tables()))
-                if debug:
-                    dbg["means"].append(means)
-                    dbg["scale_indexes"].append(indexes)
-                return sym.to(means.dtype) + means
-
-            return step
-
-        y_hat = self._code_slices(z_hat, make_step, dbg if debug else None)
-        return Coded(streams, tuple(z.shape[-2:]), y_hat, dbg)
-
-    @torch.no_grad()
-    def decompress(self, streams: list[bytes], z_shape: tuple[int, int], quality=None) -> dict:
-        """Decode the streams of :meth:`compress`; returns ``x_hat`` (clamped to [0, 1]), ``y_hat``, ``z_hat``."""
-        if len(streams) != self.num_streams():
-            raise ValueError(f"expected {self.num_streams()} streams, got {len(streams)}")
-        eb = self.entropy_bottleneck
-        device = eb.quantiles.device
-        zh, zw = z_shape
-        z_sym = decode_stream(streams[0], eb.indexes((1, eb.channels, zh, zw)).numpy(), eb.tables())
-        z_hat = eb.dequantize(torch.from_numpy(z_sym).to(device))
-        gc = self.gaussian_conditional
-        pos = iter(range(1, len(streams)))
-
-        def make_step(i: int):
-            def step(p, scales, means):
-                indexes = gc.build_indexes(scales)
-                sym = decode_stream(streams[next(pos)], indexes.cpu().numpy(), gc.tables())
-                return torch.from_numpy(sym).to(device=means.device, dtype=means.dtype) + means
-
-            return step
-
-        y_hat = self._code_slices(z_hat, make_step)
-        x_hat = self.g_s(y_hat).clamp_(0, 1)
-        return {"x_hat": x_hat, "y_hat": y_hat, "z_hat": z_hat}
+    def synthesis(self, y_hat: torch.Tensor, quality=None) -> torch.Tensor:
+        return self.g_s(y_hat)
 
     # --- construction from state dicts -------------------------------------------------------------
     @staticmethod
@@ -326,6 +325,11 @@ class MambaIC(CodingModel):
         if len(slices) != NUM_SLICES:
             raise ValueError(f"not a MambaIC state dict ({len(slices)} context predictions, expected {NUM_SLICES})")
         return MambaICConfig(N, M, tuple(depths))
+
+    @classmethod
+    def matches(cls, sd: dict) -> bool:
+        # official MambaIC eval strips "module." wherever it occurs; from_state_dict does the same
+        return any(k.replace("module.", "").startswith(("context_vss", "cc_mean_transforms")) for k in sd)
 
     @classmethod
     def from_state_dict(cls, sd: dict, strict: bool = True) -> "MambaIC":
