@@ -769,9 +769,11 @@ def bench(ctx):
     bench_cli.main(args=ctx.args, prog_name="codec bench", standalone_mode=True)
 
 
-from .batch.command import batch  # noqa: E402  (codec batch: Ray is imported only when it runs)
+if __name__ == "__main__":  # python -m lalic_codec.cli: run the module proper, which has codec batch
+    from lalic_codec.cli import main as _main
 
-main.add_command(batch)
+    _main()
+else:
+    from .batch.command import batch  # codec batch (Ray is imported only when it runs)
 
-if __name__ == "__main__":
-    main()
+    main.add_command(batch)

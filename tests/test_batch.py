@@ -213,6 +213,8 @@ def test_help_does_not_import_ray_or_torch():
         assert p.returncode == 0, (args, p.stderr)
         if args == ["--help"]:
             assert "batch" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "lalic_codec.cli", "batch", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "encode" in p.stdout, p.stderr  # as a module too (the import cycle is broken)
 
 
 def test_plan_of_folders_globs_and_manifests(tmp_path):
