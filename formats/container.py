@@ -798,6 +798,15 @@ def read_info(data: Union[bytes, bytearray, memoryview], limits: Limits | None =
         raise LimitExceededError("out of memory while reading the .lic file") from None
 
 
+def stream_names(streams_per_tile: int) -> list[str] | None:
+    """The names of a tile's streams in the layout of FORMAT.md 11.3, which every model of section
+    11 uses: ``z``, then ``y/g<k>/anchor`` and ``y/g<k>/non_anchor`` for each channel group k (the
+    paths of the streams in the model's tree of latent codecs); None for a count that is not 1 + 2K."""
+    if streams_per_tile < 1 or streams_per_tile % 2 == 0:
+        return None
+    return ["z"] + [f"y/g{k}/{p}" for k in range((streams_per_tile - 1) // 2) for p in ("anchor", "non_anchor")]
+
+
 def _read_exactly(fh: BinaryIO, n: int) -> bytes:
     chunks = []
     while n > 0:

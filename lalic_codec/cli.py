@@ -716,8 +716,13 @@ def info_lines(d: dict, file: str) -> str:
         f"quality:     {d['quality']:g}" if d["quality"] else "quality:     fixed-rate model",
         f"entropy:     parameters computed on {d['device_class_name']}",
         f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
-        f"streams:     {d['stream_bytes_total']} bytes ({', '.join(str(n) for n in d['tiles'][0]['stream_bytes'])})",
+        f"streams:     {d['stream_bytes_total']} bytes" + (f" ({d['tile_count']} tiles added up)" if d["tile_count"] > 1 else ""),
     ]
+    # by name (FORMAT.md 11.3), in coding order
+    names = d.get("stream_names") or [f"stream {i}" for i in range(len(d["tiles"][0]["stream_bytes"]))]
+    width = max(map(len, names))
+    for i, name in enumerate(names):
+        lines.append(f"{'':13}{name:<{width}} {sum(t['stream_bytes'][i] for t in d['tiles']):>8}")
     if d.get("metadata"):
         lines.append(f"metadata:    {d['metadata']['content_bytes']} bytes ({d['metadata']['compressed_bytes']} compressed)")
     if d.get("alpha"):
@@ -738,6 +743,7 @@ def info(file, as_json, max_pixels):
         data = read_input(file)
         limits = container.Limits() if max_pixels is None else container.Limits(max_pixels=max_pixels)
         d = container.read_info(data, limits)
+        d["stream_names"] = container.stream_names(d["streams_per_tile"])  # FORMAT.md 11.3
         text = info_lines(d, file)
         click.echo(json.dumps(d, indent=2) if as_json else text)
         if not d["crc_ok"]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, ModelError, UnknownModelError, WeightsMismatchError
+from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, ModelError, WeightsMismatchError
 from . import models as _models_pkg
 from .entropy.coder import SymbolMismatchError
 from .formats import container as fmt
@@ -60,7 +60,7 @@ class LoadedModel:
 
     @property
     def variable_rate(self) -> bool:
-        return bool(getattr(self.model, "variable_rate", False))
+        return bool(self.model.variable_rate)
 
 
 _cache: dict = {}
@@ -81,36 +81,22 @@ def _float_state(sd: dict) -> dict:
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
-def _with_aliases(sd: dict) -> dict:
-    """Restore the top-level h_a/h_s aliases that our weight files leave out."""
-    out = dict(sd)
-    for k, v in sd.items():
-        if k.startswith("latent_codec.hyper.h_a.") or k.startswith("latent_codec.hyper.h_s."):
-            out.setdefault(k[len("latent_codec.hyper."):], v)
-    return out
-
-
 def build_from_state_dict(sd: dict, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
-    """Construct the right network for a state dict; returns (model, model id)."""
-    from .models.lalic import LALIC, VariableRateLALIC
+    """Construct the right network for a state dict (the registered class whose ``matches``
+    accepts it); returns (model, its registry name)."""
+    from .models import registry
 
-    sd = _with_aliases(_float_state(sd))
+    sd = _float_state(sd)
     try:
-        if "lambdas" in sd and "log_gain" in sd:
-            return VariableRateLALIC.from_state_dict(sd), "lalic-vr"
-        if "g_a.0.weight" in sd and any(k.startswith("latent_codec.y.channel_context") for k in sd):
-            return LALIC.from_state_dict(sd), "lalic"
-        # official MambaIC eval strips "module." wherever it occurs; from_state_dict does the same
-        if any(k.replace("module.", "").startswith(("context_vss", "cc_mean_transforms")) for k in sd):
-            from .models.mambaic import MambaIC
-
-            return MambaIC.from_state_dict(sd), "mambaic"
+        cls = registry.detect(sd)
+        if cls is None:
+            raise ModelError(f"unrecognised weights: not a state dict of a known model ({', '.join(registry.names())})")
+        return cls.from_state_dict(sd), cls.registry_name
+    except ModelError:
+        raise
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"the weights do not fit the {model_name or 'detected'} architecture: {first[:300]}") from None
-    except ImportError:
-        raise UnknownModelError("MambaIC weights are not supported by this version") from None
-    raise ModelError("unrecognised weights: neither a LALIC nor a MambaIC state dict")
 
 
 def load_model(model: str = DEFAULT_MODEL, weights: str | Path | None = None, device: str | None = "auto") -> LoadedModel:
@@ -519,7 +505,7 @@ class EncodeResult:
 def _device_class(lm: LoadedModel) -> int:
     """0 when the model's table choices are exact on any device (integer scale path), else the
     device family that computed them."""
-    if getattr(lm.model, "scale_path", None) is not None:
+    if lm.model.device_independent:
         return int(fmt.DeviceClass.DEVICE_INDEPENDENT)
     return int(fmt.DeviceClass.CUDA if lm.device.type == "cuda" else fmt.DeviceClass.CPU)
 
@@ -713,7 +699,7 @@ def decode_bytes(
         Hp, Wp = tile.h + t + b, tile.w + l + r
         try:
             with torch.inference_mode():
-                out = lm.model.decompress(tile.streams, (Hp // 64, Wp // 64), quality=q)
+                out = lm.model.decompress(tile.streams, lm.model.hyper_shape(Hp, Wp), quality=q)
         except SymbolMismatchError:
             raise device_mismatch(h, lm, tile) from None
         x_hat = out["x_hat"][0, :, t : t + tile.h, l : l + tile.w]

@@ -98,6 +98,10 @@ class CodingModel(nn.Module):
     def coding_tree(self) -> HyperpriorLatentCodec:
         raise NotImplementedError
 
+    def update(self, force: bool = False) -> bool:
+        """Compute the entropy models' integer CDF tables (only where missing, unless ``force``)."""
+        raise NotImplementedError
+
     def analysis(self, x: torch.Tensor, quality=None) -> torch.Tensor:
         """The latent y that the tree codes."""
         raise NotImplementedError

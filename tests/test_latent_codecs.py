@@ -1,0 +1,141 @@
+"""The coding tree (models/latent_codecs.py) and the model registry (models/registry.py).
+
+A model is a composition of latent codecs that code themselves: the stream list follows from the
+tree, every stream is named by its path, and the names are those of FORMAT.md 11.3 (which
+``codec info`` prints without loading the model).  The pipeline finds a model through the
+registry and knows it only through the base class.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, natural_image
+from lalic_codec.formats import container
+from lalic_codec.models import registry
+from lalic_codec.models.base import CodingModel
+from lalic_codec.models.entropy_models import EntropyBottleneck, GaussianConditional
+from lalic_codec.models.lalic import INT_SCALE_V2, LALIC, VariableRateLALIC
+from lalic_codec.models.latent_codecs import StreamCoder, unembed
+from lalic_codec.models.mambaic import MambaIC
+
+
+def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(natural_image(h, w, seed).transpose(2, 0, 1)).float().div(255).unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    torch.manual_seed(0)
+    out = {
+        "lalic": LALIC(**TINY),
+        "lalic-vr": VariableRateLALIC(**TINY, int_scale=INT_SCALE_V2),
+        "mambaic": MambaIC(depths=(1, 1, 1, 1), N=8, M=20),
+    }
+    for m in out.values():
+        m.update(force=True)
+        m.eval()
+    return out
+
+
+def quality(model):
+    return torch.tensor([3.5]) if model.variable_rate else None
+
+
+def test_stream_names_follow_the_tree(models):
+    assert models["lalic"].stream_names() == [
+        "z", "y/g0/anchor", "y/g0/non_anchor", "y/g1/anchor", "y/g1/non_anchor",
+        "y/g2/anchor", "y/g2/non_anchor", "y/g3/anchor", "y/g3/non_anchor",
+    ]
+    assert models["mambaic"].num_streams() == 11
+    for m in models.values():
+        # the names a reader gives a file without the model (FORMAT.md 11.3, codec info)
+        assert m.stream_names() == container.stream_names(m.num_streams())
+
+
+@pytest.mark.parametrize("name", ["lalic", "lalic-vr", "mambaic"])
+def test_compress_names_its_streams_and_decoding_reads_them_in_order(models, name):
+    m = models[name]
+    x = image(128, 128)
+    coded = m.compress(x, quality=quality(m))
+    assert coded.names == m.stream_names() and len(coded.streams) == len(coded.names)
+    assert coded.z_shape == m.hyper_shape(128, 128)
+    out = m.decompress(coded.streams, coded.z_shape, quality=quality(m))
+    assert torch.equal(out["y_hat"], coded.y_hat)
+    # the tree itself, driven directly: the same streams, and a decoder reads every one of them
+    tree = m.coding_tree()
+    io = StreamCoder()
+    enc = tree.code(io, m.analysis(x, quality(m)), scale_indexes=m.scale_indexes(quality(m)))
+    assert io.streams == coded.streams and io.names == coded.names
+    dec_io = StreamCoder(coded.streams)
+    dec = tree.code(dec_io, None, coded.z_shape, scale_indexes=m.scale_indexes(quality(m)))
+    assert dec_io.names == coded.names and torch.equal(dec["y_hat"], enc["y_hat"])
+
+
+def test_a_checkerboard_node_codes_itself(models):
+    """One channel group alone: two streams, anchor then non-anchor, and the decoder gets back the
+    encoder's y_hat and residual symbols."""
+    node = models["lalic"].group(2)
+    g = node.context_prediction.in_channels
+    torch.manual_seed(1)
+    side_ch = 2 * g + TINY["dims"][3]  # channel context + hyper parameters
+    y, side = torch.randn(1, g, 8, 12) * 3, torch.randn(1, side_ch, 8, 12)
+    with torch.no_grad():
+        enc = StreamCoder()
+        with enc.scope("g2"):
+            y_hat, res = node.code(enc, y, side)
+        assert enc.names == ["g2/anchor", "g2/non_anchor"]
+        dec = StreamCoder(enc.streams)
+        y_hat2, res2 = node.code(dec, None, side)
+    assert torch.equal(y_hat, y_hat2) and torch.equal(res, res2)
+    assert torch.equal(res, torch.round(y - (y_hat - res)))  # y_hat = symbols + means
+
+
+def test_entropy_models_own_their_streams():
+    torch.manual_seed(2)
+    eb = EntropyBottleneck(4)
+    eb.update(force=True)
+    z = torch.randn(1, 4, 3, 5) * 4
+    data, sym = eb.compress(z)
+    assert torch.equal(eb.decompress(data, (3, 5)), sym)
+    gc = GaussianConditional()
+    gc.update_scale_table(force=True)
+    y, means = torch.randn(1, 2, 4, 4) * 5, torch.randn(1, 2, 4, 4)
+    indexes = gc.build_indexes(torch.rand(1, 2, 4, 4) * 5)
+    data, sym = gc.compress(y, indexes, means)
+    assert torch.equal(sym, torch.round(y - means).int())
+    assert torch.equal(gc.decompress(data, indexes), sym)
+
+
+def test_stream_coder_refuses_a_missing_stream():
+    io = StreamCoder([b"x"])
+    assert io.read("z") == b"x"
+    with io.scope("y"), pytest.raises(ValueError, match="y/g0 is missing"):
+        io.read("g0")
+
+
+def test_what_models_declare(models):
+    lalic, vr, mamba = models["lalic"], models["lalic-vr"], models["mambaic"]
+    assert (lalic.num_levels, vr.num_levels, mamba.num_levels) == (0, 8, 0)
+    assert not lalic.variable_rate and vr.variable_rate and not mamba.variable_rate
+    assert vr.device_independent and not lalic.device_independent and not mamba.device_independent
+    for m in models.values():
+        assert m.latent_shape(256, 192) == (16, 12) and m.hyper_shape(256, 192) == (4, 3)
+
+
+def test_registry_finds_each_model_by_its_weights(models):
+    assert registry.names() == ["lalic", "lalic-vr", "mambaic"]
+    for name, m in models.items():
+        cls = registry.get(name)
+        assert issubclass(cls, CodingModel) and cls.registry_name == name and type(m) is cls
+        assert registry.detect(m.state_dict()) is cls
+    # official checkpoints: MambaIC's keys after eval.py's "module." stripping
+    mamba_sd = {"module." + k: v for k, v in models["mambaic"].state_dict().items()}
+    assert registry.detect(mamba_sd) is MambaIC
+    assert registry.detect({"something.else": torch.zeros(1)}) is None
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("lalic")(type("Other", (CodingModel,), {}))
