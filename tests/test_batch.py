@@ -40,13 +40,21 @@ def rows(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance for the module (the command uses an instance already initialised)."""
+def ray_local(tmp_path_factory):
+    """One local Ray instance for the module (the command uses an instance already initialised);
+    its workers cache shipped weights in a temporary folder, not in ~/.cache."""
     ray = pytest.importorskip("ray")
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XDG_CACHE_HOME")}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +190,7 @@ def test_manifest_input_and_shipped_weights(ray_local, photos, tiny_vr_weights, 
     assert r.exit_code == 0, r.output
     lm = pipeline.load_model("default", str(tiny_vr_weights), "cpu")
     got = rows(tmp_path / "m.jsonl")
+    assert len(list(Path(os.environ["XDG_CACHE_HOME"], "lalic-codec", "batch-weights").iterdir())) == 1  # shipped, cached
     for rel in ("img01", "sub/img03"):
         im = pipeline.open_image((src / f"{rel}.png").read_bytes())
         want = pipeline.encode_image(im, lm, 2).data

@@ -32,7 +32,7 @@ READ_AHEAD = 4
 def weights_file(data: bytes, suffix: str) -> str:
     """Weights shipped with the job, as a local file named by their hash (written once per node)."""
     digest = hashlib.sha256(data).hexdigest()[:32]
-    cache = Path(os.environ.get("LALIC_CACHE", Path.home() / ".cache" / "lalic-codec")) / "batch-weights"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lalic-codec" / "batch-weights"
     path = cache / f"{digest}{suffix}"
     if not path.is_file() or path.stat().st_size != len(data):
         cache.mkdir(parents=True, exist_ok=True)
