@@ -109,7 +109,8 @@ class _MeanScaleSynthesis(nn.Module):
 
 class _SliceCheckerboard(CheckerboardLatentCodec):
     """A slice's two passes: the context block and its attention refine (means, scales) on the full
-    grid; each pass keeps its half."""
+    grid; each pass keeps its half.  Coding only: :meth:`MambaIC.forward` is the official training
+    pass (full-grid masks), not the tree's."""
 
     def __init__(self, params, context_prediction: nn.Module, y: GaussianConditionalLatentCodec):
         super().__init__(None, context_prediction, y)
