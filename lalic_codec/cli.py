@@ -513,6 +513,25 @@ def _max_pixels_option(f):
     )(f)
 
 
+def _memory_size(ctx, param, value):
+    """Callback for --max-memory: "2G", "800M", bytes... -> bytes; at least what the model needs."""
+    if value is None:
+        return None
+    from .memory import MIN_BUDGET, format_memory, parse_memory
+
+    try:
+        n = parse_memory(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if n < MIN_BUDGET:
+        raise click.BadParameter(f"{value} is less than the {format_memory(MIN_BUDGET)} that the model and the smallest tiles need")
+    return n
+
+
+def _max_memory_option(help: str):
+    return click.option("--max-memory", callback=_memory_size, default=None, metavar="SIZE", help=help)
+
+
 def _finite(ctx, param, value):
     """Callback: refuse nan and infinities (click's FloatRange lets them through)."""
     if value is not None and not math.isfinite(value):
@@ -548,7 +567,9 @@ def _bad_option(name: str, message: str) -> click.BadParameter:
     return click.BadParameter(message, ctx=ctx, param=next(p for p in ctx.command.params if p.name == name))
 
 
-def _check_tile(tile: int, pipeline) -> None:
+def _check_tile(tile: int | None, pipeline) -> None:
+    if tile is None:  # chosen from the memory budget
+        return
     try:
         pipeline.plan_tiles(tile, tile, tile)  # the rule lives with the tiling
     except BadInputError as e:
@@ -579,7 +600,8 @@ def _common_model_options(f):
 @click.option("--model", default="default", show_default=True, callback=_model_name, help="default (bundled), lalic or mambaic (these need --weights)")
 @click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
 @click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel")
-@click.option("--tile", type=int, default=1024, show_default=True, help="larger images are coded as overlapping tiles of at most this size (multiple of 64)")
+@click.option("--tile", type=int, default=None, metavar="N", help="code images as overlapping tiles of at most N x N pixels (multiple of 64); default: the largest tiles --max-memory allows")
+@_max_memory_option("memory budget that picks the tiles (2G, 800M...); default: half the memory available")
 @_common_model_options
 @_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
@@ -587,17 +609,17 @@ def _common_model_options(f):
 @click.option("--recursive", "-r", is_flag=True, help="folders: include subfolders, keeping their tree in OUT")
 @click.option("--psnr", "report_psnr", is_flag=True, help="also decode the result and print its PSNR")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet):
+def encode(input, output, model, quality, target_bpp, tile, max_memory, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet):
     """Compress image IN into OUT (.lic).  IN and OUT may be folders, or - for stdin/stdout."""
     from ._runtime import tune_allocator
 
     started = time.time()
     tune_allocator()
     with _signals_interrupt():
-        _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started)
+        _encode(input, output, model, quality, target_bpp, tile, max_memory, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started)
 
 
-def _encode(input, output, model, quality, target_bpp, tile, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started):
+def _encode(input, output, model, quality, target_bpp, tile, max_memory, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started):
     try:
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
@@ -613,9 +635,9 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
             data = read_input(src)
             im = pipeline.open_image(data, max_pixels=limit, name=_shown(src))
             if target_bpp is not None:
-                res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile, on_trial=lambda r: _trial(r, target_bpp, quiet))
+                res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile, on_trial=lambda r: _trial(r, target_bpp, quiet), max_memory=max_memory)
             else:
-                res = pipeline.encode_image(im, lm, quality, tile=tile)
+                res = pipeline.encode_image(im, lm, quality, tile=tile, max_memory=max_memory)
             write_output(dst, res.data, force)
             msg = f"{_shown(src)} -> {_shown(dst, 'stdout')}: {res.width}x{res.height}, {len(res.data)} bytes, {res.bpp:.4f} bpp"
             if lm.variable_rate:
@@ -655,18 +677,19 @@ def _encode(input, output, model, quality, target_bpp, tile, device, weights, ma
 @click.option("--skip-existing", is_flag=True, help="folders: leave outputs that already exist")
 @click.option("--recursive", "-r", is_flag=True, help="folders: include subfolders, keeping their tree in OUT")
 @click.option("--format", "ext", callback=_format_ext, default=None, help="output format for stdout and folders (png, jpg, webp, bmp, tif, ppm)")
+@_max_memory_option("refuse files whose tiles need more memory than this (2G, 800M...); default: the memory available")
 @click.option("--quiet", is_flag=True, help="print nothing but errors")
-def decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, quiet):
+def decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, max_memory, quiet):
     """Decompress IN (.lic) into image OUT; the format follows OUT's extension (PNG by default)."""
     from ._runtime import tune_allocator
 
     started = time.time()
     tune_allocator()
     with _signals_interrupt():
-        _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, quiet, started)
+        _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, max_memory, quiet, started)
 
 
-def _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, quiet, started):
+def _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, max_memory, quiet, started):
     """``ext``: the extension that --format names (".jpg"), or None."""
     try:
         _refuse_terminal(output, "image data", f"codec decode IN - {f'--format {ext[1:]} ' if ext else ''}> OUT{ext or '.png'}")
@@ -677,7 +700,7 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
         def job(src: str, dst: str) -> None:
             data = read_input(src)
             try:
-                res = pipeline.decode_bytes(data, weights, device, lim)
+                res = pipeline.decode_bytes(data, weights, device, lim, max_memory=max_memory)
             except (BadInputError, CorruptFileError) as e:
                 _, kind = pipeline.file_kind(data[:4096])
                 if type(e) is NotALicFileError and data and kind:  # say what it is rather than its first bytes

@@ -290,8 +290,8 @@ def tiled(corpus):
 
 @pytest.mark.parametrize("change, match", [
     (lambda r: setattr(r, "spt", 3) or [setattr(t, "streams", t.streams[:3]) for t in r.tiles], "3 streams per tile; model"),
-    (lambda r: r.tiles[1].geometry.__setitem__(4, 1), "tile 1 at .*: padded size 193x192 is not a multiple of 64"),
-    (lambda r: r.tiles[3].geometry.__setitem__(2, 128), r"do not cover the whole image \(pixel \(196, 192\) is in none\)"),
+    (lambda r: r.tiles[1].geometry.__setitem__(4, 1), "tile 1 at .*: padded size 129x128 is not a multiple of 64"),
+    (lambda r: r.tiles[3].geometry.__setitem__(2, 64), r"do not cover the whole image \(pixel \(196, 128\) is in none\)"),
     (lambda r: r.tiles.pop() and setattr(r, "n_tiles", 3), "do not cover the whole image"),
     (lambda r: r.tiles.extend([r.tiles[0]] * 60) or setattr(r, "n_tiles", 64), "more than 8 times the 260x200 image"),
     (lambda r: setattr(r, "tiles", [fuzz.RawTile([x, y, 1, 1, 31, 32, 31, 32], r.tiles[0].streams) for y in range(200) for x in range(0, 260, 13)][:400]) or setattr(r, "n_tiles", 400),
