@@ -473,8 +473,8 @@ def plan_tiles(
     """(x, y, w, h) of the tiles of an image, in raster order (FORMAT.md 7.2).
 
     With ``tile``: tiles of at most ``tile`` x ``tile`` pixels, the fewest along each axis.
-    Otherwise tiles of at most ``max_pixels`` padded pixels (default: the format's per-tile limit)
-    of any shape: of the grids whose tiles fit, the one that codes the fewest padded pixels, then
+    Otherwise tiles of at most ``max_pixels`` padded pixels and the format's per-tile limit, of any
+    shape: of the grids whose tiles fit, the one that codes the fewest padded pixels, then
     the one with the fewest tiles; the smallest tiles (about MIN_TILE) if none fits.  Neighbours
     overlap by at least ``overlap`` pixels; sizes are multiples of ``unit`` (the model's padding
     multiple) except where one tile spans an axis."""
@@ -484,7 +484,8 @@ def plan_tiles(
         side = max(unit, tile // unit * unit)
         count = lambda n: 1 if n <= tile else -(-(n - overlap) // (side - overlap))  # noqa: E731
         return _grid(_axis_tiles(w, count(w), overlap, unit), _axis_tiles(h, count(h), overlap, unit))
-    limit = fmt.Limits().tile_pixel_limit() if max_pixels is None else max_pixels
+    limit = fmt.Limits().tile_pixel_limit()
+    limit = limit if max_pixels is None else min(limit, max_pixels)
     xs, ys = _axis_options(w, overlap, unit), _axis_options(h, overlap, unit)
     best = (None, xs[-1][0], ys[-1][0])
     for cx, mx, sx in xs:

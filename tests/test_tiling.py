@@ -51,6 +51,13 @@ def test_plans_within_a_tile_budget_cover_the_image(h, w, max_pixels):
     assert max(padded(tiles)) <= max_pixels or max(t[2] for t in tiles) <= 192 >= max(t[3] for t in tiles)
 
 
+def test_no_budget_makes_tiles_over_the_formats_limit():
+    for max_pixels in (2**22, 2**22 + 1, 2**24, 2**40):
+        tiles = pipeline.plan_tiles(2832, 4240, max_pixels=max_pixels)
+        assert len(tiles) == 4 and max(padded(tiles)) <= 2**22
+    assert pipeline.tile_plan(2832, 4240, fake_model(), max_memory=2**40) == pipeline.plan_tiles(2832, 4240)
+
+
 def test_plans_use_the_largest_tiles_that_fit():
     # whole images up to the format's 2048 x 2048 per tile: 3 and 4 megapixels are one tile each
     assert pipeline.plan_tiles(1500, 2000) == [(0, 0, 2000, 1500)]
@@ -101,7 +108,7 @@ def test_tile_choice_follows_the_budget(budget_gib):
     tiles = pipeline.tile_plan(h, w, fake_model(), max_memory=budget)
     check_layout(tiles, h, w)
     need = memory.memory_needed(max(padded(tiles)), h * w, "encode")
-    assert need <= budget
+    assert need <= budget and max(padded(tiles)) <= fmt.Limits().max_tile_pixels
     if budget_gib >= 3:  # room for the format's largest tiles
         assert max(padded(tiles)) > 2**21
     # and the next larger grid would not fit: the tiles are as large as the budget allows
