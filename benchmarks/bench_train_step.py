@@ -8,7 +8,7 @@ backward take beyond the sum of the parts (the rate and distortion terms, quanti
 concatenations).
 
     python benchmarks/bench_train_step.py [--batch 8] [--crop 128] [--threads 2] [--steps 10]
-                                          [--weights models/default-v2.safetensors] [--profile]
+                                          [--weights models/default-v3.safetensors] [--profile]
 
 ``--profile`` also prints the operators that take the most time (torch.profiler, self CPU).
 """
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
-    ap.add_argument("--weights", default=None, help="start from these weights (default: random, the default architecture)")
+    ap.add_argument("--weights", default=None, help="start from these weights and their architecture (default: random, the default architecture)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as codec train run --bf16")
     ap.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last", help="memory layout of images and convolution weights")
@@ -94,11 +94,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     cfg = tr.TrainConfig(batch=args.batch, crop=args.crop, init_from=args.weights)
-    model = tr.build_model(cfg.arch)
-    if args.weights:
+    sd = None
+    if args.weights:  # the architecture of the weights (e.g. a `codec train reshape` candidate)
         from lalic_codec.models.checkpoints import load_state_dict_file
+        from lalic_codec.reshape import model_kwargs
 
         sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(args.weights).items()}
+        cfg.arch = model_kwargs(sd)
+    model = tr.build_model(cfg.arch)
+    if sd is not None:
         model.load_state_dict(sd, strict=False)
     model.train()
     main_p, scale_p, aux_p = tr.split_params(model)
