@@ -25,7 +25,7 @@ from .errors import BadInputError, CodecError, CorruptFileError, NotALicFileErro
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".gif", ".tga"}
 #: what --model accepts: the choices shown, then other names of the same models
 MODELS = ("default", "lalic", "mambaic")
-MODEL_ALIASES = ("default-v2", "lalic-vr")
+MODEL_ALIASES = ("default-v3", "lalic-vr")
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM", ".tga": "TGA"}
 
 

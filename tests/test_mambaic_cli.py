@@ -36,7 +36,7 @@ def mambaic_checkpoint(tmp_path_factory):
 def encoder_reconstruction(lm, rgb: np.ndarray) -> np.ndarray:
     """What the encoder reconstructs from its own quantised latent (no bitstream involved)."""
     H, W = rgb.shape[:2]
-    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple)
+    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple, pipeline.MIN_CANVAS)
     x = pipeline._to_tensor(rgb, pad, lm.device)
     with torch.inference_mode():
         x_hat = lm.model.g_s(lm.model.compress(x).y_hat).clamp(0, 1)

@@ -22,7 +22,7 @@ def vr(tiny_vr_weights):
 def encoder_reconstruction(lm, rgb: np.ndarray, quality: float) -> np.ndarray:
     """What the encoder itself reconstructs from its quantised latent (no bitstream involved)."""
     H, W = rgb.shape[:2]
-    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple)
+    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple, pipeline.MIN_CANVAS)
     x = pipeline._to_tensor(rgb, pad, lm.device)
     q = torch.tensor([quality])
     with torch.inference_mode():
@@ -187,6 +187,8 @@ def test_centred_padding():
     assert pipeline.centred_padding(100, 120, 128) == (4, 4, 14, 14)  # as the official evaluation
     assert pipeline.centred_padding(64, 64, 64) == (0, 0, 0, 0)
     assert pipeline.centred_padding(1, 1, 64) == (31, 32, 31, 32)
+    assert pipeline.centred_padding(1, 1, 64, 128) == (63, 64, 63, 64)  # the encoder's smallest canvas
+    assert pipeline.centred_padding(100, 300, 64, 128) == (10, 10, 14, 14)
 
 
 def test_save_weights_writes_aliases_once(tmp_path):

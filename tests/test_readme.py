@@ -95,3 +95,31 @@ def test_usage_lines_list_every_option(command):
     if device is not None:  # the choices shown are the choices taken
         shown = re.search(r"--device ([\w|]+)", usage_lines()[command]).group(1).split("|")
         assert shown == list(device.type.choices)
+
+
+def test_project_layout_names_every_module_and_environment_variable():
+    """The layout section tells the truth: every module of the package and every folder of the
+    tree is named in it, and every LALIC_* variable the code reads is documented."""
+    layout = README[README.index("## Project layout"):]
+    missing = []
+    for folder in ("lalic_codec", "models", "kernels", "formats", "tests", "benchmarks"):
+        if f"`{folder}/" not in layout:
+            missing.append(folder + "/")
+    for path in sorted((ROOT / "lalic_codec").rglob("*.py")):
+        rel = path.relative_to(ROOT / "lalic_codec")
+        if path.name == "__init__.py" or path.name == "__main__.py":
+            continue
+        named = path.name in layout or (len(rel.parts) > 1 and f"lalic_codec/{rel.parts[0]}/" in layout)
+        if not named:
+            missing.append(str(rel))
+    for path in sorted((ROOT / "models").glob("*.py")):
+        if path.name != "__init__.py" and path.name not in layout:
+            missing.append("models/" + path.name)
+    assert not missing, f"not in the README's project layout: {missing}"
+    used = set()
+    for folder in ("lalic_codec", "models", "kernels", "formats", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            used |= set(re.findall(r"\bLALIC_[A-Z0-9_]+\b", path.read_text(encoding="utf-8")))
+    used -= {"LALIC_SD"}  # a test's constant, not a variable
+    undocumented = sorted(v for v in used if f"`{v}" not in layout)
+    assert not undocumented, f"environment variables the README does not document: {undocumented}"
