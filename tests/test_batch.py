@@ -265,3 +265,28 @@ def test_urls_are_planned_listed_and_written_whole():
     assert inputs.read_bytes("memory:///p/in/a.png") == b"x"
     with pytest.raises(inputs.BadInputError, match="no such file"):
         inputs.read_bytes("memory:///p/in/nothing.png")
+
+
+def test_worker_picks_tiles_from_its_memory_budget_like_codec_encode(tmp_path):
+    """--max-memory reaches the workers: a worker codes exactly what `codec encode --max-memory`
+    codes (here a budget small enough for several tiles); without it, a worker takes its share of
+    the machine's default budget. (The worker class alone, no Ray.)"""
+    from lalic_codec import memory, pipeline
+    from lalic_codec.batch.worker import Coder
+
+    src = tmp_path / "big.png"
+    Image.fromarray(natural_image(256, 320, seed=5)).save(src)
+    lm = pipeline.load_model("default", None, "cpu")
+    budget = 420 * 2**20
+    assert len(pipeline.tile_plan(256, 320, lm, None, budget)) > 1
+    job = dict(mode="encode", model="default", quality=4.0, target_bpp=None, tile=None, max_memory=budget,
+               device="cpu", threads=1)
+    out = tmp_path / "big.lic"
+    row = json.loads(Coder(job)({"src": [str(src)], "dst": [str(out)]})["row"][0])
+    assert row["status"] == "ok", row
+    with Image.open(src) as im:
+        assert out.read_bytes() == pipeline.encode_image(im, lm, 4.0, max_memory=budget).data
+    shared = Coder({**job, "max_memory": None, "threads": 1})
+    assert shared.max_memory == memory.default_budget("encode", lm.device) // max(1, os.cpu_count() or 1)
+    bad = run("batch", "encode", src, tmp_path / "o", "--max-memory", "1K")
+    assert bad.exit_code == 2 and "max-memory" in bad.output

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..cli import (_check_tile, _common_model_options, _fail, _finite, _format_ext, _max_pixels_option, _model_name,
+from ..cli import (_check_tile, _max_memory_option, _common_model_options, _fail, _finite, _format_ext, _max_pixels_option, _model_name,
                    _signals_interrupt)
 
 
@@ -53,7 +53,8 @@ def _run(mode: str, src: str, dst: str, **kw) -> None:
         if mode == "encode":
             from .. import pipeline
 
-            _check_tile(o.tile, pipeline)
+            if o.tile is not None:
+                _check_tile(o.tile, pipeline)
         tune_allocator()
         with _signals_interrupt():
             code = run(mode, src, dst, o)
@@ -73,7 +74,8 @@ def _run(mode: str, src: str, dst: str, **kw) -> None:
 @click.option("--model", default="default", show_default=True, callback=_model_name, help="default (bundled), lalic or mambaic (these need --weights)")
 @click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
 @click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel")
-@click.option("--tile", type=int, default=1024, show_default=True, help="larger images are coded as overlapping tiles of at most this size (multiple of 64)")
+@click.option("--tile", type=int, default=None, metavar="N", help="code images as overlapping tiles of at most N x N pixels (multiple of 64); default: the largest tiles --max-memory allows")
+@_max_memory_option("memory budget of each worker that picks the tiles (2G, 800M...); default: half the memory available, shared by the workers of a machine")
 @_common_model_options
 @_max_pixels_option
 @click.option("--psnr", "psnr", is_flag=True, help="also decode each result and record its PSNR")

@@ -39,7 +39,8 @@ class Options:
     model: str | None = "default"
     quality: float | None = None
     target_bpp: float | None = None
-    tile: int = 1024
+    tile: int | None = None  # None: the largest tiles the memory budget allows
+    max_memory: int | None = None  # bytes per worker; None: its share of the machine's
     device: str = "auto"
     weights: str | None = None
     max_pixels: int | None = None
@@ -201,7 +202,7 @@ def job_spec(ray, mode: str, o: Options):
         workers = max(1, int(res["GPU"] // gpus))
     else:
         workers = max(1, int(res.get("CPU", 1) // o.threads))
-    spec = dict(mode=mode, model=o.model, quality=o.quality, target_bpp=o.target_bpp, tile=o.tile, device=device,
+    spec = dict(mode=mode, model=o.model, quality=o.quality, target_bpp=o.target_bpp, tile=o.tile, max_memory=o.max_memory, device=device,
                 max_pixels=o.max_pixels, psnr=o.psnr, ext=o.ext, threads=o.threads, gpus=gpus, version=__version__,
                 fault=os.environ.get("LALIC_BATCH_TEST_FAULT"))  # tests only: see Coder._fault_hook
     where = f"{o.threads} CPU thread{'s' * (o.threads != 1)}" + (f", {gpus:g} GPU" if gpus else "") + " each"

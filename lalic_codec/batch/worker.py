@@ -97,6 +97,12 @@ class Coder:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         # the model, loaded once: encode uses it; decode finds it in the pipeline's cache
         self.lm = pipeline.load_model(job.get("model") or "default", self.weights, job.get("device", "auto"))
+        self.max_memory = job.get("max_memory")
+        if self.max_memory is None and job.get("mode") == "encode":  # `codec encode`'s default, shared
+            from .. import memory  # by the workers one machine can hold
+
+            share = max(1, (os.cpu_count() or 1) // max(1, int(job.get("threads") or 1)))
+            self.max_memory = memory.default_budget("encode", self.lm.device) // share
         self.pool = ThreadPoolExecutor(READ_AHEAD)
 
     def __call__(self, batch):
@@ -131,9 +137,9 @@ class Coder:
         limit = p.MAX_PIXELS if job.get("max_pixels") is None else job["max_pixels"]
         im = p.open_image(data, max_pixels=limit, name=row["source"])
         if job.get("target_bpp") is not None:
-            res = p.encode_to_target(im, self.lm, job["target_bpp"], tile=job["tile"])
+            res = p.encode_to_target(im, self.lm, job["target_bpp"], tile=job["tile"], max_memory=self.max_memory)
         else:
-            res = p.encode_image(im, self.lm, job.get("quality"), tile=job["tile"])
+            res = p.encode_image(im, self.lm, job.get("quality"), tile=job["tile"], max_memory=self.max_memory)
         inputs.write_bytes(row["output"], res.data)
         row.update(width=res.width, height=res.height, bytes=len(res.data), bpp=res.bpp,
                    quality=res.quality if self.lm.variable_rate else None)
