@@ -10,10 +10,11 @@ Plans (``--plans``): ``auto`` (the encoder's default: the largest tiles its memo
 ``mem:SIZE`` (``--max-memory SIZE``), ``tile:N`` (``--tile N``) and ``legacy`` (the plan before
 tiles came from a memory budget: equal tiles of at most 1024 x 1024 overlapping by at least 64).
 
-Seams: PSNR in 16-pixel bands centred on the plan's tile edges against the rest of the image
-(``band / rest``), and, to take the content out of it, the same band pixels in the reference
-plan's decode (``band in ref``): a plan with no seam penalty codes its bands as well as a plan
-that has no seam there.
+Seams: PSNR in 16-pixel bands centred on the plan's tile edges against the whole image, in the
+plan's decode and in another plan's decode, which has no seams there (the reference's, or the
+second plan's for the reference).  The band's content and the two rates shift both alike; the
+``penalty`` is what is left: how much worse (dB) the band is relative to its image where the
+plan has seams than where the other has none.
 
     python benchmarks/bench_large.py [--sizes 4,12,24,2000x1500] [--plans auto,legacy,tile:1024] [--quality 4]
                                      [--device cpu] [--threads N] [--weights W]
@@ -158,7 +159,7 @@ def code(spec: str, size: str, q: float, args, tmp: Path, rgb: np.ndarray) -> di
     enc = run(dict(base, op="encode", plan=spec, quality=q, out=str(lic)))
     dec = run(dict(base, op="decode", file=str(lic), out=str(lic.with_suffix(".npy"))))
     image = np.load(lic.with_suffix(".npy"))
-    return dict(enc, q=q, enc_s=enc["seconds"], dec_s=dec["seconds"], enc_gib=enc["peak_gib"], dec_gib=dec["peak_gib"],
+    return dict(enc, spec=spec, q=q, enc_s=enc["seconds"], dec_s=dec["seconds"], enc_gib=enc["peak_gib"], dec_gib=dec["peak_gib"],
                 psnr=pipeline.psnr(rgb, image), image=image)
 
 
@@ -188,34 +189,40 @@ def main() -> None:
     print(f"model {args.weights or pipeline.DEFAULT_MODEL}, device {args.device}, quality {q:g}; reference plan {plans[0]}; "
           "peak = ru_maxrss of a fresh process per encode / decode")
     print(f"{'MP':>4} {'size':>9} {'plan':>9} {'tiles':>5} {'largest':>9} {'coded':>6} {'bpp':>7} {'PSNR':>6} {'@ref bpp':>8} "
-          f"{'enc s':>6} {'dec s':>6} {'enc GiB':>7} {'dec GiB':>7}  seams: band / rest, band in ref (dB)")
+          f"{'enc s':>6} {'dec s':>6} {'enc GiB':>7} {'dec GiB':>7}  seams (dB): band / all; the same in the other decode; penalty")
+    print(f"(the other decode: {plans[0]}'s; for {plans[0]} itself, {plans[1] if len(plans) > 1 else 'none'}'s)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size in args.sizes.split(","):
             rgb = mosaic(size)
             H, W = rgb.shape[:2]
-            ref = None
+            rows = []
             for spec in plans:
                 r = code(spec, size, q, args, tmp, rgb)
-                if ref is None:
-                    ref, equal = r, r["psnr"]
+                ref = rows[0] if rows else r
+                if r is ref:
+                    r["equal"] = r["psnr"]
                 elif abs(math.log(ref["bpp"] / r["bpp"])) < 0.005:  # the same rate already
-                    equal = r["psnr"]
+                    r["equal"] = r["psnr"]
                 else:  # a second quality, aimed at the reference's rate (~20 % of rate per quality step)
                     q2 = min(8.0, max(1.0, q + math.log(ref["bpp"] / r["bpp"]) / math.log(1.2)))
-                    r2 = code(spec, size, round(q2, 3), args, tmp, rgb)
-                    equal = at_rate(r, r2, ref["bpp"])
-                    del r2["image"]
+                    r["equal"] = at_rate(r, code(spec, size, round(q2, 3), args, tmp, rgb), ref["bpp"])
+                rows.append(r)
+            for i, r in enumerate(rows):
                 mask = band_mask(H, W, r["tiles"])
-                if mask.any():
-                    seams = (f"{pipeline.psnr(rgb[mask], r['image'][mask]):.2f} / {pipeline.psnr(rgb[~mask], r['image'][~mask]):.2f}, "
-                             f"{pipeline.psnr(rgb[mask], ref['image'][mask]):.2f}")
-                else:
+                other = rows[1 if i == 0 else 0] if len(rows) > 1 else None
+                if not mask.any():
                     seams = "no seams"
-                print(f"{H * W / 1e6:4.1f} {r['size']:>9} {spec:>9} {len(r['tiles']):5d} {r['biggest']:>9} {r['coded']:6.3f} {r['bpp']:7.4f} "
-                      f"{r['psnr']:6.2f} {equal:8.2f} {r['enc_s']:6.1f} {r['dec_s']:6.1f} {r['enc_gib']:7.2f} {r['dec_gib']:7.2f}  {seams}", flush=True)
-                if r is not ref:
-                    del r["image"]
+                else:
+                    # the band against the whole image, in this decode and in one without these seams:
+                    # the difference is the seams' own cost, whatever the band's content and the rates
+                    band, whole = pipeline.psnr(rgb[mask], r["image"][mask]), r["psnr"]
+                    seams = f"{band:.2f} / {whole:.2f}"
+                    if other is not None:
+                        band_o = pipeline.psnr(rgb[mask], other["image"][mask])
+                        seams += f"; {band_o:.2f} / {other['psnr']:.2f}; {(band_o - other['psnr']) - (band - whole):+.2f}"
+                print(f"{H * W / 1e6:4.1f} {r['size']:>9} {r['spec']:>9} {len(r['tiles']):5d} {r['biggest']:>9} {r['coded']:6.3f} {r['bpp']:7.4f} "
+                      f"{r['psnr']:6.2f} {r['equal']:8.2f} {r['enc_s']:6.1f} {r['dec_s']:6.1f} {r['enc_gib']:7.2f} {r['dec_gib']:7.2f}  {seams}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ import re
 
 # Peak resident memory of a coding process ~ MEMORY_BASE + MEMORY_PER_TILE_PIXEL * padded pixels of
 # its largest tile + MEMORY_PER_IMAGE_PIXEL * image pixels.  Measured with the bundled model on CPU
-# (ru_maxrss of a fresh process per measurement, `benchmarks/bench_large.py --memory`): 322 MiB with
-# the model loaded; the network adds 512-565 bytes per padded tile pixel, encode and decode alike,
-# linear from 256x256 to 2048x2048 and the same for 1024x2048 as for 2048x1024; the image-sized
-# buffers (the image and its RGB copies; the decoder's weighted sums and the decoded image) and the
-# heap's fragmentation over many tiles add up to 8-32 bytes per image pixel (24 MP: encode in 35
-# tiles of 960x896, 1.59 GiB; decode 33 bytes per pixel).  The constants round up, so that an
-# estimate is not below the real peak (benchmarks/bench_large.py at 3-24 MP: 2-17 % above).
+# (ru_maxrss of a fresh process per measurement): 322 MiB with the model loaded; the network adds
+# 512-565 bytes per padded tile pixel, encode and decode alike, linear from 256x256 to 2048x2048
+# and the same for 1024x2048 as for 2048x1024; the image-sized buffers (the image and its RGB
+# copies; the decoder's weighted sums and the decoded image) and the heap's fragmentation over many
+# tiles add 8-55 bytes per image pixel.  Peaks of the same run vary by up to 0.6 GiB (24 MP in 35
+# tiles of 960x896: 0.96-1.59 GiB to encode; in 6 tiles of 2048x2048: 3.05-3.39 GiB to encode,
+# 3.18-3.59 to decode, benchmarks/bench_large.py).  The constants cover the largest peaks seen with
+# some 10 % to spare: an estimate should not be below the real peak.
 MEMORY_BASE = 400 * 2**20
-MEMORY_PER_TILE_PIXEL = 600
-MEMORY_PER_IMAGE_PIXEL = {"encode": 40, "decode": 40}
+MEMORY_PER_TILE_PIXEL = 640
+MEMORY_PER_IMAGE_PIXEL = {"encode": 48, "decode": 48}
 #: the smallest tile side the encoder's planner uses (pipeline.plan_tiles)
 MIN_TILE = 128
 #: the smallest budget accepted: the model and one smallest tile
