@@ -32,7 +32,7 @@ MIN_BUDGET = MEMORY_BASE + MEMORY_PER_TILE_PIXEL * MIN_TILE**2
 #: an encoder's default budget is this part of the memory available (the rest stays the machine's:
 #: other processes, the page cache); a decoder's is all of it, as it has no choice of tiles
 ENCODE_FRACTION = 0.5
-#: the budget when the available memory cannot be read
+#: an encoder's budget when the available memory cannot be read
 FALLBACK_BUDGET = 2 * 2**30
 
 
@@ -108,10 +108,11 @@ def available_memory(cuda_device=None) -> int | None:
     return min(found) if found else None
 
 
-def default_budget(op: str = "encode", cuda_device=None) -> int:
-    """``--max-memory``'s default: half the memory available for an encoder, all of it for a decoder
-    (2 GiB when it cannot be read)."""
+def default_budget(op: str = "encode", cuda_device=None) -> int | None:
+    """``--max-memory``'s default: half the memory available for an encoder, all of it for a decoder.
+    Where the available memory cannot be read: FALLBACK_BUDGET for an encoder, and None (no limit)
+    for a decoder, which is not to refuse files that the machine may well decode."""
     avail = available_memory(cuda_device)
     if avail is None:
-        return FALLBACK_BUDGET
+        return FALLBACK_BUDGET if op == "encode" else None
     return int(avail * ENCODE_FRACTION) if op == "encode" else avail

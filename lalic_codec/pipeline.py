@@ -756,8 +756,8 @@ def _check_coverage(lic: fmt.LicFile) -> None:
 
 def check_memory(lic: fmt.LicFile, max_memory: int | None = None, device: str | None = "auto") -> None:
     """Refuse, with what it would take, a file whose decoding would need more than ``max_memory``
-    bytes (default: all the memory available) by the estimate of :mod:`.memory` (its largest padded
-    tile and its image size).  Raises LimitExceededError."""
+    bytes (default: all the memory available, no limit where that cannot be read) by the estimate of
+    :mod:`.memory` (its largest padded tile and its image size).  Raises LimitExceededError."""
     h = lic.header
     sizes = [(t.w + t.pad[0] + t.pad[1], t.h + t.pad[2] + t.pad[3]) for t in lic.tiles]
     tw, th = max(sizes, key=lambda s: s[0] * s[1])
@@ -766,7 +766,7 @@ def check_memory(lic: fmt.LicFile, max_memory: int | None = None, device: str | 
         budget, source = memory.default_budget("decode", resolve_device(device)), "the memory available"
     else:
         budget, source = max_memory, "--max-memory"
-    if need > budget:
+    if budget is not None and need > budget:
         raise LimitExceededError(
             f"decoding this {h.width}x{h.height} image needs about {memory.format_memory(need)} (its tiles are up to "
             f"{tw}x{th} pixels), more than {source}: {memory.format_memory(budget)}"

@@ -156,6 +156,7 @@ def test_default_budget_is_half_the_available_memory(monkeypatch, tmp_path):
     assert memory.available_memory() is None or memory.available_memory() > 0  # sysconf, where it exists
     monkeypatch.setattr(memory, "available_memory", lambda device=None: None)
     assert memory.default_budget() == memory.FALLBACK_BUDGET
+    assert memory.default_budget("decode") is None  # unknown: a decoder refuses nothing
 
 
 @pytest.mark.parametrize("text,value", [
@@ -223,6 +224,8 @@ def test_decoder_refuses_a_file_over_its_budget_before_loading_the_model(tiny_vr
         pipeline.decode_bytes(data, tiny_vr_weights, "cpu")
     r = CliRunner().invoke(main, ["decode", str(tmp_path / "a.lic"), str(tmp_path / "b.png"), "--max-memory", "410M"])
     assert r.exit_code == 3 and "needs about" in r.output and not (tmp_path / "b.png").exists()
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: None)  # unknown: no check
+    pipeline.check_memory(fmt.read(data))
 
 
 # ------------------------------------------------------------------------------------------------
