@@ -686,19 +686,12 @@ def cli(folder, models, weights, qualities, device, codecs, codec_qualities, lim
       codec bench ../shared/data/kodak --anchor vtm --published vtm
       codec bench photos/ --model lalic --weights lalic=a.pth.tar --weights lalic=b.pth.tar
     """
-    from .cli import _fail
+    from .cli import _exit_codes
 
-    try:
+    with _exit_codes():
         require_extras()
         run(folder, models, weights, qualities, device, codecs, codec_qualities, limit, anchor, published, published_dir,
             anchors_dir, out_dir, not no_warmup, quiet)
-    except click.UsageError:
-        raise
-    except KeyboardInterrupt:
-        click.echo("codec: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        sys.exit(_fail(e))
 
 
 def run(folder, models, weights, qualities, device, codecs, codec_qualities, limit, anchor, published, published_dir,

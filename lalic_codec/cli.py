@@ -81,6 +81,21 @@ def _fail(err: BaseException) -> int:
     return 1
 
 
+@contextmanager
+def _exit_codes():
+    """The one error path of the commands: a usage error stays click's (exit 2), Ctrl-C exits 130,
+    anything else becomes its one-line message and documented exit code (:func:`_fail`)."""
+    try:
+        yield
+    except click.UsageError:
+        raise
+    except KeyboardInterrupt:
+        click.echo("codec: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        sys.exit(_fail(e))
+
+
 def _shown(path: str, std: str = "stdin") -> str:
     """A path as messages name it: ``std`` (stdin, stdout) for -."""
     return path if path != "-" else std
@@ -588,6 +603,25 @@ def _model_name(ctx, param, value):
     return value
 
 
+def _encode_options(memory_help: str):
+    """--model, --quality, --target-bpp, --tile and --max-memory: the coding options of codec encode
+    and codec batch encode, defined once so that their defaults cannot drift apart."""
+    options = (
+        click.option("--model", default="default", show_default=True, callback=_model_name, help="default (bundled), lalic or mambaic (these need --weights)"),
+        click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4"),
+        click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel"),
+        click.option("--tile", type=int, default=None, metavar="N", help="code images as overlapping tiles of at most N x N pixels (multiple of 64); default: the largest tiles --max-memory allows"),
+        _max_memory_option(memory_help),
+    )
+
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply
+
+
 def _common_model_options(f):
     f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="where the network runs")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="weights file (official checkpoint or .safetensors)")(f)
@@ -597,11 +631,7 @@ def _common_model_options(f):
 @main.command()
 @click.argument("input", metavar="IN")
 @click.argument("output", metavar="OUT")
-@click.option("--model", default="default", show_default=True, callback=_model_name, help="default (bundled), lalic or mambaic (these need --weights)")
-@click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
-@click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel")
-@click.option("--tile", type=int, default=None, metavar="N", help="code images as overlapping tiles of at most N x N pixels (multiple of 64); default: the largest tiles --max-memory allows")
-@_max_memory_option("memory budget that picks the tiles (2G, 800M...); default: half the memory available")
+@_encode_options("memory budget that picks the tiles (2G, 800M...); default: half the memory available")
 @_common_model_options
 @_max_pixels_option
 @click.option("--force", "-f", is_flag=True, help="overwrite existing outputs")
@@ -620,7 +650,7 @@ def encode(input, output, model, quality, target_bpp, tile, max_memory, device, 
 
 
 def _encode(input, output, model, quality, target_bpp, tile, max_memory, device, weights, max_pixels, force, skip_existing, recursive, report_psnr, quiet, started):
-    try:
+    with _exit_codes():
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
         _refuse_terminal(output, "binary .lic data", "codec encode IN - > OUT.lic")
@@ -659,13 +689,6 @@ def _encode(input, output, model, quality, target_bpp, tile, max_memory, device,
             _say(f"codec: warning: {output} does not end in .lic (encode writes .lic files whatever their name; decode makes images)", quiet)
         _clean_for(output, started)
         job(input, output)
-    except click.UsageError:
-        raise
-    except KeyboardInterrupt:
-        click.echo("codec: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        sys.exit(_fail(e))
 
 
 @main.command()
@@ -691,7 +714,7 @@ def decode(input, output, device, weights, max_pixels, force, skip_existing, rec
 
 def _decode(input, output, device, weights, max_pixels, force, skip_existing, recursive, ext, max_memory, quiet, started):
     """``ext``: the extension that --format names (".jpg"), or None."""
-    try:
+    with _exit_codes():
         _refuse_terminal(output, "image data", f"codec decode IN - {f'--format {ext[1:]} ' if ext else ''}> OUT{ext or '.png'}")
         from . import pipeline
 
@@ -718,13 +741,6 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
         _check_format_matches(output, ext)
         _clean_for(output, started)
         job(input, output)
-    except click.UsageError:
-        raise
-    except KeyboardInterrupt:
-        click.echo("codec: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        sys.exit(_fail(e))
 
 
 def info_lines(d: dict, file: str) -> str:

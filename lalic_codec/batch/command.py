@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..cli import (_check_tile, _max_memory_option, _common_model_options, _fail, _finite, _format_ext, _max_pixels_option, _model_name,
+from ..cli import (_check_tile, _common_model_options, _encode_options, _exit_codes, _format_ext, _max_pixels_option,
                    _signals_interrupt)
 
 
@@ -44,7 +44,7 @@ def _batch_options(f):
 def _run(mode: str, src: str, dst: str, **kw) -> None:
     from .._runtime import tune_allocator
 
-    try:
+    with _exit_codes():
         from .job import Options, run
 
         o = Options(**kw)
@@ -58,24 +58,13 @@ def _run(mode: str, src: str, dst: str, **kw) -> None:
         tune_allocator()
         with _signals_interrupt():
             code = run(mode, src, dst, o)
-    except click.UsageError:
-        raise
-    except KeyboardInterrupt:
-        click.echo("codec: interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:
-        sys.exit(_fail(e))
     sys.exit(code)
 
 
 @batch.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")
-@click.option("--model", default="default", show_default=True, callback=_model_name, help="default (bundled), lalic or mambaic (these need --weights)")
-@click.option("--quality", "-q", type=click.FloatRange(min=1), callback=_finite, default=None, help="1 (smallest) .. 8 (best), fractions allowed; default 4")
-@click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None, help="largest quality whose file is at most this many bits per pixel")
-@click.option("--tile", type=int, default=None, metavar="N", help="code images as overlapping tiles of at most N x N pixels (multiple of 64); default: the largest tiles --max-memory allows")
-@_max_memory_option("memory budget of each worker that picks the tiles (2G, 800M...); default: half the memory available, shared by the workers of a machine")
+@_encode_options("memory budget of each worker that picks the tiles (2G, 800M...); default: half the memory available, shared by the workers of a machine")
 @_common_model_options
 @_max_pixels_option
 @click.option("--psnr", "psnr", is_flag=True, help="also decode each result and record its PSNR")
