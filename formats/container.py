@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import BinaryIO, Union
 
-from lalic_codec.errors import (
+from lalic_codec.errors import (  # the Damaged* errors are part of this module's interface (__all__)
     CorruptFileError,
     CrcMismatchError,
+    DamagedMagicError,
+    DamagedVersionError,
     LimitExceededError,
     NotALicFileError,
     TruncatedFileError,
@@ -121,22 +123,6 @@ class MetadataTag(IntEnum):
     XMP = 3
     PALETTE = 4
 
-
-# --------------------------------------------------------------------------- errors of damaged headers
-
-
-class DamagedMagicError(NotALicFileError, CrcMismatchError):
-    """Bad magic bytes on an otherwise intact version-1 header (its CRC32 matches with the right
-    magic): a corrupt .lic file rather than another kind of file (exit status 4)."""
-
-    exit_code = CrcMismatchError.exit_code
-
-
-class DamagedVersionError(UnsupportedVersionError, CrcMismatchError):
-    """A format version other than 1 on a header whose CRC32 matches version 1: a damaged
-    version field rather than a newer file (exit status 4)."""
-
-    exit_code = CrcMismatchError.exit_code
 
 
 # --------------------------------------------------------------------------- dataclasses

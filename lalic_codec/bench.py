@@ -30,7 +30,7 @@ import click
 import numpy as np
 
 from ._paths import shared_dir
-from .errors import BadInputError, CodecError
+from .errors import BadInputError, CodecError, MissingExtrasError
 
 #: import name -> package name, for the packages only the benchmark needs
 EXTRAS = {"matplotlib": "matplotlib", "bjontegaard": "bjontegaard", "pytorch_msssim": "pytorch-msssim"}
@@ -55,12 +55,6 @@ KEYS = {
 }
 #: (metric, title, field suffix in bd-rate.json)
 BD_METRICS = (("psnr", "PSNR", "psnr"), ("ms-ssim-db", "MS-SSIM dB", "ms_ssim_db"))
-
-
-class MissingExtrasError(CodecError):
-    """The optional benchmark packages are not installed."""
-
-    exit_code = 3
 
 
 def default_anchors_dir() -> Path:

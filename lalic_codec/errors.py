@@ -74,5 +74,30 @@ class OutputExistsError(CodecError):
     exit_code = 6
 
 
-class InterruptedError_(CodecError):
-    exit_code = 130
+class SymbolMismatchError(CorruptFileError):
+    """The stream's bytes are intact but decode to other symbols than the encoder coded: the decoder
+    chose different CDF tables than the encoder (a different device or float path), or a bug."""
+
+
+class DamagedMagicError(NotALicFileError, CrcMismatchError):
+    """Bad magic bytes on an otherwise intact version-1 header (its CRC32 matches with the right
+    magic): a corrupt .lic file rather than another kind of file (exit status 4)."""
+
+    exit_code = CrcMismatchError.exit_code
+
+
+class DamagedVersionError(UnsupportedVersionError, CrcMismatchError):
+    """A format version other than 1 on a header whose CRC32 matches version 1: a damaged
+    version field rather than a newer file (exit status 4)."""
+
+    exit_code = CrcMismatchError.exit_code
+
+
+class WeightsFileError(ModelError, ValueError):
+    """A safetensors weights file whose structure is inconsistent (e.g. a broken alias)."""
+
+
+class MissingExtrasError(CodecError):
+    """The optional packages a command needs are not installed (codec bench, codec batch)."""
+
+    exit_code = 3

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingWeightsError, ModelError
+from ..errors import MissingWeightsError, ModelError, WeightsFileError
 
 _EB_OLD = re.compile(r"(entropy_bottleneck)\._(matrix|bias|factor)(\d+)$")
 _EB_PLURAL = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
-
-
-class WeightsFileError(ModelError, ValueError):
-    """A safetensors weights file whose structure is inconsistent (e.g. a broken alias)."""
 
 
 def unwrap_checkpoint(obj) -> dict:

@@ -46,7 +46,7 @@ def _fs(url: str):
     try:
         import fsspec
     except ImportError:
-        from ..bench import MissingExtrasError
+        from ..errors import MissingExtrasError
 
         raise MissingExtrasError(f"{url}: URLs need fsspec: pip install -e '.[distributed]'") from None
     try:

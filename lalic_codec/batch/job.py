@@ -64,7 +64,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        from ..bench import MissingExtrasError  # the exit status of codec bench without its extras
+        from ..errors import MissingExtrasError
 
         raise MissingExtrasError("codec batch needs Ray: pip install -e '.[distributed]' "
                                  "(or pip install 'ray[data]>=2.9' 'fsspec>=2023.1')") from None

@@ -35,7 +35,7 @@ import numpy as np
 
 import constriction
 
-from lalic_codec.errors import CorruptFileError
+from lalic_codec.errors import CorruptFileError, SymbolMismatchError  # noqa: F401  (re-exported: pipeline, tests)
 
 from .tables import TOTAL, CdfTables, validate_tables
 
@@ -331,11 +331,6 @@ def _decode(words, flat_idx, tables, models, out):
 
 # ------------------------------------------------------------------------------------------------
 # checked streams: a CRC32 of the decoded symbols in front of the range-coded words
-
-
-class SymbolMismatchError(CorruptFileError):
-    """The stream's bytes are intact but decode to other symbols than the encoder coded: the decoder
-    chose different CDF tables than the encoder (a different device or float path), or a bug."""
 
 
 def encode_stream(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
