@@ -596,6 +596,57 @@ def _device_class(lm: LoadedModel) -> int:
     return int(fmt.DeviceClass.CUDA if lm.device.type == "cuda" else fmt.DeviceClass.CPU)
 
 
+#: rounds of :func:`_small_tile_search`, and how much larger than the first file a later one may be
+SEARCH_ROUNDS = 4
+SEARCH_SIZE_SLACK = 0.10
+
+
+def _small_tile_search(lm: LoadedModel, x: torch.Tensor, pad, rgb: np.ndarray, qt) -> list[bytes]:
+    """Streams of a small image (its one tile padded to at most MIN_CANVAS^2): the first coding, or
+    a pre-compensated one that decodes closer to ``rgb`` at no more than 10 % more bytes.
+
+    On a canvas that is mostly padding the network's error is systematic (a 16x16 white image came
+    back at 44.7 dB: the 128x128 white image's centre).  Each round codes ``x - e`` instead of
+    ``x``, where ``e`` is the previous decode's error on the image (replicated into the padding), and
+    decodes it as the decoder will.  Two rounds in a row that decode worse than the round before
+    end the search; so an image the feedback does not help costs two extra codings, about 0.2 s at
+    128x128, and at most four (SEARCH_ROUNDS) are tried.
+    The decoder is unchanged: what the encoder codes is its own choice (FORMAT.md 7.1).  Measured
+    with default-v3 at quality 4 (file bytes; encode time on one thread): white 16x16 44.7 -> 57.1 dB
+    (381 -> 373 B, 0.18 -> 0.64 s), 32x32 46.3 -> 55.8, 128x128 46.2 -> 51.4 dB (381 -> 401 B);
+    4x4 (217, 163, 130) 43.0 -> 45.5 dB; a 7x13 crop of kodim23 36.3 -> 36.9 dB (413 -> 433 B);
+    16x16 (200, 30, 90), 64x64 and 128x128 crops of kodim23 gain nothing and keep the first coding
+    (0.1 -> 0.4 s).  Larger canvases are not searched (a 768x8 strip: 768x128)."""
+    l, r, t, b = pad
+    h, w = rgb.shape[:2]
+    Hp, Wp = x.shape[-2:]
+    target = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(x.device)
+
+    def code(inp):
+        streams = lm.model.compress(inp, quality=qt).streams
+        x_hat = lm.model.decompress(streams, lm.model.hyper_shape(Hp, Wp), quality=qt)["x_hat"]
+        crop = x_hat[:, :, t : t + h, l : l + w]
+        err = float((torch.from_numpy(to_uint8(crop[0])).to(x.device).float() - target).square().mean())
+        return streams, crop, err
+
+    best, crop, best_err = code(x)
+    limit = sum(map(len, best)) * (1 + SEARCH_SIZE_SLACK)
+    inp, prev_err, worse = x, best_err, 0
+    for _ in range(SEARCH_ROUNDS):
+        if best_err == 0:
+            break
+        e = crop - x[:, :, t : t + h, l : l + w]
+        inp = inp - torch.nn.functional.pad(e, (l, r, t, b), mode="replicate")
+        streams, crop, err = code(inp)
+        worse = worse + 1 if err >= prev_err else 0
+        if worse == 2:
+            break
+        prev_err = err
+        if err < best_err and sum(map(len, streams)) <= limit:
+            best, best_err = streams, err
+    return best
+
+
 def encode_image(
     im: Image.Image, lm: LoadedModel, quality: float | None = None, tile: int | None = None, max_memory: int | None = None,
     plan: list[tuple[int, int, int, int]] | None = None,
@@ -630,9 +681,12 @@ def encode_image(
         pad = centred_padding(th, tw, lm.model.pad_multiple, MIN_CANVAS)
         x = _to_tensor(prep.rgb[ty : ty + th, tx : tx + tw], pad, lm.device)
         with torch.inference_mode():
-            coded = lm.model.compress(x, quality=qt)
-        tiles.append(fmt.Tile(tx, ty, tw, th, pad, coded.streams))
-        del x, coded
+            if len(plan) == 1 and x.shape[-2] * x.shape[-1] <= MIN_CANVAS**2:
+                streams = _small_tile_search(lm, x, pad, prep.rgb[ty : ty + th, tx : tx + tw], qt)
+            else:
+                streams = lm.model.compress(x, quality=qt).streams
+        tiles.append(fmt.Tile(tx, ty, tw, th, pad, streams))
+        del x, streams
     header = fmt.Header(
         model_id=lm.model_id,
         weights_fingerprint=lm.fingerprint,
