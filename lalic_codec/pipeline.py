@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import math
 import re
-import threading
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,20 +20,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from . import memory
-from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, ModelError, WeightsMismatchError
-from . import models as _models_pkg
+from . import loading, memory
+from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, WeightsMismatchError
 from .entropy.coder import SymbolMismatchError
 from .formats import container as fmt
 from .memory import MIN_TILE
-from .models.checkpoints import fingerprint, load_state_dict_file
 
-MODELS_DIR = Path(_models_pkg.__file__).resolve().parent  # works for wheel and editable installs
-#: bundled variable-rate model: model id -> weights file inside the package
-BUNDLED = {"default-v3": "default-v3.safetensors"}
-DEFAULT_MODEL = "default-v3"
-#: bundled models of earlier versions: model id -> (its weights file, a commit that holds it)
-RETIRED = {"default-v1": ("default-v1.safetensors", "87fa0ac"), "default-v2": ("default-v2.safetensors", "caecd4e")}
 DEFAULT_QUALITY = 4.0
 #: largest image accepted by default (pixels); the container enforces the same bound
 MAX_PIXELS = fmt.Limits().max_pixels
@@ -47,103 +40,6 @@ MAX_TILE_GRID_CELLS = 2**22
 def limits(max_pixels: int | None = None) -> fmt.Limits:
     """The reader's default limits, with another pixel limit if given (``--max-pixels``)."""
     return fmt.Limits() if max_pixels is None else fmt.Limits(max_pixels=max_pixels)
-
-
-# ------------------------------------------------------------------------------------------------
-# models
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    model_id: str
-    fingerprint: bytes
-    device: torch.device
-
-    @property
-    def variable_rate(self) -> bool:
-        return bool(self.model.variable_rate)
-
-
-_cache: dict = {}
-_cache_lock = threading.Lock()
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was requested but no CUDA GPU is available")
-    if device not in ("cpu", "cuda"):
-        raise BadInputError(f"unknown device {device!r} (use cpu, cuda or auto)")
-    return torch.device(device)
-
-
-def _float_state(sd: dict) -> dict:
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def build_from_state_dict(sd: dict, model_name: str | None = None) -> tuple[torch.nn.Module, str]:
-    """Construct the right network for a state dict (the registered class whose ``matches``
-    accepts it); returns (model, its registry name)."""
-    from .models import registry
-
-    sd = _float_state(sd)
-    try:
-        cls = registry.detect(sd)
-        if cls is None:
-            raise ModelError(f"unrecognised weights: not a state dict of a known model ({', '.join(registry.names())})")
-        return cls.from_state_dict(sd), cls.registry_name
-    except ModelError:
-        raise
-    except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelError(f"the weights do not fit the {model_name or 'detected'} architecture: {first[:300]}") from None
-
-
-def load_model(model: str = DEFAULT_MODEL, weights: str | Path | None = None, device: str | None = "auto") -> LoadedModel:
-    """Load (once per process) the bundled model or a weights file, on ``device``."""
-    dev = resolve_device(device)
-    if weights is None:
-        if model in ("default", DEFAULT_MODEL):
-            model = DEFAULT_MODEL
-        if model in RETIRED and model not in BUNDLED:
-            name, rev = RETIRED[model]
-            raise MissingWeightsError(
-                f"this file was encoded with the earlier bundled model {model!r}, which {DEFAULT_MODEL!r} "
-                f"replaced; decode it with --weights {name} (git show {rev}:models/{name} > {name})"
-            )
-        if model not in BUNDLED:
-            raise MissingWeightsError(
-                f"model {model!r} has no bundled weights; pass --weights PATH (e.g. the official checkpoint)"
-            )
-        path = MODELS_DIR / BUNDLED[model]
-        if not path.is_file():
-            raise MissingWeightsError(f"the bundled weights {path.name} are missing from this installation")
-    else:
-        path = Path(weights)
-    try:
-        stat = path.stat()
-    except OSError:
-        raise MissingWeightsError(f"weights file not found: {path}") from None
-    # the bundled name is part of the key: the same file given as --weights gets the id of its kind
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(dev), model if weights is None else None)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-        sd = load_state_dict_file(path)
-        net, kind = build_from_state_dict(sd, model)
-        net.update(force=False)  # tables stored with the weights are used as they are
-        net = net.to(dev).eval()
-        model_id = model if weights is None else kind
-        loaded = LoadedModel(net, model_id, fingerprint(net), dev)
-        _cache[key] = loaded
-        return loaded
-
-
-def clear_model_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,7 +413,7 @@ def _grid(xs, ys) -> list[tuple[int, int, int, int]]:
     return [(x, y, tw, th) for y, th in ys for x, tw in xs]
 
 
-def tile_plan(h: int, w: int, lm: LoadedModel, tile: int | None = None, max_memory: int | None = None) -> list[tuple[int, int, int, int]]:
+def tile_plan(h: int, w: int, lm: loading.LoadedModel, tile: int | None = None, max_memory: int | None = None) -> list[tuple[int, int, int, int]]:
     """The encoder's tiles for an h x w image: of at most ``tile`` x ``tile`` pixels if given, else
     the largest whose estimated peak memory (:mod:`.memory`) fits ``max_memory`` bytes (default:
     half the memory available).  An explicit budget too small for even the smallest tiles is a
@@ -588,7 +484,7 @@ class EncodeResult:
         return 8.0 * len(self.data) / (self.width * self.height)
 
 
-def _device_class(lm: LoadedModel) -> int:
+def _device_class(lm: loading.LoadedModel) -> int:
     """0 when the model's table choices are exact on any device (integer scale path), else the
     device family that computed them."""
     if lm.model.device_independent:
@@ -601,7 +497,7 @@ SEARCH_ROUNDS = 4
 SEARCH_SIZE_SLACK = 0.10
 
 
-def _small_tile_search(lm: LoadedModel, x: torch.Tensor, pad, rgb: np.ndarray, qt) -> list[bytes]:
+def _small_tile_search(lm: loading.LoadedModel, x: torch.Tensor, pad, rgb: np.ndarray, qt) -> list[bytes]:
     """Streams of a small image (its one tile padded to at most MIN_CANVAS^2): the first coding, or
     a pre-compensated one that decodes closer to ``rgb`` at no more than 10 % more bytes.
 
@@ -648,7 +544,7 @@ def _small_tile_search(lm: LoadedModel, x: torch.Tensor, pad, rgb: np.ndarray, q
 
 
 def encode_image(
-    im: Image.Image, lm: LoadedModel, quality: float | None = None, tile: int | None = None, max_memory: int | None = None,
+    im: Image.Image, lm: loading.LoadedModel, quality: float | None = None, tile: int | None = None, max_memory: int | None = None,
     plan: list[tuple[int, int, int, int]] | None = None,
 ) -> EncodeResult:
     """Code an image into .lic bytes.  Tiles (FORMAT.md 7.2): ``plan`` (x, y, w, h) if given, else
@@ -706,7 +602,7 @@ def encode_image(
 
 
 def encode_to_target(
-    im: Image.Image, lm: LoadedModel, target_bpp: float, iterations: int = 7, tile: int | None = None, on_trial=None,
+    im: Image.Image, lm: loading.LoadedModel, target_bpp: float, iterations: int = 7, tile: int | None = None, on_trial=None,
     max_memory: int | None = None,
 ) -> EncodeResult:
     """The highest quality whose file is at most ``target_bpp`` (bisection over continuous quality).
@@ -743,16 +639,16 @@ def encode_to_target(
     return best
 
 
-def model_for_file(header: fmt.Header, weights: str | Path | None, device: str | None) -> LoadedModel:
+def model_for_file(header: fmt.Header, weights: str | Path | None, device: str | None) -> loading.LoadedModel:
     if weights is None:
-        if header.model_id not in BUNDLED:
+        if header.model_id not in loading.BUNDLED:
             raise MissingWeightsError(
                 f"this file was encoded with model {header.model_id!r} (weights {header.weights_fingerprint.hex()}); "
                 "pass the same weights with --weights PATH"
             )
-        lm = load_model(header.model_id, None, device)
+        lm = loading.load_model(header.model_id, None, device)
     else:
-        lm = load_model(header.model_id, weights, device)
+        lm = loading.load_model(header.model_id, weights, device)
     if lm.fingerprint != header.weights_fingerprint:
         raise WeightsMismatchError(
             f"the file was encoded with weights {header.weights_fingerprint.hex()}, "
@@ -761,7 +657,7 @@ def model_for_file(header: fmt.Header, weights: str | Path | None, device: str |
     return lm
 
 
-def check_tiles(lic: fmt.LicFile, lm: LoadedModel) -> None:
+def check_tiles(lic: fmt.LicFile, lm: loading.LoadedModel) -> None:
     """What the model layer checks about the tiles before decoding anything (FORMAT.md 7, 11):
     the stream count, padded sizes the network can take, coverage of the whole image, and a bound
     on the total work.  Raises CorruptFileError."""
@@ -817,7 +713,7 @@ def check_memory(lic: fmt.LicFile, max_memory: int | None = None, device: str | 
     tw, th = max(sizes, key=lambda s: s[0] * s[1])
     need = memory.memory_needed(tw * th, h.width * h.height, "decode")
     if max_memory is None:
-        budget, source = memory.default_budget("decode", resolve_device(device)), "the memory available"
+        budget, source = memory.default_budget("decode", loading.resolve_device(device)), "the memory available"
     else:
         budget, source = max_memory, "--max-memory"
     if budget is not None and need > budget:
@@ -896,7 +792,7 @@ def decode_bytes(
     return DecodeResult(restore_image(canvas, lic, high_bit_depth), h, [])
 
 
-def device_mismatch(h: fmt.Header, lm: LoadedModel, tile: fmt.Tile) -> CodecError:
+def device_mismatch(h: fmt.Header, lm: loading.LoadedModel, tile: fmt.Tile) -> CodecError:
     from .errors import DeviceMismatchError
 
     where = f"tile at ({tile.x}, {tile.y})"
@@ -1018,3 +914,39 @@ def image_psnr(reference: Image.Image, decoded: Image.Image) -> float:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# ------------------------------------------------------------------------------------------------
+# names that moved out of this module
+
+#: each name that lived here before the split, by the module that holds it now.  ``pipeline.X``
+#: reads it there, and assigning ``pipeline.X`` (a test's monkeypatch) assigns it there, so that the
+#: code that moved with it sees the new value as it did when it lived here.  None of them is a
+#: global of this module (the code here writes ``loading.X``...): one value, in one place.
+_MOVED = {
+    **dict.fromkeys(
+        ("MODELS_DIR", "BUNDLED", "DEFAULT_MODEL", "RETIRED", "LoadedModel", "resolve_device", "_float_state",
+         "build_from_state_dict", "load_model", "_cache", "_cache_lock", "clear_model_cache"),
+        loading,
+    ),
+}
+
+
+def _alias(name: str, owner: types.ModuleType) -> property:
+    return property(lambda _: getattr(owner, name), lambda _, value: setattr(owner, name, value), doc=f"{owner.__name__}.{name}")
+
+
+class _Pipeline(types.ModuleType):
+    """This module, whose moved names are aliases of their new homes (a ModuleType subclass as a
+    module's class is Python's documented way to customise its attributes).  Aliases are properties,
+    data descriptors, so pytest's monkeypatch restores them by assigning the old value back."""
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(_MOVED))
+
+
+assert not set(_MOVED) & set(globals()), "a moved name is also a global here"
+for _name, _owner in _MOVED.items():
+    setattr(_Pipeline, _name, _alias(_name, _owner))
+del _name, _owner
+sys.modules[__name__].__class__ = _Pipeline
