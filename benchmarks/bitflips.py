@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from lalic_codec import fuzz
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fuzzer is a development tool beside the tests
+    import fuzz
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lalic-bitflips-") as tmp:

@@ -51,6 +51,7 @@ __all__ = [
     "write",
     "read",
     "read_info",
+    "info_lines",
     "read_header_from_file",
     "alpha_plane_size",
     "MAX_MODEL_ID_LENGTH",
@@ -791,6 +792,33 @@ def stream_names(streams_per_tile: int) -> list[str] | None:
     if streams_per_tile < 1 or streams_per_tile % 2 == 0:
         return None
     return ["z"] + [f"y/g{k}/{p}" for k in range((streams_per_tile - 1) // 2) for p in ("anchor", "non_anchor")]
+
+
+def info_lines(d: dict, file: str) -> str:
+    """The text ``codec info`` prints for a :func:`read_info` dict ``d`` of the file named ``file``
+    (adds its ``bpp`` to ``d``)."""
+    d["bpp"] = 8.0 * d["file_bytes"] / (d["width"] * d["height"])
+    lines = [
+        f"file:        {file} ({d['file_bytes']} bytes, {d['bpp']:.4f} bpp)",
+        f"format:      .lic version {d['format_version']}",
+        f"image:       {d['width']}x{d['height']} {d['colour_mode']}, {d['bit_depth']}-bit",
+        f"model:       {d['model_id']} (weights {d['weights_fingerprint']})",
+        f"quality:     {d['quality']:g}" if d["quality"] else "quality:     fixed-rate model",
+        f"entropy:     parameters computed on {d['device_class_name']}",
+        f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
+        f"streams:     {d['stream_bytes_total']} bytes" + (f" ({d['tile_count']} tiles added up)" if d["tile_count"] > 1 else ""),
+    ]
+    # by name (FORMAT.md 11.3), in coding order
+    names = d.get("stream_names") or [f"stream {i}" for i in range(len(d["tiles"][0]["stream_bytes"]))]
+    width = max(map(len, names))
+    for i, name in enumerate(names):
+        lines.append(f"{'':13}{name:<{width}} {sum(t['stream_bytes'][i] for t in d['tiles']):>8}")
+    if d.get("metadata"):
+        lines.append(f"metadata:    {d['metadata']['content_bytes']} bytes ({d['metadata']['compressed_bytes']} compressed)")
+    if d.get("alpha"):
+        lines.append(f"alpha:       {d['alpha']['content_bytes']} bytes ({d['alpha']['compressed_bytes']} compressed)")
+    lines.append("integrity:   all CRCs OK" if d["crc_ok"] else "integrity:   CORRUPT: " + "; ".join(d["crc_errors"]))
+    return "\n".join(lines)
 
 
 def _read_exactly(fh: BinaryIO, n: int) -> bytes:

@@ -444,7 +444,7 @@ def peak_rss_mib() -> float | None:
 
 def load_sources(folder: Path, limit: int | None) -> list[Source]:
     from . import pipeline
-    from .cli import IMAGE_SUFFIXES
+    from .files import IMAGE_SUFFIXES
 
     if folder.is_file():
         files = [folder]
@@ -680,9 +680,9 @@ def cli(folder, models, weights, qualities, device, codecs, codec_qualities, lim
       codec bench ../shared/data/kodak --anchor vtm --published vtm
       codec bench photos/ --model lalic --weights lalic=a.pth.tar --weights lalic=b.pth.tar
     """
-    from .cli import _exit_codes
+    from .exits import exit_codes
 
-    with _exit_codes():
+    with exit_codes():
         require_extras()
         run(folder, models, weights, qualities, device, codecs, codec_qualities, limit, anchor, published, published_dir,
             anchors_dir, out_dir, not no_warmup, quiet)

@@ -74,6 +74,12 @@ class OutputExistsError(CodecError):
     exit_code = 6
 
 
+class Interrupted(CodecError):
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP stopped the command; no partial output is left."""
+
+    exit_code = 130
+
+
 class SymbolMismatchError(CorruptFileError):
     """The stream's bytes are intact but decode to other symbols than the encoder coded: the decoder
     chose different CDF tables than the encoder (a different device or float path), or a bug."""

@@ -6,13 +6,14 @@ it, so the path can be trained after the rest: run the trained network once over
 training crops, keep y, the means, the residual symbols and z's symbols, and train the path alone
 on that cache for the y rate.  Each step costs a few per cent of a full training step, and the
 distortion cannot change.  Used by ``codec train fit-int-path`` (after a training run, before
-export) and by ``benchmarks/compare_int_paths.py`` (layouts compared at equal CPU time).
+export) and by ``benchmarks/compare_int_paths.py`` (layouts compared at equal CPU time); the
+caches of training and held-out crops are made in :mod:`lalic_codec.train`
+(:func:`~lalic_codec.train.int_path_training_cache`), which owns the data.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,26 +72,6 @@ def float_bits(f: dict, gcs) -> float:
         lik = gcs[k].likelihood_lower_bound(gcs[k].likelihood(torch.round(y - mu) + mu, gcs[k].scale_table[idx.long()], mu))
         bits -= torch.log2(lik).sum().item()
     return bits
-
-
-def training_cache(model, files: list[Path], batches: int, crop: int = 128, batch: int = 8, seed: int = 12345) -> list[dict]:
-    """Features of ``batches`` batches of random crops (qualities drawn as in training)."""
-    from . import train as tr
-
-    ds = tr.CropDataset(files, crop)
-    sampler = iter(tr.StepSampler(len(files), seed=seed))
-    return [features(model, torch.stack([ds[next(sampler)] for _ in range(batch)]), tr.quality_levels(seed, b, batch, model.num_levels)) for b in range(batches)]
-
-
-def validation_cache(model, files: list[Path], crop: int = 256, qualities=(1.0, 4.0, 8.0)) -> list[dict]:
-    """Features of the centre crops of ``files`` at each quality."""
-    from .train import centre_crop
-
-    out = []
-    for f in files:
-        x = centre_crop(f, crop)
-        out.extend(features(model, x, torch.tensor([q])) for q in qualities)
-    return out
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from PIL import Image
 
 from ._paths import shared_dir
 from ._runtime import tune_allocator
+from .exits import exit_codes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
 DEFAULT_TRAIN_DIRS = (str(shared_dir() / "data" / "train"), str(shared_dir() / "data" / "train-more"))
@@ -378,8 +379,15 @@ def load_checkpoint(path: Path) -> dict:
 
 def model_from_checkpoint(path: str | Path):
     """(state, config, model) of a training checkpoint: the model built with the run's architecture
-    and holding its weights."""
-    state = load_checkpoint(Path(path))
+    and holding its weights.  A missing file, or one that is no checkpoint of ``codec train run``, is
+    a :class:`~lalic_codec.errors.ModelError` (one line, exit status 5)."""
+    from .errors import ModelError
+    from .models.checkpoints import read_checkpoint
+
+    state = read_checkpoint(path, "checkpoint")
+    missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ModelError(f"{Path(path).name} is not a training checkpoint of codec train run (no {' or '.join(missing)} entry)")
     cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
     model = build_model(cfg.arch)
     model.load_state_dict(state["model"])
@@ -630,12 +638,34 @@ def cli():
 @click.option("--bf16", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="bf16 autocast (rates stay float32): auto = CUDA, or a CPU with bf16 instructions")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
+@exit_codes()
 def run_cmd(resume, max_minutes, **kw):
     """Train (or resume training) the variable-rate default model."""
     kw["data"] = tuple(kw["data"])
     cfg = TrainConfig(**kw)
     path = train(cfg, resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     click.echo(f"checkpoint: {path}")
+
+
+def int_path_training_cache(model, files: list[Path], batches: int, crop: int = 128, batch: int = 8, seed: int = 12345) -> list[dict]:
+    """The integer scale path's fit (:mod:`lalic_codec.int_path_fit`): features of ``batches``
+    batches of random crops (qualities drawn as in training)."""
+    from .int_path_fit import features
+
+    ds = CropDataset(files, crop)
+    sampler = iter(StepSampler(len(files), seed=seed))
+    return [features(model, torch.stack([ds[next(sampler)] for _ in range(batch)]), quality_levels(seed, b, batch, model.num_levels)) for b in range(batches)]
+
+
+def int_path_validation_cache(model, files: list[Path], crop: int = 256, qualities=(1.0, 4.0, 8.0)) -> list[dict]:
+    """The integer scale path's fit: features of the centre crops of ``files`` at each quality."""
+    from .int_path_fit import features
+
+    out = []
+    for f in files:
+        x = centre_crop(f, crop)
+        out.extend(features(model, x, torch.tensor([q])) for q in qualities)
+    return out
 
 
 @cli.command("fit-int-path")
@@ -647,6 +677,7 @@ def run_cmd(resume, max_minutes, **kw):
               help="keep the checkpoint's integer path and continue it, or start a fresh path of this layout")
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: default)")
+@exit_codes()
 def fit_int_path_cmd(checkpoint, out, cpu_minutes, batches, layout, lr, threads):
     """Train the integer scale path alone on the frozen rest of CHECKPOINT (the distortion cannot
     change); keeps the parameters with the lowest y rate on the held-out images."""
@@ -668,8 +699,8 @@ def fit_int_path_cmd(checkpoint, out, cpu_minutes, batches, layout, lr, threads)
         state["optimizer"] = _drop_optimizer_state(state["optimizer"], "scale_path.")
     train_files, held_out = split_data(cfg.data, cfg.holdout)
     t0 = time.time()
-    cache = ipf.training_cache(model, train_files, batches)
-    val = ipf.validation_cache(model, held_out)
+    cache = int_path_training_cache(model, train_files, batches)
+    val = int_path_validation_cache(model, held_out)
     gcs = model.gaussian_conditionals()
     click.echo(f"features of {batches} batches and {len(val)} held-out crops in {time.time() - t0:.0f} s; "
                f"float scales {sum(ipf.float_bits(f, gcs) for f in val) / sum(f['pixels'] for f in val):.4f} y bpp held out", err=True)
@@ -699,6 +730,7 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.argument("out")
 @click.option("--depths", default=None, help="transform depths L1,L2,L3,L4, each at least the current one: new RWKV blocks start as identities")
 @click.option("--ctx-hidden-rate", type=int, default=None, help="hidden width of the channel context's channel mix, in multiples of M: keeps the most important units")
+@exit_codes()
 def reshape_cmd(source, out, depths, ctx_hidden_rate):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
     what it has learnt; continue with `codec train run --init-from OUT`."""
@@ -723,6 +755,7 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate):
 @click.argument("checkpoint")
 @click.argument("out")
 @click.option("--fp32", is_flag=True, help="keep float32 weights")
+@exit_codes()
 def export_cmd(checkpoint, out, fp32):
     """Export CHECKPOINT to the safetensors weights file OUT."""
     click.echo(f"wrote {export(checkpoint, out, fp16=not fp32)}")

@@ -61,6 +61,16 @@ def load_state_dict_file(path: str | Path) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"cannot read {path.name}: {e}") from None
         return expand_aliases(sd, meta.get("aliases"), path.name)
+    return normalize_keys(unwrap_checkpoint(read_checkpoint(path)))
+
+
+def read_checkpoint(path: str | Path, what: str = "weights file"):
+    """What a PyTorch checkpoint holds, loaded weights-only (nothing in it is run), on the CPU; a
+    :class:`~lalic_codec.errors.ModelError` with a one-line message for a missing file (``what``
+    names it), a file that is no checkpoint, a damaged one, or one that is not weights-only."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"{what} not found: {path}")
     import pickle
     import warnings
 
@@ -83,7 +93,7 @@ def load_state_dict_file(path: str | Path) -> dict:
         if "failed finding central directory" in first or isinstance(e, EOFError):
             raise ModelError(f"{path.name} is a damaged or truncated checkpoint") from None
         raise ModelError(f"cannot load {path.name} as a weights-only checkpoint: {first[:200]}") from None
-    return normalize_keys(unwrap_checkpoint(obj))
+    return obj
 
 
 #: the first bytes of files that are given as weights by mistake

@@ -3,8 +3,8 @@
 Whatever bytes arrive, ``codec info`` (``read_info``) and ``codec decode`` (``read`` then
 ``decode_bytes``) produce the image the header declares or raise a CodecError with a one-line
 message: never another exception, never a hang, never a runaway allocation
-(``lalic_codec.fuzz.check_case``).  Bounded here (about two minutes on one core); longer runs:
-``python -m lalic_codec.fuzz --seconds 1800``.
+(``tests/fuzz.py``, ``check_case``).  Bounded here (about two minutes on one core); longer runs:
+``python tests/fuzz.py --seconds 1800``.
 """
 
 import io
@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import fuzz
 from conftest import natural_image
-from lalic_codec import fuzz, pipeline
+from lalic_codec import pipeline
 from lalic_codec.cli import main
 from lalic_codec.errors import (
     BadInputError,
@@ -79,7 +80,7 @@ def test_truncation_at_every_offset(corpus):
 
 
 # ------------------------------------------------------------------------------------------------
-# hypothesis: mutations of valid files (the mutators of lalic_codec.fuzz, driven by hypothesis)
+# hypothesis: mutations of valid files (the mutators of tests/fuzz.py, driven by hypothesis)
 
 
 @settings(FUZZ, max_examples=14000)

@@ -202,3 +202,21 @@ def test_train_help_with_short_option(args):
 
     r = subprocess.run([sys.executable, "-m", "lalic_codec.cli", *args], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("Usage:"), r.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "state-dict"])
+def test_export_of_a_missing_or_non_checkpoint_file_is_one_line_and_exit_status_5(tmp_path, case):
+    """README "Exit status": 5 for missing weights or a file that is no checkpoint; one line, no traceback."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "run.pt"
+    if case == "text":
+        src.write_text("not a checkpoint\n")
+    elif case == "state-dict":  # weights alone, as torch.save(model.state_dict()) writes: no training state
+        torch.save({"w": torch.zeros(2)}, src)
+    out = tmp_path / "w.safetensors"
+    r = subprocess.run([sys.executable, "-m", "lalic_codec.cli", "train", "export", str(src), str(out)], capture_output=True, text=True)
+    assert r.returncode == 5, r.stderr
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("codec: error: "), r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()

@@ -1,4 +1,4 @@
-"""``codec batch encode|decode SRC DST``: the click commands.  Import-light (click and the CLI's
+"""``codec batch encode|decode SRC DST``: the click commands.  Import-light (click and the commands'
 option helpers): Ray, fsspec and torch are imported when a command runs."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from ..cli import (_check_tile, _common_model_options, _encode_options, _exit_codes, _format_ext, _max_pixels_option,
-                   _signals_interrupt)
+from ..exits import exit_codes, signals_interrupt
+from ..options import check_tile, common_model_options, encode_options, format_ext, max_pixels_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +44,7 @@ def _batch_options(f):
 def _run(mode: str, src: str, dst: str, **kw) -> None:
     from .._runtime import tune_allocator
 
-    with _exit_codes():
+    with exit_codes():
         from .job import Options, run
 
         o = Options(**kw)
@@ -54,9 +54,9 @@ def _run(mode: str, src: str, dst: str, **kw) -> None:
             from .. import pipeline
 
             if o.tile is not None:
-                _check_tile(o.tile, pipeline)
+                check_tile(o.tile, pipeline)
         tune_allocator()
-        with _signals_interrupt():
+        with signals_interrupt():
             code = run(mode, src, dst, o)
     sys.exit(code)
 
@@ -64,9 +64,9 @@ def _run(mode: str, src: str, dst: str, **kw) -> None:
 @batch.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")
-@_encode_options("memory budget of each worker that picks the tiles (2G, 800M...); default: half the memory available, shared by the workers of a machine")
-@_common_model_options
-@_max_pixels_option
+@encode_options("memory budget of each worker that picks the tiles (2G, 800M...); default: half the memory available, shared by the workers of a machine")
+@common_model_options
+@max_pixels_option
 @click.option("--psnr", "psnr", is_flag=True, help="also decode each result and record its PSNR")
 @_batch_options
 def encode(src, dst, **kw):
@@ -77,9 +77,9 @@ def encode(src, dst, **kw):
 @batch.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", metavar="DST")
-@_common_model_options
-@_max_pixels_option
-@click.option("--format", "ext", callback=_format_ext, default=None, help="output format (png, jpg, webp, bmp, tif, ppm; default png)")
+@common_model_options
+@max_pixels_option
+@click.option("--format", "ext", callback=format_ext, default=None, help="output format (png, jpg, webp, bmp, tif, ppm; default png)")
 @_batch_options
 def decode(src, dst, **kw):
     """Decompress every .lic file of SRC into images under DST, on Ray workers."""

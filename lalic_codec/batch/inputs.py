@@ -7,7 +7,7 @@ SRC is a folder (``-r`` for subfolders), a glob (``photos/*.jpg``, ``s3://b/in/*
 comments ignored; relative paths are relative to the manifest's folder).  Outputs mirror the
 inputs' tree under DST: relative to SRC for a folder, to the glob's fixed prefix for a glob, to
 the inputs' common folder for a manifest.  Local folders are walked by the CLI's own
-:func:`~lalic_codec.cli._collect` (images taken by extension or content); remote inputs are taken
+:func:`~lalic_codec.files.collect_files` (images taken by extension or content); remote inputs are taken
 by extension.
 """
 
@@ -20,8 +20,8 @@ import re
 import secrets
 from pathlib import Path, PurePosixPath
 
-from ..cli import (IMAGE_SUFFIXES, _collect, _entry, _make_folder, _pairs, _refuse_clashes, _takes_image,
-                   _takes_lic, clean_stale_temps, read_input, write_output)
+from ..files import (IMAGE_SUFFIXES, clean_stale_temps, collect_files, entry_name, folder_pairs, make_folder, read_input,
+                     refuse_clashes, takes_image, takes_lic, write_output)
 from ..errors import BadInputError
 
 #: fsspec protocols whose writes are atomic by themselves (an object appears whole or not at all)
@@ -93,12 +93,12 @@ def plan(src: str, dst: str, decode: bool, recursive: bool, out_suffix: str):
     output folders are created."""
     from .. import pipeline
 
-    take = _takes_lic(pipeline) if decode else _takes_image(pipeline)
+    take = takes_lic(pipeline) if decode else takes_image(pipeline)
     src, dst = canonical(local(src)), canonical(local(dst))
     if not is_url(src) and not is_url(dst) and Path(src).is_dir():
-        pairs, ignored = _pairs(Path(src), Path(dst), take, out_suffix, recursive)  # as codec encode DIR DIR
+        pairs, ignored = folder_pairs(Path(src), Path(dst), take, out_suffix, recursive)  # as codec encode DIR DIR
         return ([(str(s), str(d)) for s, d in pairs],
-                [(_entry(p), why) for p, why in ignored if p.name != MANIFEST_NAME])
+                [(entry_name(p), why) for p, why in ignored if p.name != MANIFEST_NAME])
     files, ignored, base = _inputs(src, dst, take, _remote_take(decode), recursive)
     if not files:
         shown = ", ".join(f"{p} ({why})" for p, why in ignored[:3])
@@ -107,10 +107,10 @@ def plan(src: str, dst: str, decode: bool, recursive: bool, out_suffix: str):
     for f in files:
         rel = PurePosixPath(posixpath.relpath(_tail(f), _tail(base)) if is_url(f) else Path(f).relative_to(base).as_posix())
         pairs.append((f, _join(dst, rel.parent / (rel.stem + out_suffix))))
-    _refuse_clashes(pairs)
+    refuse_clashes(pairs)
     if not is_url(dst):
         for folder in sorted({Path(d).parent for _, d in pairs} | {Path(dst)}):
-            _make_folder(folder)
+            make_folder(folder)
     return pairs, ignored
 
 
@@ -153,8 +153,8 @@ def _inputs(src: str, dst: str, take, remote_take, recursive: bool):
     p = Path(src)
     if p.is_dir():  # a local folder into a remote DST
         found, left = [], []
-        _collect(p, take, recursive, Path(os.devnull), found, left)
-        return [str(f) for f in found], [(_entry(q), why) for q, why in left], str(p)
+        collect_files(p, take, recursive, Path(os.devnull), found, left)
+        return [str(f) for f in found], [(entry_name(q), why) for q, why in left], str(p)
     if not p.is_file():
         raise BadInputError(f"{src}: no such file or folder")
     if take(p) is None and p.suffix.lower() not in (".txt", ".lst", ".list"):  # one input
@@ -208,7 +208,7 @@ def existing(pairs, dst: str) -> set:
 
 
 def clean_temps(pairs, started: float) -> int:
-    """Local outputs: delete the temporary files that killed workers left (see cli.clean_stale_temps)."""
+    """Local outputs: delete the temporary files that killed workers left (see files.clean_stale_temps)."""
     by_folder: dict = {}
     for _, d in pairs:
         if not is_url(d):

@@ -36,7 +36,7 @@ def weights_file(data: bytes, suffix: str) -> str:
     path = cache / f"{digest}{suffix}"
     if not path.is_file() or path.stat().st_size != len(data):
         cache.mkdir(parents=True, exist_ok=True)
-        from ..cli import write_output
+        from ..files import write_output
 
         write_output(str(path), data, force=True)  # atomic: concurrent actors on a node race harmlessly
     return str(path)
@@ -64,10 +64,10 @@ def new_row(src: str, dst: str, psnr: bool) -> dict:
 
 def failed(row: dict, err: BaseException) -> dict:
     """``row`` as a failure: error class, one-line message naming the input, exit code."""
-    from ..cli import _named
+    from ..files import named_error
 
     if isinstance(err, CodecError):
-        err = _named(row["source"], err)
+        err = named_error(row["source"], err)
         code = err.exit_code
     else:  # as codec encode's folder mode: an unexpected error on one file is that file's failure
         code = 1
@@ -151,7 +151,7 @@ class Coder:
             row["message"] = "; ".join(res.notes)
 
     def _decode(self, data: bytes, row: dict) -> None:
-        from ..cli import _output_format
+        from ..files import output_format
 
         p, job = self.pipeline, self.job
         try:
@@ -161,7 +161,7 @@ class Coder:
             if type(e) is NotALicFileError and data and kind:  # say what it is, as codec decode does
                 e = NotALicFileError(f"not a .lic file ({kind})")
             raise e from None
-        fmt_name = _output_format(row["output"], job.get("ext"))
+        fmt_name = output_format(row["output"], job.get("ext"))
         inputs.write_bytes(row["output"], lambda f: p.save_image(res.image, f, fmt_name))
         h = res.header
         row.update(width=h.width, height=h.height, bytes=len(data), bpp=8.0 * len(data) / (h.width * h.height),

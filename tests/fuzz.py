@@ -15,10 +15,12 @@ tiles outside the image, zero sizes, wrong stream counts, pads that do not match
 Standalone (the cases run in a worker process, so that a hang or a hard crash is caught and
 counted; a failing case is saved under ``--artifacts``)::
 
-    python -m lalic_codec.fuzz --seconds 60
-    python -m lalic_codec.fuzz --cases 20000 --seed 7 --artifacts fuzz-artifacts
+    python tests/fuzz.py --seconds 60
+    python tests/fuzz.py --cases 20000 --seed 7 --artifacts fuzz-artifacts
 
-``tests/test_fuzz.py`` drives the same mutators with hypothesis for a bounded time in CI.
+``tests/test_fuzz.py`` drives the same mutators with hypothesis for a bounded time in CI.  A
+development tool, not part of the installed package: it lives beside the tests, takes the tiny
+model from ``conftest.py`` and the byte layouts from ``formats/container.py``.
 """
 
 from __future__ import annotations
@@ -42,18 +44,22 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import CodecError
-from .formats import container as fmt
-
-#: tiny LALIC configuration (same code paths as the bundled model, milliseconds per decode)
-TINY = dict(N=8, M=32, dims=(16, 16, 16, 32, 16, 16), depths=(0, 1, 1, 1), groups=(4, 4, 8, 16))
+from conftest import TINY  # the tiny LALIC configuration (same code paths as the bundled model, ms per decode)
+from lalic_codec.errors import CodecError
+from lalic_codec.formats import container as fmt
 
 #: limits used when decoding fuzz cases: small enough that any allocation they allow is harmless
 FUZZ_LIMITS = fmt.Limits(max_pixels=2**22, max_metadata_bytes=2**20, max_stream_bytes=2**24, max_tiles=4096)
 
-_HEADER_TAIL = struct.Struct("<16sIIIBBBBHH")  # as container._HEADER_TAIL, quality as raw u32 bits
-_GEOMETRY = struct.Struct("<IIIIHHHH")
-_LEN_CRC = struct.Struct("<II")
+# the container's byte layouts (formats/container.py), except that the header's quality is read and
+# written as its raw u32 bits, so that mutations can set any bit pattern (NaNs included)
+_HEADER_TAIL = struct.Struct(fmt._HEADER_TAIL.format.replace("f", "I", 1))
+_VERSION_IDLEN = fmt._VERSION_IDLEN  # format version, model id length
+_GEOMETRY = fmt._GEOMETRY
+_LEN_CRC = fmt._LEN_CRC  # block / stream prefix: length, CRC32
+_U32 = fmt._U32  # CRC32s
+_TLV = fmt._TLV  # metadata records: tag, length
+assert _HEADER_TAIL.size == fmt._HEADER_TAIL.size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,17 +112,17 @@ class RawLic:
 def parse_raw(data: bytes) -> RawLic:
     """Split a *valid* file into its fields (no validation beyond what the layout needs)."""
     pos = len(fmt.MAGIC)
-    version, id_len = struct.unpack_from("<HB", data, pos)
-    pos += 3
+    version, id_len = _VERSION_IDLEN.unpack_from(data, pos)
+    pos += _VERSION_IDLEN.size
     model_id = data[pos : pos + id_len]
     pos += id_len
     fp, qbits, w, h, mode, depth, dev, flags, n_tiles, spt = _HEADER_TAIL.unpack_from(data, pos)
-    pos += _HEADER_TAIL.size + 4
+    pos += _HEADER_TAIL.size + _U32.size
 
     def stream():
         nonlocal pos
         n, _ = _LEN_CRC.unpack_from(data, pos)
-        pos += 8
+        pos += _LEN_CRC.size
         body = data[pos : pos + n]
         pos += n
         return RawStream(body)
@@ -125,7 +131,7 @@ def parse_raw(data: bytes) -> RawLic:
     tiles = []
     for _ in range(n_tiles):
         geometry = list(_GEOMETRY.unpack_from(data, pos))
-        pos += _GEOMETRY.size + 4
+        pos += _GEOMETRY.size + _U32.size
         tiles.append(RawTile(geometry, [stream() for _ in range(spt)]))
     return RawLic(data[: len(fmt.MAGIC)], version, model_id, fp, qbits, w, h, mode, depth, dev, flags,
                   n_tiles, spt, blocks, tiles, data[pos:])
@@ -138,11 +144,11 @@ def _u(v: int, bits: int) -> int:
 def pack_raw(r: RawLic) -> bytes:
     """Serialise a RawLic; every value is truncated to its field width, CRCs computed unless set."""
     head = bytearray(r.magic)
-    head += struct.pack("<HB", _u(r.version, 16), _u(len(r.model_id), 8)) + r.model_id[:255]
+    head += _VERSION_IDLEN.pack(_u(r.version, 16), _u(len(r.model_id), 8)) + r.model_id[:255]
     head += _HEADER_TAIL.pack((r.fingerprint + bytes(16))[:16], _u(r.quality_bits, 32), _u(r.width, 32), _u(r.height, 32),
                               _u(r.mode, 8), _u(r.bit_depth, 8), _u(r.device_class, 8), _u(r.flags, 8),
                               _u(r.n_tiles, 16), _u(r.spt, 16))
-    head += struct.pack("<I", zlib.crc32(head) if r.header_crc is None else _u(r.header_crc, 32))
+    head += _U32.pack(zlib.crc32(head) if r.header_crc is None else _u(r.header_crc, 32))
     parts = [bytes(head)]
 
     def put(s: RawStream):
@@ -154,7 +160,7 @@ def pack_raw(r: RawLic) -> bytes:
         put(b)
     for t in r.tiles:
         g = _GEOMETRY.pack(*[_u(v, 32) for v in t.geometry[:4]], *[_u(v, 16) for v in t.geometry[4:8]])
-        parts.append(g + struct.pack("<I", zlib.crc32(g) if t.crc is None else _u(t.crc, 32)))
+        parts.append(g + _U32.pack(zlib.crc32(g) if t.crc is None else _u(t.crc, 32)))
         for s in t.streams:
             put(s)
     parts.append(r.trailing)
@@ -165,20 +171,21 @@ def crc_layout(data: bytes) -> list[tuple[int, int, int]]:
     """(crc offset, covered start, covered end) of every CRC of a valid file."""
     r = parse_raw(data)
     out = []
-    hdr_end = len(fmt.MAGIC) + 3 + len(r.model_id) + _HEADER_TAIL.size
+    hdr_end = len(fmt.MAGIC) + _VERSION_IDLEN.size + len(r.model_id) + _HEADER_TAIL.size
     out.append((hdr_end, 0, hdr_end))
-    pos = hdr_end + 4
+    pos = hdr_end + _U32.size
 
     def stream(s):
         nonlocal pos
-        out.append((pos + 4, pos + 8, pos + 8 + len(s.body)))
-        pos += 8 + len(s.body)
+        body = pos + _LEN_CRC.size  # length, then the CRC32 of the body
+        out.append((pos + _U32.size, body, body + len(s.body)))
+        pos = body + len(s.body)
 
     for b in r.blocks:
         stream(b)
     for t in r.tiles:
         out.append((pos + _GEOMETRY.size, pos, pos + _GEOMETRY.size))
-        pos += _GEOMETRY.size + 4
+        pos += _GEOMETRY.size + _U32.size
         for s in t.streams:
             stream(s)
     return out
@@ -188,7 +195,7 @@ def fix_crcs(data: bytearray, layout) -> bytearray:
     """Recompute the CRCs at a valid file's CRC positions (for mutations that keep the length)."""
     for at, a, b in layout:
         if b <= len(data) and at + 4 <= len(data):
-            data[at : at + 4] = struct.pack("<I", zlib.crc32(bytes(data[a:b])))
+            data[at : at + _U32.size] = _U32.pack(zlib.crc32(bytes(data[a:b])))
     return data
 
 
@@ -208,8 +215,8 @@ def make_weights(folder: str | Path) -> dict[str, Path]:
     """Tiny random-weight models: variable-rate (``vr``) and fixed-rate official-style (``lalic``)."""
     import torch
 
-    from .models.checkpoints import save_weights
-    from .models.lalic import LALIC, VariableRateLALIC
+    from lalic_codec.models.checkpoints import save_weights
+    from lalic_codec.models.lalic import LALIC, VariableRateLALIC
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -236,7 +243,7 @@ def make_seeds(weights: dict[str, Path]) -> list[Seed]:
     import numpy as np
     from PIL import Image
 
-    from . import pipeline
+    from lalic_codec import pipeline
 
     vr = pipeline.load_model("x", weights["vr"], "cpu")
     fixed = pipeline.load_model("lalic", weights["lalic"], "cpu")
@@ -532,7 +539,7 @@ def _zstd(content: bytes, declared: int | None = None) -> bytes:
 
 
 def _tlv(tag: int, value: bytes, length: int | None = None) -> bytes:
-    return struct.pack("<BI", tag, len(value) if length is None else length) + value
+    return _TLV.pack(tag, len(value) if length is None else length) + value
 
 
 def _mutate_blocks(rng, r: RawLic, seeds):
@@ -687,15 +694,13 @@ def check_case(data: bytes, weights: str | Path | None, decode: bool = True, lim
                seconds: float = 10.0) -> str:
     """Run ``codec info``'s and ``codec decode``'s code on ``data``; return the outcome's name
     ("decoded" or an error class name) or raise :class:`FuzzFailure`."""
-    from .cli import info_lines
-
     t0 = time.perf_counter()
     try:
         with time_limit(seconds):
             try:
                 d = fmt.read_info(data)
                 json.dumps(d)
-                info_lines(d, "case.lic")
+                fmt.info_lines(d, "case.lic")
                 info_ok = True
             except BaseException as e:  # noqa: BLE001 - classified below
                 _check_error(e, "read_info")
@@ -710,7 +715,7 @@ def check_case(data: bytes, weights: str | Path | None, decode: bool = True, lim
                     raise FuzzFailure("inconsistent", "read accepts a file that read_info rejects or finds corrupt")
                 outcome = "read"
             if decode and lic is not None:
-                from . import pipeline
+                from lalic_codec import pipeline
 
                 try:
                     res = pipeline.decode_bytes(data, weights, "cpu", limits)
@@ -733,7 +738,7 @@ def check_case(data: bytes, weights: str | Path | None, decode: bool = True, lim
 def check_image_case(data: bytes, max_pixels: int = 2**20, seconds: float = 10.0) -> str:
     """``codec encode``'s input side: open (format allow-list, pixel limit) and prepare an image.
     Returns "prepared" or an error class name, or raises :class:`FuzzFailure`."""
-    from . import pipeline
+    from lalic_codec import pipeline
 
     t0 = time.perf_counter()
     try:
@@ -770,8 +775,8 @@ def max_rss_mib() -> float:
 
 def which_check(e: CodecError) -> str:
     """Which check of the reader or decoder caught a damaged file (for counting)."""
-    from .errors import CrcMismatchError, DeviceMismatchError, LimitExceededError, NotALicFileError
-    from .errors import TruncatedFileError, UnsupportedVersionError
+    from lalic_codec.errors import CrcMismatchError, DeviceMismatchError, LimitExceededError, NotALicFileError
+    from lalic_codec.errors import TruncatedFileError, UnsupportedVersionError
 
     msg = str(e)
     if isinstance(e, fmt.DamagedMagicError):
@@ -805,7 +810,7 @@ def flip_outcome(flipped: bytes, weights, reference: bytes, limits: fmt.Limits |
     metadata included, as ``reference``) or "UNDETECTED: decoded differently"."""
     import io
 
-    from . import pipeline
+    from lalic_codec import pipeline
 
     try:
         res = pipeline.decode_bytes(flipped, weights, "cpu", limits)
@@ -819,7 +824,7 @@ def flip_outcome(flipped: bytes, weights, reference: bytes, limits: fmt.Limits |
 def reference_png(data: bytes, weights) -> bytes:
     import io
 
-    from . import pipeline
+    from lalic_codec import pipeline
 
     buf = io.BytesIO()
     pipeline.save_image(pipeline.decode_bytes(data, weights, "cpu").image, buf, "PNG")
@@ -857,7 +862,7 @@ def _load(workdir: Path) -> tuple[dict, list[Seed]]:
 
 def _worker(workdir: Path, base_seed: int, start: int, case_seconds: float, decode: bool) -> None:
     weights, seeds = _load(workdir)
-    from . import pipeline  # imports and model loading before the first case's clock starts
+    from lalic_codec import pipeline  # imports and model loading before the first case's clock starts
 
     for key, path in weights.items():
         pipeline.load_model("x" if key == "vr" else key, path, "cpu")
@@ -954,7 +959,7 @@ def run_harness(seconds: float | None, cases: int | None, base_seed: int, artifa
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     last_report = time.monotonic()
     while not done():
-        cmd = [sys.executable, "-m", "lalic_codec.fuzz", "--worker", str(workdir), "--seed", str(base_seed),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(workdir), "--seed", str(base_seed),
                "--start", str(i), "--case-seconds", str(case_seconds)] + ([] if decode else ["--no-decode"])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         lines = _Lines(proc.stdout.fileno())
@@ -1007,7 +1012,7 @@ def run_harness(seconds: float | None, cases: int | None, base_seed: int, artifa
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lalic_codec.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tests/fuzz.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=None, help="run for this long (default 60 unless --cases)")
     ap.add_argument("--cases", type=int, default=None, help="run this many cases")
     ap.add_argument("--seed", type=int, default=0, help="base seed: case i of seed s is always the same bytes")
