@@ -1,16 +1,29 @@
 """Images to .lic bytes and back: the layer between the CLI (or the Python API) and the networks.
 
-encode: image -> orientation, colour mode, metadata -> RGB tensor -> centred padding (edges
-replicated) -> model.compress -> streams -> container.  decode: container -> model (checked
-against the header's weights fingerprint) -> model.decompress -> crop -> restore mode, alpha and
-metadata.
+encode: image -> :func:`.imaging.prepare_image` (orientation, colour mode, metadata -> 8-bit RGB)
+-> :func:`.tiling.tile_plan` -> each tile: :func:`.tiling.centred_padding` (edges replicated)
+-> model.compress -> streams -> :mod:`.formats.container`.  decode: container -> the memory
+budget (:func:`check_memory`) -> :func:`model_for_file` (:func:`.loading.load_model`, checked
+against the header's weights fingerprint) -> :func:`check_tiles` -> each tile: model.decompress
+-> crop, overlaps cross-faded (:func:`.tiling.tile_weights`) -> :func:`.imaging.restore_image`
+(mode, alpha, metadata).
+
+Where each concern lives:
+
+* :mod:`.loading`: bundled models and weights files, the device, the per-process model cache;
+* :mod:`.imaging`: opening images safely, colour modes and metadata, writing images, the file
+  suffix tables, PSNR;
+* :mod:`.tiling`: tile layouts, the padding of a tile, the cross-fade weights;
+* here: encoding (with the search for small images) and decoding whole images, and what the
+  decoder checks before it works (tiles against the model, memory).
+
+Every name that lived here before that split still reads (and, for tests' monkeypatches, assigns)
+as ``pipeline.X``: see ``_MOVED`` at the end.  Over 400 lines because encoding and decoding share
+the container's tile layout and the model interface; the aliases of the moved names are ~50 of them.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import re
 import sys
 import types
 from dataclasses import dataclass
@@ -18,16 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from . import loading, memory, tiling
+from . import imaging, loading, memory, tiling
 from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, WeightsMismatchError
 from .entropy.coder import SymbolMismatchError
 from .formats import container as fmt
 
 DEFAULT_QUALITY = 4.0
-#: largest image accepted by default (pixels); the container enforces the same bound
-MAX_PIXELS = fmt.Limits().max_pixels
 #: the tiles of a file may add up to at most this many times the padded image area (FORMAT.md 7.2):
 #: the reference encoder's plans stay under half of it, and decoding work stays proportional to
 #: the image's declared size, which the pixel limit bounds
@@ -39,283 +50,6 @@ MAX_TILE_GRID_CELLS = 2**22
 def limits(max_pixels: int | None = None) -> fmt.Limits:
     """The reader's default limits, with another pixel limit if given (``--max-pixels``)."""
     return fmt.Limits() if max_pixels is None else fmt.Limits(max_pixels=max_pixels)
-
-
-# ------------------------------------------------------------------------------------------------
-# images in
-
-
-@dataclass
-class PreparedImage:
-    rgb: np.ndarray  # (H, W, 3) uint8
-    mode: fmt.ColourMode
-    bit_depth: int
-    alpha: np.ndarray | None  # (H, W) uint8 or uint16
-    metadata: fmt.Metadata
-    notes: list
-
-
-#: image formats ``open_image`` accepts (Pillow names).  Pillow identifies files by content, not by
-#: name, so without this list a stranger's "photo.png" could reach any plugin, including ones that
-#: start external programs (EPS runs Ghostscript) or parse rarely used formats.
-INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "PPM", "GIF", "TGA", "AVIF", "JXL")
-
-
-def open_image(data: bytes | str | Path, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image, refusing decompression bombs before they are decoded.
-
-    Only :data:`INPUT_FORMATS` are opened.  Any failure is a :class:`BadInputError` (or
-    :class:`LimitExceededError` for an image over ``max_pixels``), whatever Pillow raised, that
-    starts with ``name`` (a path's own name by default) and says what the file is."""
-    import warnings
-
-    if name is None and isinstance(data, (str, Path)):
-        name = str(data)
-    prefix = f"{name}: " if name else ""
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    Image.init()
-    formats = [f for f in INPUT_FORMATS if f in Image.OPEN]
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # Image.open's check is the one just below (Pillow's message states twice the limit)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit is enforced below; metadata noise
-            im = Image.open(src, formats=formats)
-            if im.width * im.height > max_pixels:
-                raise LimitExceededError(f"{prefix}{_over_limit(im.width * im.height, max_pixels, f'{im.width}x{im.height} = ')}")
-            Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's later checks (other frames, tiles)
-            getattr(im, "n_frames", 1)  # counted (and cached) under the limit: GIF reads every frame
-            im.load()
-        return im
-    except Image.DecompressionBombError as e:  # say our limit, not Pillow's double of it
-        m = re.search(r"\((\d+) pixels\)", str(e))
-        raise LimitExceededError(f"{prefix}{_over_limit(int(m[1]) if m else None, max_pixels)}") from None
-    except MemoryError:
-        raise LimitExceededError(f"{prefix}image too large: out of memory while decoding it") from None
-    except CodecError:
-        raise
-    except Exception as e:  # Pillow's decoders raise many kinds (OSError, SyntaxError, EOFError, struct.error...)
-        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise BadInputError(f"{prefix}cannot read the image: {e.strerror}") from None
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        if isinstance(e, Image.UnidentifiedImageError) or "cannot identify image file" in detail:
-            detail = ""  # Pillow's message names a file object (<_io.BytesIO object at 0x...>)
-        raise BadInputError(f"{prefix}{_unreadable(_head(data), detail)}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def _limit_source(max_pixels: int) -> str:
-    """Where the pixel limit in force comes from, as messages say it."""
-    return "the default; --max-pixels N changes it" if max_pixels == MAX_PIXELS else f"--max-pixels {max_pixels}"
-
-
-def _over_limit(pixels: int | None, max_pixels: int, size: str = "") -> str:
-    """The message for an image over the pixel limit: the limit in force and where it comes from."""
-    size = f"{size}{pixels} pixels, " if pixels is not None else ""
-    return f"image is {size}more than the limit of {max_pixels} pixels ({_limit_source(max_pixels)})"
-
-
-def _head(data: bytes | str | Path, n: int = 4096) -> bytes:
-    """The first ``n`` bytes of an image given as bytes or a path (b"" if it cannot be read)."""
-    if isinstance(data, (bytes, bytearray)):
-        return bytes(data[:n])
-    try:
-        with open(data, "rb") as f:
-            return f.read(n)
-    except (OSError, TypeError):
-        return b""
-
-
-#: what files are, by their first bytes: (magic, Pillow's plugin for the formats we read or None, what it is)
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "PNG", "a PNG image"),
-    (b"\xff\xd8\xff", "JPEG", "a JPEG image"),
-    (b"GIF87a", "GIF", "a GIF image"),
-    (b"GIF89a", "GIF", "a GIF image"),
-    (b"II*\x00", "TIFF", "a TIFF image"),
-    (b"MM\x00*", "TIFF", "a TIFF image"),
-    (b"BM", "BMP", "a BMP image"),
-    (b"\xff\x0a", "JXL", "a JPEG XL image"),
-    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JXL", "a JPEG XL image"),
-    (b"\x89LIC", None, "a .lic file"),
-    (b"%PDF-", None, "a PDF document"),
-    (b"%!PS", None, "a PostScript (EPS) file"),
-    (b"\xc5\xd0\xd3\xc6", None, "an EPS file"),
-    (b"8BPS", None, "a Photoshop (PSD) file"),
-    (b"\x00\x00\x01\x00", None, "a Windows icon (ICO)"),
-    (b"qoif", None, "a QOI image"),
-    (b"\xff\x4f\xff\x51", None, "a JPEG 2000 image"),
-    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", None, "a JPEG 2000 image"),
-    (b"PK\x03\x04", None, "a ZIP archive"),
-    (b"\x1f\x8b", None, "a gzip file"),
-    (b"(\xb5/\xfd", None, "a zstd file"),
-    (b"7z\xbc\xaf\x27\x1c", None, "a 7-Zip archive"),
-    (b"\x7fELF", None, "a program"),
-)
-#: images in formats that we do not read
-_OTHER_IMAGES = {
-    "a PostScript (EPS) file", "an EPS file", "a Photoshop (PSD) file", "a Windows icon (ICO)", "a QOI image",
-    "a JPEG 2000 image", "a HEIF/HEIC image", "an SVG (vector) image",
-}
-_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
-#: the formats we read, as messages name them
-_ACCEPTED_NAMES = "PNG, JPEG, WebP, BMP, TIFF, PPM, GIF, TGA, AVIF, JPEG XL"
-
-
-def file_kind(head: bytes) -> tuple[str | None, str | None]:
-    """What a file is, judged from its first bytes: (Pillow's plugin if it is a format we read,
-    "a PNG image" / "a PDF document" / "a text file" / "an empty file"...), (None, None) if unknown."""
-    if not head:
-        return None, "an empty file"
-    for magic, plugin, what in _MAGIC:
-        if head.startswith(magic):
-            return plugin, what
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP", "a WebP image"
-    if re.match(rb"P[1-7]\s", head):
-        return "PPM", "a PPM image"
-    if head[4:8] == b"ftyp":  # ISO media: AVIF, HEIF
-        brands = head[8 : max(16, min(len(head), int.from_bytes(head[:4], "big")))]
-        words = {brands[i : i + 4] for i in range(0, len(brands) - 3, 4)}
-        if words & {b"avif", b"avis"}:
-            return "AVIF", "an AVIF image"
-        if brands[:4] in _HEIF_BRANDS:
-            return None, "a HEIF/HEIC image"
-    if b"\0" not in head:
-        import codecs
-
-        try:
-            text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
-        except UnicodeDecodeError:
-            return None, None
-        start = text.lstrip("\ufeff \t\r\n")[:1000].lower()
-        if start.startswith("<svg") or start.startswith("<?xml") and "<svg" in start:
-            return None, "an SVG (vector) image"
-        return None, "a text file"
-    return None, None
-
-
-def _unreadable(head: bytes, detail: str = "") -> str:
-    """Why a file Pillow could not open is not a readable image, in a person's words."""
-    plugin, what = file_kind(head)
-    if what == "an empty file":
-        return "not a readable image: empty file"
-    if what == "a text file":
-        return "not a readable image (a text file?)"
-    if plugin is not None:
-        Image.init()
-        if plugin not in Image.OPEN:
-            return f"not a readable image: {what}, which this installation cannot read (Pillow lacks the format)"
-        return f"not a readable image: a damaged or truncated {what[what.index(' ') + 1:]}" + (f" ({detail})" if detail else "")
-    if what == "a .lic file":
-        return "not a readable image: a .lic file (codec decode turns it into an image)"
-    if what in _OTHER_IMAGES:
-        return f"not a readable image: {what}, a format the codec does not read (convert it to PNG or JPEG first)"
-    if what is not None:
-        return f"not a readable image: {what}"
-    return f"not a readable image: not a format the codec reads ({_ACCEPTED_NAMES})"
-
-
-def _palette_bytes(im: Image.Image) -> bytes:
-    pal = im.getpalette() or []
-    pal = bytes(pal[:768])
-    return pal + bytes(768 - len(pal))
-
-
-EXIF_ORIENTATION = 0x0112
-
-
-def _frame_count(im: Image.Image) -> int:
-    """How many frames (animation, pages) an image has; 1 when Pillow cannot tell."""
-    try:
-        return max(1, int(getattr(im, "n_frames", 1)))
-    except Exception:  # a damaged later frame, or one over Pillow's size limit
-        return 1
-
-
-def prepare_image(im: Image.Image) -> PreparedImage:
-    """Apply EXIF orientation and bring any Pillow mode to 8-bit RGB, remembering how to restore it.
-
-    Metadata is read after the orientation is applied: the stored EXIF says orientation 1 and the
-    XMP copy of the orientation is dropped (as Pillow's ``exif_transpose`` does), so that no viewer
-    rotates the decoded image a second time."""
-    notes: list[str] = []
-    frames = _frame_count(im)
-    if frames > 1:
-        notes.append(f"only the first of its {frames} frames is coded")
-    im.load()  # some formats settle their mode and palette only when loaded
-    transposed = False
-    try:
-        if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
-            im = ImageOps.exif_transpose(im)
-            transposed = True
-    except Exception:  # a malformed EXIF block must not stop the encode
-        notes.append("EXIF orientation could not be read and was ignored")
-    icc = im.info.get("icc_profile") or None
-    xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp") or None
-    if isinstance(xmp, str):
-        xmp = xmp.encode("utf-8")
-    exif = im.info.get("exif") or None
-    if exif is None:
-        try:  # TIFF tags become EXIF here; malformed ones make Pillow raise (struct.error...)
-            e = im.getexif()
-            exif = e.tobytes() if len(e) else None
-        except Exception:
-            notes.append("EXIF could not be read and was left out")
-    if transposed and exif is not None:  # Pillow deletes the tag; we store an explicit 1 (normal)
-        try:
-            e = Image.Exif()
-            e.load(exif)
-            e[EXIF_ORIENTATION] = 1
-            exif = e.tobytes()
-        except Exception:
-            notes.append("EXIF could not be rewritten after applying its orientation")
-    bit_depth = 8
-    alpha = None
-    palette = None
-    mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I") else 1.0
-        if mode == "I" and a.max(initial=0) <= 255:
-            hi = 255.0
-        else:
-            bit_depth = 16
-        g = np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
-        im = Image.fromarray(g, "L")
-        if bit_depth == 16:
-            notes.append("16-bit image coded at 8 bits per sample")
-        mode = "L"
-    if mode == "1":
-        im, mode = im.convert("L"), "L"
-    if mode == "P" and ("transparency" in im.info or im.palette is not None and im.palette.mode == "RGBA"):
-        im, mode = im.convert("RGBA"), "RGBA"
-    if mode == "PA":
-        im, mode = im.convert("RGBA"), "RGBA"
-    if mode == "P":
-        palette = _palette_bytes(im)
-        cm = fmt.ColourMode.P
-        rgb = im.convert("RGB")
-    elif mode == "L":
-        cm, rgb = fmt.ColourMode.L, im.convert("RGB")
-    elif mode == "LA":
-        cm = fmt.ColourMode.LA
-        alpha = np.asarray(im.getchannel("A"), dtype=np.uint8)
-        rgb = im.convert("L").convert("RGB")
-    elif mode in ("RGBA", "RGBa"):
-        cm = fmt.ColourMode.RGBA
-        im = im.convert("RGBA")
-        alpha = np.asarray(im.getchannel("A"), dtype=np.uint8)
-        rgb = im.convert("RGB")
-    else:
-        if mode not in ("RGB",):
-            notes.append(f"{mode} image converted to RGB")
-        cm, rgb = fmt.ColourMode.RGB, im.convert("RGB")
-        if mode == "CMYK":
-            icc = None  # a CMYK profile does not describe the RGB data we code
-    meta = fmt.Metadata(icc=icc, exif=exif, xmp=xmp, palette=palette)
-    return PreparedImage(np.asarray(rgb, dtype=np.uint8), cm, bit_depth, alpha, meta, notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,7 +107,7 @@ def _small_tile_search(lm: loading.LoadedModel, x: torch.Tensor, pad, rgb: np.nd
         streams = lm.model.compress(inp, quality=qt).streams
         x_hat = lm.model.decompress(streams, lm.model.hyper_shape(Hp, Wp), quality=qt)["x_hat"]
         crop = x_hat[:, :, t : t + h, l : l + w]
-        err = float((torch.from_numpy(to_uint8(crop[0])).to(x.device).float() - target).square().mean())
+        err = float((torch.from_numpy(imaging.to_uint8(crop[0])).to(x.device).float() - target).square().mean())
         return streams, crop, err
 
     best, crop, best_err = code(x)
@@ -399,9 +133,9 @@ def encode_image(
     plan: list[tuple[int, int, int, int]] | None = None,
 ) -> EncodeResult:
     """Code an image into .lic bytes.  Tiles (FORMAT.md 7.2): ``plan`` (x, y, w, h) if given, else
-    :func:`tile_plan` (at most ``tile`` x ``tile`` pixels, or the largest that fit ``max_memory``
+    :func:`.tiling.tile_plan` (at most ``tile`` x ``tile`` pixels, or the largest that fit ``max_memory``
     bytes, by default half the memory available)."""
-    prep = prepare_image(im)
+    prep = imaging.prepare_image(im)
     H, W = prep.rgb.shape[:2]
     if lm.variable_rate:
         q = DEFAULT_QUALITY if quality is None else float(quality)
@@ -463,7 +197,7 @@ def encode_to_target(
     if not lm.variable_rate:
         raise BadInputError(f"model {lm.model_id} has a fixed rate; --target-bpp needs a variable-rate model")
 
-    H, W = prepare_image(im).rgb.shape[:2]
+    H, W = imaging.prepare_image(im).rgb.shape[:2]
     plan = tiling.tile_plan(H, W, lm, tile, max_memory)  # once: every trial codes the same tiles
 
     def trial(q: float) -> EncodeResult:
@@ -593,7 +327,7 @@ def decode_bytes(
     """Decode a .lic file to a Pillow image in its original mode, with its metadata in ``info``.
 
     ``high_bit_depth``: a file whose header records 16-bit grayscale comes back as mode ``I;16``
-    (samples v * 257, so 8-bit precision) instead of ``L``; see :func:`restore_image`.
+    (samples v * 257, so 8-bit precision) instead of ``L``; see :func:`.imaging.restore_image`.
     ``max_memory``: refuse (LimitExceededError, before loading the model) a file whose tiles would
     need more bytes than this (:func:`check_memory`; default: the memory available)."""
     try:
@@ -601,7 +335,7 @@ def decode_bytes(
     except LimitExceededError as e:
         max_pixels = (limits or fmt.Limits()).max_pixels
         if "image is " in str(e) and str(e).endswith(f"limit of {max_pixels}"):
-            raise LimitExceededError(f"{e} pixels ({_limit_source(max_pixels)})") from None
+            raise LimitExceededError(f"{e} pixels ({imaging._limit_source(max_pixels)})") from None
         raise
     h = lic.header
     check_memory(lic, max_memory, device)
@@ -626,7 +360,7 @@ def decode_bytes(
             raise device_mismatch(h, lm, tile) from None
         x_hat = out["x_hat"][0, :, t : t + tile.h, l : l + tile.w]
         if single:
-            canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = to_uint8(x_hat)
+            canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = imaging.to_uint8(x_hat)
         else:
             wgt = tiling.tile_weights(tile, h.width, h.height)[..., None]
             vals = x_hat.float().mul(255.0).permute(1, 2, 0).cpu().numpy()
@@ -640,7 +374,7 @@ def decode_bytes(
         np.floor(acc, out=acc)
         canvas = np.clip(acc, 0, 255, out=acc).astype(np.uint8)
         del acc
-    return DecodeResult(restore_image(canvas, lic, high_bit_depth), h, [])
+    return DecodeResult(imaging.restore_image(canvas, lic, high_bit_depth), h, [])
 
 
 def device_mismatch(h: fmt.Header, lm: loading.LoadedModel, tile: fmt.Tile) -> CodecError:
@@ -668,103 +402,6 @@ def fmt_corrupt(msg: str):
     return CorruptFileError(msg)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8, rounding to nearest."""
-    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def restore_image(rgb: np.ndarray, lic: fmt.LicFile, high_bit_depth: bool = False) -> Image.Image:
-    """The decoded RGB pixels back in the file's colour mode, with alpha, palette and metadata.
-
-    16-bit grayscale is coded at 8 bits; with ``high_bit_depth`` it is returned as ``I;16`` with
-    every sample v * 257 (0 -> 0, 255 -> 65535), so that a 16-bit PNG goes back to a 16-bit PNG;
-    without it, as ``L``.  There is no 16-bit gray+alpha mode in Pillow: LA stays 8-bit."""
-    h = lic.header
-    im = Image.fromarray(rgb, "RGB")
-    cm = h.colour_mode
-    if cm in (fmt.ColourMode.L, fmt.ColourMode.LA):
-        im = im.convert("L")
-        if cm == fmt.ColourMode.L and h.bit_depth == 16 and high_bit_depth:
-            im = Image.fromarray(np.asarray(im, dtype=np.uint16) * np.uint16(257))
-    elif cm == fmt.ColourMode.P:
-        pal = Image.new("P", (1, 1))
-        pal.putpalette(lic.metadata.palette)
-        im = im.quantize(palette=pal, dither=Image.Dither.NONE)
-    if cm in (fmt.ColourMode.RGBA, fmt.ColourMode.LA) and lic.alpha is not None:
-        if h.bit_depth == 16:
-            a = np.frombuffer(lic.alpha, dtype="<u2").reshape(h.height, h.width)
-            a = np.round(a / 257.0).astype(np.uint8)
-        else:
-            a = np.frombuffer(lic.alpha, dtype=np.uint8).reshape(h.height, h.width)
-        im.putalpha(Image.fromarray(a, "L"))
-    md = lic.metadata
-    if md.icc:
-        im.info["icc_profile"] = md.icc
-    if md.exif:
-        im.info["exif"] = md.exif
-    if md.xmp:
-        im.info["xmp"] = md.xmp
-    return im
-
-
-def to_8bit(im: Image.Image) -> Image.Image:
-    """A 16-bit grayscale image (``I;16``...) as ``L``, rounding v / 257 (Pillow's own
-    ``convert("L")`` clips instead of scaling); other images are returned unchanged."""
-    if not im.mode.startswith("I;16"):
-        return im
-    a = np.asarray(im, dtype=np.uint32)
-    out = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
-    out.info = dict(im.info)
-    return out
-
-
-#: formats that store 16-bit grayscale as it is
-SIXTEEN_BIT_FORMATS = ("PNG", "TIFF", "PPM")
-
-
-def save_image(im: Image.Image, fp, fmt_name: str) -> None:
-    """Write a decoded image with its metadata in the requested format (PNG, JPEG, WebP, TIFF, BMP...).
-
-    ICC and EXIF go to PNG, JPEG, WebP and TIFF, XMP to PNG, JPEG and WebP; a 16-bit grayscale
-    image is written as 16-bit to PNG, TIFF and PPM and as 8-bit elsewhere."""
-    fmt_name = fmt_name.upper()
-    kw = {}
-    if im.mode.startswith("I;16") and fmt_name not in SIXTEEN_BIT_FORMATS:
-        im = to_8bit(im)
-    if im.info.get("icc_profile") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
-        kw["icc_profile"] = im.info["icc_profile"]
-    if im.info.get("exif") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
-        kw["exif"] = im.info["exif"]
-    xmp = im.info.get("xmp")
-    if xmp and fmt_name in ("JPEG", "WEBP"):
-        kw["xmp"] = xmp
-    elif xmp and fmt_name == "PNG":
-        from PIL import PngImagePlugin
-
-        text = xmp.decode("utf-8", errors="replace") if isinstance(xmp, bytes) else str(xmp)
-        kw["pnginfo"] = PngImagePlugin.PngInfo()
-        kw["pnginfo"].add_itxt("XML:com.adobe.xmp", text)
-    if fmt_name == "JPEG":
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGB" if im.mode != "LA" else "L")
-        kw["quality"] = 95
-    if fmt_name == "WEBP":
-        kw["lossless"] = True
-    try:
-        im.save(fp, format=fmt_name, **kw)
-    except (KeyError, ValueError) as e:
-        raise BadInputError(f"cannot write {fmt_name} images: {e}") from None
-
-
-def image_psnr(reference: Image.Image, decoded: Image.Image) -> float:
-    """PSNR (dB) of the decoded RGB image against the oriented RGB reference."""
-    ref = prepare_image(reference).rgb
-    return psnr(ref, np.asarray(decoded.convert("RGB"), dtype=np.uint8))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -784,6 +421,13 @@ _MOVED = {
         ("MIN_CANVAS", "centred_padding", "DEFAULT_OVERLAP", "_axis_tiles", "_axis_options", "plan_tiles", "_grid", "tile_plan",
          "tile_weights", "_to_tensor", "MIN_TILE"),
         tiling,
+    ),
+    **dict.fromkeys(
+        ("PreparedImage", "INPUT_FORMATS", "MAX_PIXELS", "open_image", "_limit_source", "_over_limit", "_head", "_MAGIC",
+         "_OTHER_IMAGES", "_HEIF_BRANDS", "_ACCEPTED_NAMES", "file_kind", "_unreadable", "_palette_bytes", "EXIF_ORIENTATION",
+         "_frame_count", "prepare_image", "restore_image", "to_8bit", "SIXTEEN_BIT_FORMATS", "save_image", "to_uint8",
+         "image_psnr", "psnr"),
+        imaging,
     ),
 }
 
