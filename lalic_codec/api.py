@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, keeps the import cheap
     import numpy as np
     from PIL import Image
 
-    from .pipeline import LoadedModel
+    from .loading import LoadedModel
 
 __all__ = ["encode", "decode", "info", "Codec", "CodecWarning", "ImageInput", "DataInput"]
 
@@ -117,7 +117,7 @@ def _from_array(a: "np.ndarray") -> tuple["Image.Image", list[str]]:
 def _to_pil(image: Any) -> tuple["Image.Image", list[str]]:
     from PIL import Image
 
-    from . import pipeline
+    from . import imaging
 
     if isinstance(image, Image.Image):
         im, notes = image, []
@@ -127,15 +127,15 @@ def _to_pil(image: Any) -> tuple["Image.Image", list[str]]:
         p = Path(image)
         if not p.is_file():
             raise BadInputError(f"{p}: {'is a folder' if p.is_dir() else 'no such file'}")
-        im, notes = pipeline.open_image(p), []
+        im, notes = imaging.open_image(p), []
     elif isinstance(image, (bytes, bytearray, memoryview)) or hasattr(image, "read"):
-        im, notes = pipeline.open_image(_read_bytes(image, "image")), []
+        im, notes = imaging.open_image(_read_bytes(image, "image")), []
     else:
         raise TypeError(
             f"image must be a PIL image, a numpy array, a path, or the bytes of an image file, not {type(image).__name__}"
         )
-    if im.width * im.height > pipeline.MAX_PIXELS:
-        raise LimitExceededError(f"image is {im.width}x{im.height}, more than the limit of {pipeline.MAX_PIXELS} pixels")
+    if im.width * im.height > imaging.MAX_PIXELS:
+        raise LimitExceededError(f"image is {im.width}x{im.height}, more than the limit of {imaging.MAX_PIXELS} pixels")
     return im, notes
 
 
@@ -167,10 +167,10 @@ class Codec:
     """
 
     def __init__(self, model: str = "default", weights: str | os.PathLike[str] | None = None, device: str = "auto"):
-        from . import pipeline
+        from . import loading
 
         self._weights = None if weights is None else Path(weights)
-        self._lm: LoadedModel = pipeline.load_model(model, self._weights, device)
+        self._lm: LoadedModel = loading.load_model(model, self._weights, device)
 
     @property
     def model_id(self) -> str:
@@ -238,14 +238,14 @@ class Codec:
         weights than this codec's is decoded with the bundled model it names, or refused
         (:class:`~lalic_codec.errors.WeightsMismatchError`).
         """
-        from . import pipeline
+        from . import loading, pipeline
         from .formats import container
 
         raw = _read_bytes(data, "data")
         weights = self._weights
         if weights is not None:
             header = container.read_header_from_file(io.BytesIO(raw))
-            if header.weights_fingerprint != self._lm.fingerprint and header.model_id in pipeline.BUNDLED:
+            if header.weights_fingerprint != self._lm.fingerprint and header.model_id in loading.BUNDLED:
                 weights = None  # made with a bundled model: decode with it, as decode() would
         return pipeline.decode_bytes(raw, weights, self.device, high_bit_depth=True).image
 
