@@ -1,7 +1,8 @@
 """Files and folders of the commands: reading inputs, writing outputs atomically (and cleaning the
 temporary files of killed runs), naming inputs in messages, and walking folders into (input,
 output) pairs.  Used by ``codec encode/decode`` (:mod:`lalic_codec.cli`), ``codec batch`` and
-``codec bench``; import-light (the standard library only).
+``codec bench``; import-light (the standard library, and the suffix tables of :mod:`.imaging`,
+which imports Pillow but not numpy or torch).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import BadInputError, CodecError, OutputExistsError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".gif", ".tga"}
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM", ".tga": "TGA"}
+from .imaging import IMAGE_SUFFIXES, OUTPUT_FORMATS  # defined there; cli and bench take them from here
 
 
 def display_name(path: str, std: str = "stdin") -> str:

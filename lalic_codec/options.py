@@ -1,6 +1,7 @@
 """The click options and checks that ``codec encode/decode`` and ``codec batch encode/decode``
-share, defined once so that their defaults cannot drift apart.  Import-light (click only; the
-memory budget and the pipeline are imported when an option is checked)."""
+share, defined once so that their defaults cannot drift apart.  Import-light (click, and the
+output formats of :mod:`.imaging`, which imports Pillow but not numpy or torch; the memory budget
+and the pipeline are imported when an option is checked)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import click
 
 from .errors import BadInputError
-from .files import OUTPUT_FORMATS
+from .imaging import OUTPUT_FORMATS
 
 #: what --model accepts: the choices shown, then other names of the same models
 MODELS = ("default", "lalic", "mambaic")

@@ -31,8 +31,8 @@ from PIL import Image
 from ._paths import shared_dir
 from ._runtime import tune_allocator
 from .exits import exit_codes
+from .imaging import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
 DEFAULT_TRAIN_DIRS = (str(shared_dir() / "data" / "train"), str(shared_dir() / "data" / "train-more"))
 
 

@@ -20,9 +20,10 @@ import re
 import secrets
 from pathlib import Path, PurePosixPath
 
-from ..files import (IMAGE_SUFFIXES, clean_stale_temps, collect_files, entry_name, folder_pairs, make_folder, read_input,
-                     refuse_clashes, takes_image, takes_lic, write_output)
+from ..files import (clean_stale_temps, collect_files, entry_name, folder_pairs, make_folder, read_input, refuse_clashes,
+                     takes_image, takes_lic, write_output)
 from ..errors import BadInputError
+from ..imaging import IMAGE_SUFFIXES
 
 #: fsspec protocols whose writes are atomic by themselves (an object appears whole or not at all)
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
