@@ -355,14 +355,13 @@ def restore_image(rgb: np.ndarray, lic: fmt.LicFile, high_bit_depth: bool = Fals
         else:
             a = np.frombuffer(lic.alpha, dtype=np.uint8).reshape(h.height, h.width)
         im.putalpha(Image.fromarray(a, "L"))
-    md = lic.metadata
-    if md.icc:
-        im.info["icc_profile"] = md.icc
-    if md.exif:
-        im.info["exif"] = md.exif
-    if md.xmp:
-        im.info["xmp"] = md.xmp
+    im.info.update(metadata_info(lic.metadata))
     return im
+
+
+def metadata_info(md: fmt.Metadata) -> dict:
+    """The file's ICC profile, Exif and XMP under the ``Image.info`` keys Pillow's writers read."""
+    return {key: value for key, value in (("icc_profile", md.icc), ("exif", md.exif), ("xmp", md.xmp)) if value}
 
 
 def to_8bit(im: Image.Image) -> Image.Image:

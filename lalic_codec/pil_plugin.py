@@ -101,6 +101,7 @@ class LicImageFile(ImageFile.ImageFile):
 
     def _open(self) -> None:
         from .formats import container
+        from .imaging import metadata_info
 
         assert self.fp is not None
         data = self.fp.read()
@@ -110,12 +111,7 @@ class LicImageFile(ImageFile.ImageFile):
         self._size = (h.width, h.height)
         self._mode = _pil_mode(h)
         md = lic.metadata
-        if md.icc:
-            self.info["icc_profile"] = md.icc
-        if md.exif:
-            self.info["exif"] = md.exif
-        if md.xmp:
-            self.info["xmp"] = md.xmp
+        self.info.update(metadata_info(md))
         if self._mode == "P":
             self.palette = ImagePalette.raw("RGB", md.palette)
         # one tile, decoded by _LicDecoder from the bytes already read
