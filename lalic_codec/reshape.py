@@ -11,6 +11,11 @@ from scratch. Two changes are supported:
   context's RWKV blocks keep the hidden units that matter most. A unit j contributes
   ``value[:, j] * relu(key_j . x)^2`` on layer-normed inputs, so its weight is taken as
   ``|key_j|^2 |value[:, j]|``. This is not function preserving; a short fine-tune recovers it.
+* **Another quality ladder** (``lambdas``): the eight rate-distortion trade-offs change (say to
+  span more bit rates), and each channel's latent gain and inverse gain are carried over as
+  functions of log lambda: interpolated between the trained levels, and beyond them extended along
+  the channel's least-squares slope over all levels (about 0.5, as high-rate theory has it). The
+  integer scale path sees the quality number, whose meaning changes, so training must follow.
 
 Everything else (latent gains, integer scale path, entropy models, CDF tables) is copied.
 """
@@ -75,11 +80,42 @@ def model_kwargs(sd: dict) -> dict:
                 ctx_hidden_rate=cfg.ctx_hidden_rate, int_scale=int_scale)
 
 
-def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0) -> tuple[dict, dict]:
+def ladder(lo: float, hi: float, levels: int = 8) -> tuple[float, ...]:
+    """``levels`` lambdas spaced geometrically from ``lo`` to ``hi`` (6 significant digits)."""
+    if not 0 < lo < hi:
+        raise ValueError(f"lambdas {lo:g},{hi:g}: need 0 < low < high")
+    return tuple(float(f"{lo * (hi / lo) ** (i / (levels - 1)):.6g}") for i in range(levels))
+
+
+def regain(table: torch.Tensor, old_lambdas, new_lambdas) -> torch.Tensor:
+    """A (levels, M) table of per-channel log gains, re-sampled at ``new_lambdas``.
+
+    Linear in log lambda between the old levels; outside them, the channel's least-squares line
+    through all old levels, shifted to meet the end level."""
+    x = torch.log(torch.as_tensor(old_lambdas, dtype=torch.float64))
+    t = table.double()
+    xc = x - x.mean()
+    slope = (xc[:, None] * (t - t.mean(0))).sum(0) / xc.square().sum()
+    rows = []
+    for lam in torch.log(torch.as_tensor(new_lambdas, dtype=torch.float64)):
+        if lam <= x[0]:
+            rows.append(t[0] + slope * (lam - x[0]))
+        elif lam >= x[-1]:
+            rows.append(t[-1] + slope * (lam - x[-1]))
+        else:
+            i = int(torch.searchsorted(x, lam)) - 1
+            f = (lam - x[i]) / (x[i + 1] - x[i])
+            rows.append((1 - f) * t[i] + f * t[i + 1])
+    return torch.stack(rows).to(table.dtype)
+
+
+def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
+            lambdas=None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
-    hidden width of the channel context's channel mix, in multiples of M, at most the old one.
+    hidden width of the channel context's channel mix, in multiples of M, at most the old one;
+    ``lambdas``: the new quality ladder (as many levels as the old one, increasing).
     """
     old = model_kwargs(sd)
     new = dict(old)
@@ -93,12 +129,20 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
             raise ValueError(f"ctx_hidden_rate {ctx_hidden_rate}: between 1 and the current {old['ctx_hidden_rate']}")
         new["ctx_hidden_rate"] = int(ctx_hidden_rate)
     src = dict(sd)
+    old_lambdas = tuple(sd["lambdas"].tolist())
+    if lambdas is not None:
+        lambdas = tuple(float(v) for v in lambdas)
+        if len(lambdas) != len(old_lambdas) or any(b <= a for a, b in zip(lambdas, lambdas[1:])) or lambdas[0] <= 0:
+            raise ValueError(f"lambdas: {len(old_lambdas)} increasing positive values, got {len(lambdas)}")
+        src["lambdas"] = torch.tensor(lambdas, dtype=sd["lambdas"].dtype)
+        for k in ("log_gain", "log_inv_gain"):
+            src[k] = regain(sd[k], old_lambdas, lambdas)
     if new["ctx_hidden_rate"] != old["ctx_hidden_rate"]:
         rx = re.compile(r"(latent_codec\.y\.channel_context\.y\d+\.\d+\.ffn\.)key\.weight")
         for k in [k for k in src if rx.fullmatch(k)]:
             _prune_channel_mix(src, rx.fullmatch(k)[1], new["ctx_hidden_rate"] * new["M"])
     torch.manual_seed(seed)
-    model = VariableRateLALIC(**new, lambdas=tuple(sd["lambdas"].tolist()))
+    model = VariableRateLALIC(**new, lambdas=tuple(src["lambdas"].tolist()))
     template = model.state_dict()
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     out, used = {}, set()

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from conftest import TINY
 from lalic_codec import train as tr
 from lalic_codec.models.lalic import VariableRateLALIC
-from lalic_codec.reshape import model_kwargs, reshape
+from lalic_codec.reshape import ladder, model_kwargs, regain, reshape
 from test_train import cfg_for, data_dir  # noqa: F401  (fixture)
 
 
@@ -74,7 +74,38 @@ def test_leaner_channel_context_keeps_the_strongest_units(trained_like):
     assert torch.equal(sd["g_s.0.weight"], src["g_s.0.weight"])  # the rest is untouched
 
 
-@pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0)])
+def test_new_ladder_carries_each_channels_gain_over_in_log_lambda(trained_like):
+    src = trained_like.state_dict()
+    old = src["lambdas"].tolist()
+    # the same ladder: nothing changes
+    same, _ = reshape(src, lambdas=old)
+    assert torch.allclose(same["log_gain"], src["log_gain"], atol=1e-6)
+    # levels halfway (in log lambda) between old ones, and one level past each end
+    x = torch.log(torch.tensor(old, dtype=torch.float64))
+    mid = torch.exp((x[:-1] + x[1:]) / 2)
+    step = x[1] - x[0]
+    new = [float(torch.exp(x[0] - step))] + mid.tolist()[: len(old) - 2] + [float(torch.exp(x[-1] + step))]
+    sd, _ = reshape(src, lambdas=new)
+    assert sd["lambdas"].tolist() == pytest.approx(new)
+    for k in ("log_gain", "log_inv_gain"):
+        t = src[k].double()
+        assert torch.allclose(sd[k][1:-1].double(), (t[:-2] + t[1:-1])[: len(old) - 2] / 2, atol=1e-5)
+        # beyond the ends: the channel's least-squares slope, so a perfectly linear table stays linear
+        xc = x - x.mean()
+        slope = (xc[:, None] * (t - t.mean(0))).sum(0) / xc.square().sum()
+        assert torch.allclose(sd[k][0].double(), t[0] - slope * step, atol=1e-5)
+        assert torch.allclose(sd[k][-1].double(), t[-1] + slope * step, atol=1e-5)
+    line = 0.5 * x[:, None] + torch.arange(3, dtype=torch.float64)
+    wider = torch.tensor(ladder(1e-4, 1.0, levels=len(old)), dtype=torch.float64)
+    assert torch.allclose(regain(line, old, wider), 0.5 * torch.log(wider)[:, None] + torch.arange(3), atol=1e-9)
+    # the reshaped model codes with the new trade-offs: more rate at its top level
+    m = _load(sd)
+    assert torch.allclose(m.lambda_for(len(old)), torch.tensor([new[-1]], dtype=torch.float32))
+    assert ladder(0.0005, 0.16)[0] == 0.0005 and ladder(0.0005, 0.16)[-1] == 0.16
+
+
+@pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0),
+                                dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1)))])
 def test_reshape_refuses_what_would_lose_or_invent_structure(trained_like, kw):
     with pytest.raises(ValueError):
         reshape(trained_like.state_dict(), **kw)
@@ -89,6 +120,12 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     assert "(0, 1, 1, 1) x4 -> (1, 1, 1, 1) x2" in res.output
     bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--depths", "0,0,0,0"])
     assert bad.exit_code == 1 and "at least the current" in bad.output and not (tmp_path / "x.pt").exists()
+    for lam in ("0.01", "0.1,0.01", "a,b"):
+        bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--lambdas", lam])
+        assert bad.exit_code == 1 and "lambdas" in bad.output.lower() and not (tmp_path / "x.pt").exists(), bad.output
+    wide = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "wide.pt"), "--lambdas", "0.001,0.1"])
+    assert wide.exit_code == 0 and "lambdas 0.001, " in wide.output and ", 0.1; wrote" in wide.output, wide.output
+    assert torch.load(tmp_path / "wide.pt", weights_only=True)["model"]["lambdas"][-1].item() == pytest.approx(0.1)
     # arch={}: the run takes the architecture of the weights it starts from
     ckpt = tr.train(cfg_for(tmp_path / "r", data_dir, steps=1, val_count=0, arch={}, init_from=str(out)))
     state = torch.load(ckpt, weights_only=True)
