@@ -176,10 +176,3 @@ def biwkv_reference(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.
     y = num / (den + EPS)
     return y.reshape(B, Tp, C)[:, :T].to(out_dtype)
 
-
-def __getattr__(name):  # the naive oracle moved to biwkv_naive; the old name keeps working
-    if name == "biwkv_dense":
-        from .biwkv_naive import biwkv_naive
-
-        return biwkv_naive
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
