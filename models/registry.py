@@ -37,6 +37,11 @@ def register(name: str):
     return deco
 
 
+def unregister(name: str) -> None:
+    """Forget the model registered under ``name`` (a test's model, once the test is done)."""
+    _models.pop(name, None)
+
+
 def _load() -> None:
     global _loaded
     if not _loaded:
