@@ -11,6 +11,9 @@ of :class:`lalic_codec.errors.CodecError` with a one-line message naming the
 part of the file that is wrong.  Every size declared in the file is checked
 against the bytes actually remaining and against :class:`Limits` before
 anything is allocated or decompressed.
+
+Over 400 lines: it is the format's one implementation, reader, writer and validation together,
+so that each field's layout and its checks are defined in one place (FORMAT.md section by section).
 """
 
 from __future__ import annotations

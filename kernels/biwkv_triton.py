@@ -58,6 +58,9 @@ the host (deterministic).
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (used by the tests); there the prefix max is
 evaluated as a masked reduction because the interpreter's generic scan is very slow.
+
+Over 400 lines: one operator's forward and backward kernels and their host-side plan; the two
+passes share the chunk notation above and are checked together against the reference.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@
 * Checkpoints hold model, optimizers, scheduler, step and RNG state; a JSONL log holds losses and
   periodic validation (estimated bpp and PSNR at several qualities on a few validation images).
 * ``export`` turns a checkpoint into the shipped safetensors file (fp16 weights, int32 CDF tables).
+
+Over 400 lines: one concern, a training run (data, loss, schedule, checkpoints and resumption,
+validation, export), whose parts share the run's state; the model changes between runs live in
+``reshape.py``, ``klt_init.py`` and ``int_path_fit.py``.
 """
 
 from __future__ import annotations
