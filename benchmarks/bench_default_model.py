@@ -15,7 +15,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lalic_codec import pipeline
+from lalic_codec import loading
 from lalic_codec._runtime import tune_allocator
 from lalic_codec.models.lalic import DEFAULT_CONFIG, VariableRateLALIC
 
@@ -29,7 +29,7 @@ def main() -> None:
     tune_allocator()
     torch.set_num_threads(args.threads)
     try:
-        model = pipeline.load_model("default", args.weights, "cpu").model
+        model = loading.load_model("default", args.weights, "cpu").model
         source = args.weights or "bundled weights"
     except Exception as e:  # no trained weights yet: the architecture alone
         torch.manual_seed(0)

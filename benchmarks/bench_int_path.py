@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lalic_codec import pipeline
+from lalic_codec import loading
 from lalic_codec import train as tr
 from lalic_codec._paths import shared_dir
 from lalic_codec._runtime import tune_allocator
@@ -33,7 +33,7 @@ def load(weights: str | None, checkpoint: str | None):
         model.entropy_bottleneck.fit_quantiles()
         model.update(force=True)
         return model.eval()
-    return pipeline.load_model("default", weights, "cpu").model  # the bundled model without --weights
+    return loading.load_model("default", weights, "cpu").model  # the bundled model without --weights
 
 
 @contextlib.contextmanager

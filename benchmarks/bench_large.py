@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, pipeline, tiling
 from lalic_codec._paths import shared_dir
 
 
@@ -87,13 +87,13 @@ def plan_for(spec: str, h: int, w: int, lm) -> list[tuple[int, int, int, int]]:
     if spec == "legacy":
         return legacy_plan(h, w)
     if spec == "auto":
-        return pipeline.tile_plan(h, w, lm)
+        return tiling.tile_plan(h, w, lm)
     if spec.startswith("mem:"):
         from lalic_codec.memory import parse_memory
 
-        return pipeline.tile_plan(h, w, lm, max_memory=parse_memory(spec[4:]))
+        return tiling.tile_plan(h, w, lm, max_memory=parse_memory(spec[4:]))
     if spec.startswith("tile:"):
-        return pipeline.tile_plan(h, w, lm, tile=int(spec[5:]))
+        return tiling.tile_plan(h, w, lm, tile=int(spec[5:]))
     raise SystemExit(f"unknown plan {spec!r} (auto, legacy, mem:SIZE, tile:N)")
 
 
@@ -125,7 +125,7 @@ def worker(job: dict) -> dict:
     tune_allocator()
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    lm = pipeline.load_model("default", job.get("weights"), job["device"])
+    lm = loading.load_model("default", job.get("weights"), job["device"])
     t = time.perf_counter()
     if job["op"] == "encode":
         rgb = mosaic(job["size"])
@@ -160,7 +160,7 @@ def code(spec: str, size: str, q: float, args, tmp: Path, rgb: np.ndarray) -> di
     dec = run(dict(base, op="decode", file=str(lic), out=str(lic.with_suffix(".npy"))))
     image = np.load(lic.with_suffix(".npy"))
     return dict(enc, spec=spec, q=q, enc_s=enc["seconds"], dec_s=dec["seconds"], enc_gib=enc["peak_gib"], dec_gib=dec["peak_gib"],
-                psnr=pipeline.psnr(rgb, image), image=image)
+                psnr=imaging.psnr(rgb, image), image=image)
 
 
 def at_rate(a: dict, b: dict, bpp: float) -> float:
@@ -186,7 +186,7 @@ def main() -> None:
         return
     plans = args.plans.split(",")
     q = args.quality
-    print(f"model {args.weights or pipeline.DEFAULT_MODEL}, device {args.device}, quality {q:g}; reference plan {plans[0]}; "
+    print(f"model {args.weights or loading.DEFAULT_MODEL}, device {args.device}, quality {q:g}; reference plan {plans[0]}; "
           "peak = ru_maxrss of a fresh process per encode / decode")
     print(f"{'MP':>4} {'size':>9} {'plan':>9} {'tiles':>5} {'largest':>9} {'coded':>6} {'bpp':>7} {'PSNR':>6} {'@ref bpp':>8} "
           f"{'enc s':>6} {'dec s':>6} {'enc GiB':>7} {'dec GiB':>7}  seams (dB): band / all; the same in the other decode; penalty")
@@ -216,10 +216,10 @@ def main() -> None:
                 else:
                     # the band against the whole image, in this decode and in one without these seams:
                     # the difference is the seams' own cost, whatever the band's content and the rates
-                    band, whole = pipeline.psnr(rgb[mask], r["image"][mask]), r["psnr"]
+                    band, whole = imaging.psnr(rgb[mask], r["image"][mask]), r["psnr"]
                     seams = f"{band:.2f} / {whole:.2f}"
                     if other is not None:
-                        band_o = pipeline.psnr(rgb[mask], other["image"][mask])
+                        band_o = imaging.psnr(rgb[mask], other["image"][mask])
                         seams += f"; {band_o:.2f} / {other['psnr']:.2f}; {(band_o - other['psnr']) - (band - whole):+.2f}"
                 print(f"{H * W / 1e6:4.1f} {r['size']:>9} {r['spec']:>9} {len(r['tiles']):5d} {r['biggest']:>9} {r['coded']:6.3f} {r['bpp']:7.4f} "
                       f"{r['psnr']:6.2f} {r['equal']:8.2f} {r['enc_s']:6.1f} {r['dec_s']:6.1f} {r['enc_gib']:7.2f} {r['dec_gib']:7.2f}  {seams}", flush=True)

@@ -19,7 +19,7 @@ from . import __version__
 from .errors import BadInputError, CodecError, CorruptFileError, NotALicFileError
 from .exits import exit_codes, signals_interrupt
 from .files import (OUTPUT_FORMATS, clean_stale_temps, display_name, entry_name, folder_pairs, make_folder, named_error,
-                    output_format, read_input, takes_image, takes_lic, write_output)
+                    output_format, read_input, take_image, take_lic, write_output)
 from .options import (bad_option, check_quality, check_tile, common_model_options, encode_options, format_ext,
                       max_memory_option, max_pixels_option)
 
@@ -209,16 +209,16 @@ def _encode(input, output, model, quality, target_bpp, tile, max_memory, device,
         if quality is not None and target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
         _refuse_terminal(output, "binary .lic data", "codec encode IN - > OUT.lic")
-        from . import pipeline
+        from . import imaging, loading, pipeline
 
-        check_tile(tile, pipeline)
-        lm = pipeline.load_model(model, weights, device)
+        check_tile(tile)
+        lm = loading.load_model(model, weights, device)
         check_quality(quality, lm)
-        limit = pipeline.MAX_PIXELS if max_pixels is None else max_pixels
+        limit = imaging.MAX_PIXELS if max_pixels is None else max_pixels
 
         def job(src: str, dst: str) -> None:
             data = read_input(src)
-            im = pipeline.open_image(data, max_pixels=limit, name=display_name(src))
+            im = imaging.open_image(data, max_pixels=limit, name=display_name(src))
             if target_bpp is not None:
                 res = pipeline.encode_to_target(im, lm, target_bpp, tile=tile, on_trial=lambda r: _trial(r, target_bpp, quiet), max_memory=max_memory)
             else:
@@ -228,16 +228,16 @@ def _encode(input, output, model, quality, target_bpp, tile, max_memory, device,
             if lm.variable_rate:
                 msg += f", quality {res.quality:g}"
             if report_psnr:
-                ref = pipeline.open_image(data, max_pixels=limit)
+                ref = imaging.open_image(data, max_pixels=limit)
                 dec = pipeline.decode_bytes(res.data, weights, device, pipeline.limits(max_pixels))
-                msg += f", PSNR {pipeline.image_psnr(ref, dec.image):.2f} dB"
+                msg += f", PSNR {imaging.image_psnr(ref, dec.image):.2f} dB"
             for note in res.notes:
                 msg += f" ({note})"
             _say(msg, quiet)
 
         if input != "-" and Path(input).is_dir():
             _refuse_folder_to_stdout(input, output)
-            pairs, ignored = folder_pairs(Path(input), Path(output), takes_image(pipeline), ".lic", recursive)
+            pairs, ignored = folder_pairs(Path(input), Path(output), take_image, ".lic", recursive)
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started, ignored))
         output = _single_output(input, output, ".lic")
         if output != "-" and Path(output).suffix.lower() != ".lic":
@@ -271,7 +271,7 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
     """``ext``: the extension that --format names (".jpg"), or None."""
     with exit_codes():
         _refuse_terminal(output, "image data", f"codec decode IN - {f'--format {ext[1:]} ' if ext else ''}> OUT{ext or '.png'}")
-        from . import pipeline
+        from . import imaging, pipeline
 
         lim = pipeline.limits(max_pixels)
 
@@ -280,17 +280,17 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
             try:
                 res = pipeline.decode_bytes(data, weights, device, lim, max_memory=max_memory)
             except (BadInputError, CorruptFileError) as e:
-                _, kind = pipeline.file_kind(data[:4096])
+                _, kind = imaging.file_kind(data[:4096])
                 if type(e) is NotALicFileError and data and kind:  # say what it is rather than its first bytes
                     e = NotALicFileError(f"not a .lic file ({kind})")
                 raise named_error(src, e) from None
             fmt_name = output_format(dst, ext)
-            write_output(dst, lambda f: pipeline.save_image(res.image, f, fmt_name), force)
+            write_output(dst, lambda f: imaging.save_image(res.image, f, fmt_name), force)
             _say(f"{display_name(src)} -> {display_name(dst, 'stdout')}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
 
         if input != "-" and Path(input).is_dir():
             _refuse_folder_to_stdout(input, output)
-            pairs, ignored = folder_pairs(Path(input), Path(output), takes_lic(pipeline), ext or ".png", recursive)
+            pairs, ignored = folder_pairs(Path(input), Path(output), take_lic, ext or ".png", recursive)
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started, ignored))
         output = _single_output(input, output, ext or ".png")
         _check_format_matches(output, ext)

@@ -1,8 +1,8 @@
 """Files and folders of the commands: reading inputs, writing outputs atomically (and cleaning the
 temporary files of killed runs), naming inputs in messages, and walking folders into (input,
 output) pairs.  Used by ``codec encode/decode`` (:mod:`lalic_codec.cli`), ``codec batch`` and
-``codec bench``; import-light (the standard library, and the suffix tables of :mod:`.imaging`,
-which imports Pillow but not numpy or torch).
+``codec bench``; import-light (the standard library, and the suffix tables and
+:func:`~.imaging.file_kind` of :mod:`.imaging`, which imports Pillow but not numpy or torch).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import BadInputError, CodecError, OutputExistsError
+from . import imaging
 from .imaging import IMAGE_SUFFIXES, OUTPUT_FORMATS  # defined there; cli and bench take them from here
 
 
@@ -253,35 +254,28 @@ def _first_bytes(p: Path, n: int = 4096) -> bytes | None:
         return None
 
 
-def takes_image(pipeline):
-    """encode's ``take`` for :func:`folder_pairs`: image extensions, and any file whose content is an
-    image in a format we read (AVIF, names without an extension...), as in single-file mode."""
-
-    def take(p: Path) -> str | None:
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            return None
-        head = _first_bytes(p)
-        if head is None:
-            return None
-        plugin, what = pipeline.file_kind(head)
-        return None if plugin is not None else (what or "not an image the codec reads")
-
-    return take
+def take_image(p: Path) -> str | None:
+    """encode's ``take`` for :func:`folder_pairs`: image extensions (:data:`.imaging.IMAGE_SUFFIXES`),
+    and any file whose content is an image in a format we read (AVIF, names without an
+    extension...), as in single-file mode (:func:`.imaging.file_kind`)."""
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return None
+    head = _first_bytes(p)
+    if head is None:
+        return None
+    plugin, what = imaging.file_kind(head)
+    return None if plugin is not None else (what or "not an image the codec reads")
 
 
-def takes_lic(pipeline):
+def take_lic(p: Path) -> str | None:
     """decode's ``take`` for :func:`folder_pairs`: .lic files, by extension or content."""
-
-    def take(p: Path) -> str | None:
-        if p.suffix.lower() == ".lic":
-            return None
-        head = _first_bytes(p)
-        if head is None or head.startswith(b"\x89LIC"):
-            return None
-        _, what = pipeline.file_kind(head)
-        return f"{what}, not a .lic file" if what else "not a .lic file"
-
-    return take
+    if p.suffix.lower() == ".lic":
+        return None
+    head = _first_bytes(p)
+    if head is None or head.startswith(b"\x89LIC"):
+        return None
+    _, what = imaging.file_kind(head)
+    return f"{what}, not a .lic file" if what else "not a .lic file"
 
 
 def refuse_clashes(pairs) -> None:

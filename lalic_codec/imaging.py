@@ -5,7 +5,7 @@ one-line :class:`BadInputError` that says what the file is: :func:`file_kind`), 
 :func:`prepare_image` (EXIF orientation, any Pillow mode to 8-bit RGB, what it takes to restore
 it).  Out: :func:`restore_image` (the decoded RGB back in the file's mode, with alpha, palette and
 metadata) and :func:`save_image`.  Also the tables of file suffixes the commands take as images
-and as output formats, and PSNR.  Used by :mod:`.pipeline`, which re-exports these names.
+and as output formats, and PSNR.  Used by :mod:`.pipeline` and the commands.
 
 Only Pillow and the container are imported here; numpy and torch are imported by the functions
 that use them, so that the command-line modules (:mod:`.files`, :mod:`.options`) can take the

@@ -3,7 +3,7 @@
 :func:`load_model` finds the weights (a bundled model by name, or a file), builds the network the
 registry recognises in them (:func:`build_from_state_dict`) and keeps it, per file and device, for
 the rest of the process (:func:`clear_model_cache` empties that cache).  Used by the encode/decode
-layer (:mod:`.pipeline`, which re-exports these names), the Python API and ``codec batch``.
+layer (:mod:`.pipeline`), the Python API and ``codec batch``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import re
 MEMORY_BASE = 400 * 2**20
 MEMORY_PER_TILE_PIXEL = 640
 MEMORY_PER_IMAGE_PIXEL = {"encode": 48, "decode": 48}
-#: the smallest tile side the encoder's planner uses (pipeline.plan_tiles)
+#: the smallest tile side the encoder's planner uses (tiling.plan_tiles)
 MIN_TILE = 128
 #: the smallest budget accepted: the model and one smallest tile
 MIN_BUDGET = MEMORY_BASE + MEMORY_PER_TILE_PIXEL * MIN_TILE**2

@@ -1,7 +1,7 @@
 """The click options and checks that ``codec encode/decode`` and ``codec batch encode/decode``
 share, defined once so that their defaults cannot drift apart.  Import-light (click, and the
 output formats of :mod:`.imaging`, which imports Pillow but not numpy or torch; the memory budget
-and the pipeline are imported when an option is checked)."""
+and the tiling are imported when an option is checked)."""
 
 from __future__ import annotations
 
@@ -68,11 +68,13 @@ def bad_option(name: str, message: str) -> click.BadParameter:
     return click.BadParameter(message, ctx=ctx, param=next(p for p in ctx.command.params if p.name == name))
 
 
-def check_tile(tile: int | None, pipeline) -> None:
+def check_tile(tile: int | None) -> None:
     if tile is None:  # chosen from the memory budget
         return
+    from . import tiling  # imports torch: only when --tile is given
+
     try:
-        pipeline.plan_tiles(tile, tile, tile)  # the rule lives with the tiling
+        tiling.plan_tiles(tile, tile, tile)  # the rule lives with the tiling
     except BadInputError as e:
         raise bad_option("tile", str(e)) from None
 

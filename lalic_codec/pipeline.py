@@ -17,15 +17,13 @@ Where each concern lives:
 * here: encoding (with the search for small images) and decoding whole images, and what the
   decoder checks before it works (tiles against the model, memory).
 
-Every name that lived here before that split still reads (and, for tests' monkeypatches, assigns)
-as ``pipeline.X``: see ``_MOVED`` at the end.  Over 400 lines because encoding and decoding share
-the container's tile layout and the model interface; the aliases of the moved names are ~50 of them.
+Names that lived here before that split are imported from those modules; this module does not
+re-export them.  About 400 lines: encoding and decoding share the container's tile layout and the
+model interface, and the decoder's checks stay beside the decoder they guard.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +75,16 @@ def _device_class(lm: loading.LoadedModel) -> int:
     return int(fmt.DeviceClass.CUDA if lm.device.type == "cuda" else fmt.DeviceClass.CPU)
 
 
+def decode_tile(lm: loading.LoadedModel, streams, pad, h: int, w: int, quality: torch.Tensor | None) -> torch.Tensor:
+    """One tile's streams -> the tile as decoded, (3, h, w) floats in [0, 1]: the network's output on
+    the padded canvas, cropped to the tile (FORMAT.md 7.1).  :func:`decode_bytes` decodes every
+    tile with it, and the encoder's search for small images (:func:`_small_tile_search`) with it
+    sees what the decoder will see."""
+    l, r, t, b = pad
+    out = lm.model.decompress(streams, lm.model.hyper_shape(h + t + b, w + l + r), quality=quality)
+    return out["x_hat"][0, :, t : t + h, l : l + w]
+
+
 #: rounds of :func:`_small_tile_search`, and how much larger than the first file a later one may be
 SEARCH_ROUNDS = 4
 SEARCH_SIZE_SLACK = 0.10
@@ -100,15 +108,13 @@ def _small_tile_search(lm: loading.LoadedModel, x: torch.Tensor, pad, rgb: np.nd
     (0.1 -> 0.4 s).  Larger canvases are not searched (a 768x8 strip: 768x128)."""
     l, r, t, b = pad
     h, w = rgb.shape[:2]
-    Hp, Wp = x.shape[-2:]
     target = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(x.device)
 
     def code(inp):
         streams = lm.model.compress(inp, quality=qt).streams
-        x_hat = lm.model.decompress(streams, lm.model.hyper_shape(Hp, Wp), quality=qt)["x_hat"]
-        crop = x_hat[:, :, t : t + h, l : l + w]
-        err = float((torch.from_numpy(imaging.to_uint8(crop[0])).to(x.device).float() - target).square().mean())
-        return streams, crop, err
+        crop = decode_tile(lm, streams, pad, h, w, qt)
+        err = float((torch.from_numpy(imaging.to_uint8(crop)).to(x.device).float() - target).square().mean())
+        return streams, crop[None], err
 
     best, crop, best_err = code(x)
     limit = sum(map(len, best)) * (1 + SEARCH_SIZE_SLACK)
@@ -351,14 +357,11 @@ def decode_bytes(
         acc = np.zeros((h.height, h.width, 3), dtype=np.float32)
         wsum = np.zeros((h.height, h.width, 1), dtype=np.float32)
     for tile in lic.tiles:
-        l, r, t, b = tile.pad
-        Hp, Wp = tile.h + t + b, tile.w + l + r
         try:
             with torch.inference_mode():
-                out = lm.model.decompress(tile.streams, lm.model.hyper_shape(Hp, Wp), quality=q)
+                x_hat = decode_tile(lm, tile.streams, tile.pad, tile.h, tile.w, q)
         except SymbolMismatchError:
             raise device_mismatch(h, lm, tile) from None
-        x_hat = out["x_hat"][0, :, t : t + tile.h, l : l + tile.w]
         if single:
             canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = imaging.to_uint8(x_hat)
         else:
@@ -366,7 +369,7 @@ def decode_bytes(
             vals = x_hat.float().mul(255.0).permute(1, 2, 0).cpu().numpy()
             acc[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt * vals
             wsum[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt
-        del out, x_hat
+        del x_hat
     if not single:  # check_tiles proved that every pixel lies in a tile, so has a positive weight
         np.divide(acc, wsum, out=acc)  # in place: no image-sized temporaries (the same float32 values)
         del wsum
@@ -401,52 +404,3 @@ def fmt_corrupt(msg: str):
 
     return CorruptFileError(msg)
 
-
-
-
-# ------------------------------------------------------------------------------------------------
-# names that moved out of this module
-
-#: each name that lived here before the split, by the module that holds it now.  ``pipeline.X``
-#: reads it there, and assigning ``pipeline.X`` (a test's monkeypatch) assigns it there, so that the
-#: code that moved with it sees the new value as it did when it lived here.  None of them is a
-#: global of this module (the code here writes ``loading.X``...): one value, in one place.
-_MOVED = {
-    **dict.fromkeys(
-        ("MODELS_DIR", "BUNDLED", "DEFAULT_MODEL", "RETIRED", "LoadedModel", "resolve_device", "_float_state",
-         "build_from_state_dict", "load_model", "_cache", "_cache_lock", "clear_model_cache"),
-        loading,
-    ),
-    **dict.fromkeys(
-        ("MIN_CANVAS", "centred_padding", "DEFAULT_OVERLAP", "_axis_tiles", "_axis_options", "plan_tiles", "_grid", "tile_plan",
-         "tile_weights", "_to_tensor", "MIN_TILE"),
-        tiling,
-    ),
-    **dict.fromkeys(
-        ("PreparedImage", "INPUT_FORMATS", "MAX_PIXELS", "open_image", "_limit_source", "_over_limit", "_head", "_MAGIC",
-         "_OTHER_IMAGES", "_HEIF_BRANDS", "_ACCEPTED_NAMES", "file_kind", "_unreadable", "_palette_bytes", "EXIF_ORIENTATION",
-         "_frame_count", "prepare_image", "restore_image", "to_8bit", "SIXTEEN_BIT_FORMATS", "save_image", "to_uint8",
-         "image_psnr", "psnr"),
-        imaging,
-    ),
-}
-
-
-def _alias(name: str, owner: types.ModuleType) -> property:
-    return property(lambda _: getattr(owner, name), lambda _, value: setattr(owner, name, value), doc=f"{owner.__name__}.{name}")
-
-
-class _Pipeline(types.ModuleType):
-    """This module, whose moved names are aliases of their new homes (a ModuleType subclass as a
-    module's class is Python's documented way to customise its attributes).  Aliases are properties,
-    data descriptors, so pytest's monkeypatch restores them by assigning the old value back."""
-
-    def __dir__(self):
-        return sorted(set(super().__dir__()) | set(_MOVED))
-
-
-assert not set(_MOVED) & set(globals()), "a moved name is also a global here"
-for _name, _owner in _MOVED.items():
-    setattr(_Pipeline, _name, _alias(_name, _owner))
-del _name, _owner
-sys.modules[__name__].__class__ = _Pipeline

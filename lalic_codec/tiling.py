@@ -4,7 +4,7 @@
 budget), :func:`tile_plan` is the encoder's choice for a model and a memory budget
 (:mod:`.memory`), :func:`centred_padding` and :func:`_to_tensor` pad a tile to a canvas the
 network takes, and :func:`tile_weights` are the decoder's cross-fade weights where tiles overlap.
-Used by :mod:`.pipeline`, which re-exports these names.
+Used by :mod:`.pipeline`.
 """
 
 from __future__ import annotations

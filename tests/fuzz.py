@@ -243,10 +243,10 @@ def make_seeds(weights: dict[str, Path]) -> list[Seed]:
     import numpy as np
     from PIL import Image
 
-    from lalic_codec import pipeline
+    from lalic_codec import imaging, loading, pipeline
 
-    vr = pipeline.load_model("x", weights["vr"], "cpu")
-    fixed = pipeline.load_model("lalic", weights["lalic"], "cpu")
+    vr = loading.load_model("x", weights["vr"], "cpu")
+    fixed = loading.load_model("lalic", weights["lalic"], "cpu")
     seeds = []
 
     def add(name, im, lm=vr, model="vr", quality=4.0, tile=1024):
@@ -260,7 +260,7 @@ def make_seeds(weights: dict[str, Path]) -> list[Seed]:
     exif[0x010F] = "fuzz-camera"
     buf = io.BytesIO()
     Image.fromarray(_image(41, 70, 3)).save(buf, format="PNG", exif=exif.tobytes(), icc_profile=b"fake-icc" * 20)
-    add("rgb-41x70-metadata", pipeline.open_image(buf.getvalue()))
+    add("rgb-41x70-metadata", imaging.open_image(buf.getvalue()))
     rgba = Image.fromarray(_image(33, 47, 4))
     rgba.putalpha(Image.fromarray((np.arange(33 * 47).reshape(33, 47) * 7 % 256).astype(np.uint8)))
     add("rgba-33x47", rgba, quality=5.0)
@@ -738,13 +738,13 @@ def check_case(data: bytes, weights: str | Path | None, decode: bool = True, lim
 def check_image_case(data: bytes, max_pixels: int = 2**20, seconds: float = 10.0) -> str:
     """``codec encode``'s input side: open (format allow-list, pixel limit) and prepare an image.
     Returns "prepared" or an error class name, or raises :class:`FuzzFailure`."""
-    from lalic_codec import pipeline
+    from lalic_codec import imaging
 
     t0 = time.perf_counter()
     try:
         with time_limit(seconds):
             try:
-                prep = pipeline.prepare_image(pipeline.open_image(data, max_pixels=max_pixels))
+                prep = imaging.prepare_image(imaging.open_image(data, max_pixels=max_pixels))
             except BaseException as e:  # noqa: BLE001
                 return _check_error(e, "open_image")
             h, w = prep.rgb.shape[:2]
@@ -810,24 +810,24 @@ def flip_outcome(flipped: bytes, weights, reference: bytes, limits: fmt.Limits |
     metadata included, as ``reference``) or "UNDETECTED: decoded differently"."""
     import io
 
-    from lalic_codec import pipeline
+    from lalic_codec import imaging, pipeline
 
     try:
         res = pipeline.decode_bytes(flipped, weights, "cpu", limits)
     except CodecError as e:
         return "detected: " + which_check(e)
     buf = io.BytesIO()
-    pipeline.save_image(res.image, buf, "PNG")
+    imaging.save_image(res.image, buf, "PNG")
     return "decoded identically" if buf.getvalue() == reference else "UNDETECTED: decoded differently"
 
 
 def reference_png(data: bytes, weights) -> bytes:
     import io
 
-    from lalic_codec import pipeline
+    from lalic_codec import imaging, pipeline
 
     buf = io.BytesIO()
-    pipeline.save_image(pipeline.decode_bytes(data, weights, "cpu").image, buf, "PNG")
+    imaging.save_image(pipeline.decode_bytes(data, weights, "cpu").image, buf, "PNG")
     return buf.getvalue()
 
 
@@ -862,10 +862,10 @@ def _load(workdir: Path) -> tuple[dict, list[Seed]]:
 
 def _worker(workdir: Path, base_seed: int, start: int, case_seconds: float, decode: bool) -> None:
     weights, seeds = _load(workdir)
-    from lalic_codec import pipeline  # imports and model loading before the first case's clock starts
+    from lalic_codec import loading, pipeline  # noqa: F401  (imported, and the models loaded, before the first case's clock starts)
 
     for key, path in weights.items():
-        pipeline.load_model("x" if key == "vr" else key, path, "cpu")
+        loading.load_model("x" if key == "vr" else key, path, "cpu")
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()

@@ -17,7 +17,7 @@ from PIL import Image
 
 import lalic_codec
 from conftest import natural_image
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, pipeline
 from lalic_codec.errors import (
     BadInputError,
     CorruptFileError,
@@ -129,11 +129,11 @@ def test_sixteen_bit_grayscale_round_trips_as_16_bit_at_8_bit_precision(W, tmp_p
     Image.fromarray(g16).save(src)
     out = dec(enc(src, W), W)
     buf = io.BytesIO()
-    pipeline.save_image(out, buf, "PNG")
+    imaging.save_image(out, buf, "PNG")
     back = Image.open(io.BytesIO(buf.getvalue()))
     assert back.mode == "I;16" and np.array_equal(np.asarray(back), np.asarray(out))
     buf = io.BytesIO()
-    pipeline.save_image(out, buf, "BMP")
+    imaging.save_image(out, buf, "BMP")
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(buf.getvalue()))), np.asarray(out) // 257)
 
 
@@ -202,7 +202,7 @@ def test_icc_exif_xmp_and_orientation(W, tmp_path):
     # the command line's writer carries all three into PNG, JPEG and WebP
     for name in ("PNG", "JPEG", "WEBP"):
         buf = io.BytesIO()
-        pipeline.save_image(out, buf, name)
+        imaging.save_image(out, buf, name)
         back = Image.open(io.BytesIO(buf.getvalue()))
         assert back.info.get("icc_profile") == icc, name
         assert back.getexif()[0x010F] == "lalic-test-camera", name
@@ -306,7 +306,7 @@ def test_codec_holds_one_cached_model(W, tiny_lalic_weights):
     assert codec.device == "cpu" and codec.model_id == "lalic-vr" and codec.variable_rate
     assert re.fullmatch(r"[0-9a-f]{32}", codec.fingerprint)
     assert codec._lm is lalic_codec.Codec(weights=str(W), device="cpu")._lm  # loaded once
-    assert codec._lm is pipeline.load_model("x", W, "cpu")
+    assert codec._lm is loading.load_model("x", W, "cpu")
     data = codec.encode(natural_image(20, 30), 2.5)
     d = lalic_codec.info(data)
     assert d["weights_fingerprint"] == codec.fingerprint and d["quality"] == 2.5
@@ -324,12 +324,12 @@ def test_bundled_name_and_explicit_weights_do_not_share_an_id(W, tmp_path, monke
     whatever was loaded first."""
     bundled = tmp_path / "bundled.safetensors"
     shutil.copy(W, bundled)
-    monkeypatch.setitem(pipeline.BUNDLED, pipeline.DEFAULT_MODEL, str(bundled))
+    monkeypatch.setitem(loading.BUNDLED, loading.DEFAULT_MODEL, str(bundled))
     assert lalic_codec.Codec(weights=bundled, device="cpu").model_id == "lalic-vr"
     default = lalic_codec.Codec(device="cpu")
-    assert default.model_id == pipeline.DEFAULT_MODEL
+    assert default.model_id == loading.DEFAULT_MODEL
     data = default.encode(natural_image(16, 16))
-    assert lalic_codec.info(data)["model_id"] == pipeline.DEFAULT_MODEL
+    assert lalic_codec.info(data)["model_id"] == loading.DEFAULT_MODEL
     # a Codec with other weights still decodes files of the bundled model
     assert lalic_codec.Codec(weights=W, device="cpu").decode(data).size == (16, 16)
     assert lalic_codec.decode(data, device="cpu").size == (16, 16)
@@ -358,14 +358,14 @@ def test_import_and_info_do_not_import_torch(W, tmp_path):
 def test_files_of_a_retired_bundled_model_say_how_to_decode_them(W, monkeypatch):
     """A file made with an earlier bundled model (default-v1): refused with the way to get its weights."""
     old = "default-v1"
-    assert old in pipeline.RETIRED
-    monkeypatch.setattr(pipeline, "DEFAULT_MODEL", old)
-    monkeypatch.setitem(pipeline.BUNDLED, old, str(W))
-    pipeline.clear_model_cache()
+    assert old in loading.RETIRED
+    monkeypatch.setattr(loading, "DEFAULT_MODEL", old)
+    monkeypatch.setitem(loading.BUNDLED, old, str(W))
+    loading.clear_model_cache()
     data = lalic_codec.Codec(device="cpu").encode(natural_image(16, 16))
     assert lalic_codec.info(data)["model_id"] == old
-    monkeypatch.delitem(pipeline.BUNDLED, old)
-    pipeline.clear_model_cache()
+    monkeypatch.delitem(loading.BUNDLED, old)
+    loading.clear_model_cache()
     with pytest.raises(MissingWeightsError, match=r"earlier bundled model 'default-v1'.*--weights default-v1.safetensors.*git show"):
         lalic_codec.Codec(device="cpu").decode(data)
     # with its weights it decodes

@@ -61,18 +61,18 @@ def ray_local(tmp_path_factory):
 def photos(tmp_path_factory):
     """N_IMAGES small PNGs in a tree (some in sub/), two bad inputs, and each image's .lic coded
     in this process exactly as codec encode codes it: {relative .lic path: bytes}."""
-    from lalic_codec import pipeline
+    from lalic_codec import imaging, loading, pipeline
 
     root = tmp_path_factory.mktemp("photos")
     (root / "sub").mkdir()
-    lm = pipeline.load_model("default", None, "cpu")
+    lm = loading.load_model("default", None, "cpu")
     expected = {}
     for i in range(N_IMAGES):
         h, w = SIZES[i % len(SIZES)]
         rel = Path("sub" if i % 3 == 0 else ".") / f"img{i:02d}.png"
         Image.fromarray(natural_image(h, w, seed=i)).save(root / rel)
         data = (root / rel).read_bytes()
-        expected[str(rel.with_suffix(".lic"))] = pipeline.encode_image(pipeline.open_image(data), lm, None).data
+        expected[str(rel.with_suffix(".lic"))] = pipeline.encode_image(imaging.open_image(data), lm, None).data
     for name, data in BAD.items():
         (root / name).write_bytes(data)
     return root, expected
@@ -179,7 +179,7 @@ def test_decode_matches_single_process_decoding(photos, encoded, tmp_path):
 def test_manifest_input_and_shipped_weights(ray_local, photos, tiny_vr_weights, tmp_path):
     """A manifest of relative paths, --weights read by the driver and shipped to the workers,
     --quality and --psnr."""
-    from lalic_codec import pipeline
+    from lalic_codec import imaging, loading, pipeline
 
     src, _ = photos
     listing = tmp_path / "list.txt"
@@ -188,14 +188,14 @@ def test_manifest_input_and_shipped_weights(ray_local, photos, tiny_vr_weights, 
     r = run("batch", "encode", listing, out, "--weights", tiny_vr_weights, "-q", 2, "--psnr", "--workers", 1,
             "--manifest", tmp_path / "m.jsonl")
     assert r.exit_code == 0, r.output
-    lm = pipeline.load_model("default", str(tiny_vr_weights), "cpu")
+    lm = loading.load_model("default", str(tiny_vr_weights), "cpu")
     got = rows(tmp_path / "m.jsonl")
     assert len(list(Path(os.environ["XDG_CACHE_HOME"], "lalic-codec", "batch-weights").iterdir())) == 1  # shipped, cached
     for rel in ("img01", "sub/img03"):
-        im = pipeline.open_image((src / f"{rel}.png").read_bytes())
+        im = imaging.open_image((src / f"{rel}.png").read_bytes())
         want = pipeline.encode_image(im, lm, 2).data
         assert (out / f"{rel}.lic").read_bytes() == want
-        psnr = pipeline.image_psnr(im, pipeline.decode_bytes(want, str(tiny_vr_weights), "cpu").image)
+        psnr = imaging.image_psnr(im, pipeline.decode_bytes(want, str(tiny_vr_weights), "cpu").image)
         row = got[Path(rel).name + ".png"]
         assert row["quality"] == 2 and row["psnr"] == pytest.approx(psnr)  # random weights: a low PSNR
 
@@ -271,14 +271,14 @@ def test_worker_picks_tiles_from_its_memory_budget_like_codec_encode(tmp_path):
     """--max-memory reaches the workers: a worker codes exactly what `codec encode --max-memory`
     codes (here a budget small enough for several tiles); without it, a worker takes its share of
     the machine's default budget. (The worker class alone, no Ray.)"""
-    from lalic_codec import memory, pipeline
+    from lalic_codec import loading, memory, pipeline, tiling
     from lalic_codec.batch.worker import Coder
 
     src = tmp_path / "big.png"
     Image.fromarray(natural_image(256, 320, seed=5)).save(src)
-    lm = pipeline.load_model("default", None, "cpu")
+    lm = loading.load_model("default", None, "cpu")
     budget = 420 * 2**20
-    assert len(pipeline.tile_plan(256, 320, lm, None, budget)) > 1
+    assert len(tiling.tile_plan(256, 320, lm, None, budget)) > 1
     job = dict(mode="encode", model="default", quality=4.0, target_bpp=None, tile=None, max_memory=budget,
                device="cpu", threads=1)
     out = tmp_path / "big.lic"

@@ -156,7 +156,7 @@ def test_module_entry_point_help():
 def test_bench_end_to_end(tmp_path, tiny_images, tiny_vr_weights, tiny_lalic_weights):
     for mod in ("bjontegaard", "matplotlib", "pytorch_msssim"):
         pytest.importorskip(mod)
-    from lalic_codec import pipeline
+    from lalic_codec import imaging, loading, pipeline
 
     # a published curve in LALIC's spelling: JPEG's own curve at 10 % lower rate, measured below
     out = tmp_path / "out"
@@ -170,14 +170,14 @@ def test_bench_end_to_end(tmp_path, tiny_images, tiny_vr_weights, tiny_lalic_wei
 
     records = json.loads((out / "per-image.json").read_text())
     assert len(records) == 3 * (2 + 1 + 3)
-    lm = pipeline.load_model("default", tiny_vr_weights, "cpu")
+    lm = loading.load_model("default", tiny_vr_weights, "cpu")
     for rec in records:
         assert rec["bpp"] == pytest.approx(8 * rec["bytes"] / (rec["width"] * rec["height"]), rel=1e-12)
         assert (rec["width"], rec["height"]) == (96, 64)
         assert rec["ms_ssim"] is None and rec["ms_ssim_db"] is None  # 64 px: below MS-SSIM's minimum
         ref = np.asarray(Image.open(tiny_images / rec["image"]).convert("RGB"))
         if rec["curve"] == "default":  # the real .lic file, header included, and PSNR on its decoded output
-            data = pipeline.encode_image(pipeline.open_image(tiny_images / rec["image"]), lm, rec["quality"]).data
+            data = pipeline.encode_image(imaging.open_image(tiny_images / rec["image"]), lm, rec["quality"]).data
             dec = np.asarray(pipeline.decode_bytes(data, tiny_vr_weights, "cpu").image.convert("RGB"))
         elif rec["curve"] == "JPEG":
             buf = io.BytesIO()

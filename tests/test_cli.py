@@ -251,11 +251,11 @@ def test_sigterm_and_sigint_exit_130_without_partial_outputs(tmp_path, tiny_vr_w
 def test_sigterm_while_writing_removes_the_temporary_file(tmp_path, rgb_png, tiny_vr_weights, monkeypatch):
     import signal
 
-    from lalic_codec import pipeline
+    from lalic_codec import imaging
 
     lic = tmp_path / "a.lic"
     assert run("encode", rgb_png, lic, "--weights", tiny_vr_weights).exit_code == 0
-    real_save = pipeline.save_image
+    real_save = imaging.save_image
 
     def interrupted_save(im, fp, fmt_name):
         fp.write(b"\x89PNG half an image")
@@ -264,7 +264,7 @@ def test_sigterm_while_writing_removes_the_temporary_file(tmp_path, rgb_png, tin
         os.kill(os.getpid(), signal.SIGTERM)  # the handler raises KeyboardInterrupt right here
         real_save(im, fp, fmt_name)
 
-    monkeypatch.setattr(pipeline, "save_image", interrupted_save)
+    monkeypatch.setattr(imaging, "save_image", interrupted_save)
     before = signal.getsignal(signal.SIGTERM)
     r = CliRunner().invoke(main, ["decode", str(lic), str(tmp_path / "a.png"), "--weights", str(tiny_vr_weights)])
     assert r.exit_code == 130 and "interrupted" in r.output

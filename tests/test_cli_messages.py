@@ -96,11 +96,11 @@ def test_size_limit_states_our_limit_and_max_pixels(tmp_path, tiny_vr_weights):
 
 
 def test_size_limit_by_default_says_how_to_raise_it(monkeypatch, tmp_path, tiny_vr_weights):
-    from lalic_codec import pipeline
+    from lalic_codec import imaging
 
     src = tmp_path / "big.png"
     Image.fromarray(natural_image(40, 50)).save(src)
-    monkeypatch.setattr(pipeline, "MAX_PIXELS", 900)
+    monkeypatch.setattr(imaging, "MAX_PIXELS", 900)
     r = run("encode", src, tmp_path / "o.lic", "--weights", tiny_vr_weights)
     assert r.exit_code == 3
     assert error_line(r) == f"{src}: image is 50x40 = 2000 pixels, more than the limit of 900 pixels (the default; --max-pixels N changes it)"

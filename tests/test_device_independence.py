@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, natural_image
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, pipeline, tiling
 from lalic_codec.entropy.coder import SymbolMismatchError
 from lalic_codec.errors import DeviceMismatchError
 from lalic_codec.formats import container as fmt
@@ -90,7 +90,7 @@ def test_float_scale_path_desync_is_detected_not_decoded():
 
 
 def test_pipeline_names_the_device_class(tmp_path, tiny_lalic_weights):
-    lm = pipeline.load_model("lalic", tiny_lalic_weights, "cpu")
+    lm = loading.load_model("lalic", tiny_lalic_weights, "cpu")
     res = pipeline.encode_image(Image.fromarray(natural_image(128, 128, seed=5)), lm)
     assert fmt.read(res.data).header.device_class == fmt.DeviceClass.CPU
     restore = perturb_float_path(lm.model, 3e-2)
@@ -106,7 +106,7 @@ def test_integer_path_files_are_marked_device_independent(tmp_path):
 
     torch.manual_seed(5)
     path = save_weights(VariableRateLALIC(**TINY, int_scale=True), tmp_path / "int.safetensors")
-    lm = pipeline.load_model("x", path, "cpu")
+    lm = loading.load_model("x", path, "cpu")
     assert lm.model.scale_path is not None
     res = pipeline.encode_image(Image.fromarray(natural_image(70, 90)), lm, 2.0)
     assert fmt.read(res.data).header.device_class == fmt.DeviceClass.DEVICE_INDEPENDENT
@@ -120,7 +120,7 @@ def test_integer_path_files_are_marked_device_independent(tmp_path):
 
 def test_tile_plan_covers_with_overlap():
     for h, w in [(500, 700), (1024, 1024), (1025, 3000), (4000, 6000)]:
-        tiles = pipeline.plan_tiles(h, w, 1024, 64)
+        tiles = tiling.plan_tiles(h, w, 1024, 64)
         cover = np.zeros((h, w), bool)
         for x, y, tw, th in tiles:
             assert 0 <= x and x + tw <= w and 0 <= y and y + th <= h
@@ -129,16 +129,16 @@ def test_tile_plan_covers_with_overlap():
         for i, (x, _, tw, _) in enumerate(tiles[:-1]):
             nxt = tiles[i + 1]
             if nxt[1] == tiles[i][1]:  # same row: neighbours overlap by at least 32 pixels
-                assert x + tw - nxt[0] >= pipeline.DEFAULT_OVERLAP == 32
+                assert x + tw - nxt[0] >= tiling.DEFAULT_OVERLAP == 32
         assert all(tw % 64 == 0 or tw == w for _, _, tw, _ in tiles)
-    assert pipeline.plan_tiles(500, 700) == [(0, 0, 700, 500)]
-    sizes = {(tw, th) for _, _, tw, th in pipeline.plan_tiles(4000, 6000, 1024)}
+    assert tiling.plan_tiles(500, 700) == [(0, 0, 700, 500)]
+    sizes = {(tw, th) for _, _, tw, th in tiling.plan_tiles(4000, 6000, 1024)}
     # 7 x 4 tiles; across, not 1024 wide: the fewest 64s that keep the overlaps, as evenly as they go
     assert sizes == {(896, 1024), (832, 1024)}
 
 
 def test_tiled_file_decodes_seamlessly(tiny_vr_weights):
-    lm = pipeline.load_model("x", tiny_vr_weights, "cpu")
+    lm = loading.load_model("x", tiny_vr_weights, "cpu")
     rgb = natural_image(200, 330, seed=11)
     res = pipeline.encode_image(Image.fromarray(rgb), lm, 6.0, tile=192)
     lic = fmt.read(res.data)
@@ -152,12 +152,12 @@ def test_tiled_file_decodes_seamlessly(tiny_vr_weights):
     l, r, t, b = t0.pad
     with torch.inference_mode():
         x_hat = model.decompress(t0.streams, ((t0.h + t + b) // 64, (t0.w + l + r) // 64), quality=torch.tensor([6.0]))["x_hat"]
-    own = pipeline.to_uint8(x_hat[0, :, t : t + t0.h, l : l + t0.w])
+    own = imaging.to_uint8(x_hat[0, :, t : t + t0.h, l : l + t0.w])
     x_end = min(t.x for t in lic.tiles if t.x > 0)
     y_end = min(t.y for t in lic.tiles if t.y > 0)
     assert np.array_equal(out[:y_end, :x_end], own[:y_end, :x_end])
     # blending weights: a linear cross-fade inside the overlap, 1 where only one tile covers
-    w0 = pipeline.tile_weights(t0, lic.header.width, lic.header.height)
+    w0 = tiling.tile_weights(t0, lic.header.width, lic.header.height)
     assert w0[0, 0] == min(t0.w, t0.h) - 0.5  # only the right and bottom edges are interior
     assert w0[0, -1] == 0.5 and w0[-1, 0] == 0.5 and w0.min() > 0
 
@@ -168,7 +168,7 @@ def test_integer_path_layout_is_read_from_the_weights(tmp_path, layout):
 
     torch.manual_seed(4)
     path = save_weights(VariableRateLALIC(**TINY, int_scale=layout), tmp_path / "w.safetensors")
-    sp = pipeline.load_model("default", str(path), "cpu").model.scale_path
+    sp = loading.load_model("default", str(path), "cpu").model.scale_path
     assert sp.signed == (layout is not True) and sp.deep == (layout is not True)
     if layout is not True:
         assert sp.heads[0][0].weight.shape[0] == INT_SCALE_V2["head"]

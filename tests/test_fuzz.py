@@ -21,7 +21,7 @@ from PIL import Image
 
 import fuzz
 from conftest import natural_image
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, pipeline
 from lalic_codec.cli import main
 from lalic_codec.errors import (
     BadInputError,
@@ -170,14 +170,14 @@ def test_the_harness_runs_and_counts(tmp_path):
 def test_tiles_spanning_the_whole_width_or_height_decode(corpus):
     """tile_weights returned a scalar for an axis with no inner edge: every multi-tile image
     whose tiles span the whole width or height crashed the decoder (IndexError)."""
-    lm = pipeline.load_model("x", corpus[0]["vr"], "cpu")
+    lm = loading.load_model("x", corpus[0]["vr"], "cpu")
     for h, w in ((1, 400), (300, 40), (70, 260)):
         rgb = natural_image(h, w, seed=h + w)
         res = pipeline.encode_image(Image.fromarray(rgb), lm, 4.0, tile=192)
         assert len(fmt.read(res.data).tiles) > 1
         dec = pipeline.decode_bytes(res.data, corpus[0]["vr"], "cpu")
         assert dec.image.size == (w, h)
-        assert pipeline.psnr(rgb, np.asarray(dec.image)) > 5  # a picture, not garbage or zeros
+        assert imaging.psnr(rgb, np.asarray(dec.image)) > 5  # a picture, not garbage or zeros
 
 
 def test_quality_outside_the_models_range_is_corruption(corpus, no_model_work):
@@ -210,10 +210,10 @@ def test_malformed_tiff_tags_do_not_stop_the_encoder(corpus):
         at = ifd + 2 + 12 * k
         if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets: LONG -> BYTE
             data[at + 2 : at + 4] = struct.pack("<H", 1)
-    im = pipeline.open_image(bytes(data))
+    im = imaging.open_image(bytes(data))
     with pytest.raises(struct.error):
         im.getexif().tobytes()
-    prep = pipeline.prepare_image(im)
+    prep = imaging.prepare_image(im)
     assert prep.rgb.shape == (24, 32, 3) and "EXIF could not be read and was left out" in prep.notes
 
 
@@ -234,7 +234,7 @@ def test_huge_declared_size_is_refused_before_any_model_work(corpus, monkeypatch
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.setattr(loading, "load_model", no_model)
     with pytest.raises(LimitExceededError, match=r"60000x60000 = 3600000000 pixels, more than the limit of 268435456"):
         pipeline.decode_bytes(data, corpus[0]["vr"], "cpu")
     (tmp_path / "huge.lic").write_bytes(data)
@@ -321,7 +321,7 @@ def test_padded_tile_limit(corpus):
 
 
 def test_encoder_refuses_tiles_over_the_limit_before_coding(corpus, no_model_work, monkeypatch):
-    lm = pipeline.load_model("x", corpus[0]["vr"], "cpu")
+    lm = loading.load_model("x", corpus[0]["vr"], "cpu")
     monkeypatch.setattr(type(lm.model), "compress", lambda *a, **k: (_ for _ in ()).throw(AssertionError("coded")))
     im = Image.new("RGB", (4096, 1100))
     with pytest.raises(LimitExceededError, match="use a smaller --tile"):
@@ -371,9 +371,9 @@ def test_decompression_bombs_are_refused_before_decoding(make, tmp_path, tiny_vr
     before = fuzz.max_rss_mib()
     for w, h in ((65000, 65000), (20000, 20000), (16385, 16384)):  # 2**28 + 16384 pixels: just over
         with pytest.raises(LimitExceededError, match="more than the limit|too large"):
-            pipeline.open_image(make(w, h))
+            imaging.open_image(make(w, h))
     with pytest.raises(LimitExceededError):
-        pipeline.open_image(make(100, 100), max_pixels=9999)
+        imaging.open_image(make(100, 100), max_pixels=9999)
     assert fuzz.max_rss_mib() - before < 50
     p = tmp_path / "bomb.img"
     p.write_bytes(make(60000, 60000))
@@ -386,11 +386,11 @@ def test_only_plain_image_formats_are_opened():
     """Pillow identifies files by content: an EPS named photo.png would start Ghostscript."""
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
     with pytest.raises(BadInputError, match="not a readable image"):
-        pipeline.open_image(eps)
+        imaging.open_image(eps)
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PCX")
     with pytest.raises(BadInputError):
-        pipeline.open_image(buf.getvalue())
+        imaging.open_image(buf.getvalue())
 
 
 @settings(FUZZ, max_examples=1000)

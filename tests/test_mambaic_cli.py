@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, tiling
 from lalic_codec.cli import main
 from lalic_codec.models.mambaic import MambaIC
 
@@ -36,12 +36,12 @@ def mambaic_checkpoint(tmp_path_factory):
 def encoder_reconstruction(lm, rgb: np.ndarray) -> np.ndarray:
     """What the encoder reconstructs from its own quantised latent (no bitstream involved)."""
     H, W = rgb.shape[:2]
-    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple, pipeline.MIN_CANVAS)
-    x = pipeline._to_tensor(rgb, pad, lm.device)
+    pad = tiling.centred_padding(H, W, lm.model.pad_multiple, tiling.MIN_CANVAS)
+    x = tiling._to_tensor(rgb, pad, lm.device)
     with torch.inference_mode():
         x_hat = lm.model.g_s(lm.model.compress(x).y_hat).clamp(0, 1)
     l, r, t, b = pad
-    return pipeline.to_uint8(x_hat[0, :, t : t + H, l : l + W])
+    return imaging.to_uint8(x_hat[0, :, t : t + H, l : l + W])
 
 
 def test_encode_decode_round_trip(tmp_path, rgb_png, mambaic_checkpoint, tiny_lalic_weights):
@@ -55,7 +55,7 @@ def test_encode_decode_round_trip(tmp_path, rgb_png, mambaic_checkpoint, tiny_la
     assert r.exit_code == 0, r.output
     decoded = np.asarray(Image.open(out))
     assert decoded.shape == (97, 203, 3)
-    lm = pipeline.load_model("mambaic", mambaic_checkpoint, "cpu")
+    lm = loading.load_model("mambaic", mambaic_checkpoint, "cpu")
     assert isinstance(lm.model, MambaIC) and lm.model_id == "mambaic"
     rgb = np.asarray(Image.open(rgb_png).convert("RGB"))
     assert np.array_equal(decoded, encoder_reconstruction(lm, rgb))

@@ -9,27 +9,27 @@ import torch
 from PIL import Image
 
 from conftest import TINY, natural_image
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, pipeline, tiling
 from lalic_codec.errors import BadInputError, CorruptFileError, CrcMismatchError, LimitExceededError, MissingWeightsError, WeightsMismatchError
 from lalic_codec.formats import container as fmt
 
 
 @pytest.fixture(scope="module")
 def vr(tiny_vr_weights):
-    return pipeline.load_model("x", tiny_vr_weights, "cpu")
+    return loading.load_model("x", tiny_vr_weights, "cpu")
 
 
 def encoder_reconstruction(lm, rgb: np.ndarray, quality: float) -> np.ndarray:
     """What the encoder itself reconstructs from its quantised latent (no bitstream involved)."""
     H, W = rgb.shape[:2]
-    pad = pipeline.centred_padding(H, W, lm.model.pad_multiple, pipeline.MIN_CANVAS)
-    x = pipeline._to_tensor(rgb, pad, lm.device)
+    pad = tiling.centred_padding(H, W, lm.model.pad_multiple, tiling.MIN_CANVAS)
+    x = tiling._to_tensor(rgb, pad, lm.device)
     q = torch.tensor([quality])
     with torch.inference_mode():
         coded = lm.model.compress(x, quality=q)
         x_hat = lm.model.g_s(lm.model.latent_inverse_gain(coded.y_hat, q)).clamp(0, 1)
     l, r, t, b = pad
-    return pipeline.to_uint8(x_hat[0, :, t : t + H, l : l + W])
+    return imaging.to_uint8(x_hat[0, :, t : t + H, l : l + W])
 
 
 @pytest.mark.parametrize("h,w", [(97, 203), (1, 1), (64, 64), (65, 130), (3, 200)])
@@ -46,7 +46,7 @@ def test_decode_equals_encoder_reconstruction(vr, h, w, monkeypatch):
 
 def vr_path(lm):
     # the cache key is the path; find it back for decode_bytes
-    for key, value in pipeline._cache.items():
+    for key, value in loading._cache.items():
         if value is lm:
             return key[0]
     raise AssertionError("model not cached")
@@ -129,7 +129,7 @@ def test_exif_orientation_applied_and_metadata_kept(vr):
     icc = b"fake-icc-profile-bytes" * 10
     buf = io.BytesIO()
     im.save(buf, format="PNG", exif=exif.tobytes(), icc_profile=icc)
-    res = pipeline.encode_image(pipeline.open_image(buf.getvalue()), vr)
+    res = pipeline.encode_image(imaging.open_image(buf.getvalue()), vr)
     dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu").image
     assert dec.size == (30, 50)  # width and height swapped by the orientation
     assert dec.info["icc_profile"] == icc
@@ -137,13 +137,13 @@ def test_exif_orientation_applied_and_metadata_kept(vr):
     out_exif.load(dec.info["exif"])
     assert out_exif.get(0x0112, 1) == 1 and out_exif[0x010F] == "lalic-test-camera"
     saved = io.BytesIO()
-    pipeline.save_image(dec, saved, "PNG")
+    imaging.save_image(dec, saved, "PNG")
     again = Image.open(io.BytesIO(saved.getvalue()))
     assert again.info["icc_profile"] == icc
 
 
 def test_fixed_rate_official_style_checkpoint(tiny_lalic_weights):
-    lm = pipeline.load_model("lalic", tiny_lalic_weights, "cpu")
+    lm = loading.load_model("lalic", tiny_lalic_weights, "cpu")
     assert lm.model_id == "lalic" and not lm.variable_rate
     rgb = natural_image(70, 90)
     res = pipeline.encode_image(Image.fromarray(rgb), lm, quality=3)
@@ -161,7 +161,7 @@ def test_wrong_or_missing_weights_are_refused(vr, tiny_lalic_weights):
     with pytest.raises(MissingWeightsError, match="--weights"):
         pipeline.decode_bytes(res.data, None, "cpu")
     with pytest.raises(MissingWeightsError):
-        pipeline.load_model("lalic", None, "cpu")
+        loading.load_model("lalic", None, "cpu")
 
 
 def test_corruption_is_reported_never_decoded(vr):
@@ -175,21 +175,21 @@ def test_corruption_is_reported_never_decoded(vr):
 
 def test_bad_images_are_refused_clearly(tmp_path):
     with pytest.raises(BadInputError, match="not a readable image"):
-        pipeline.open_image(b"this is not an image")
+        imaging.open_image(b"this is not an image")
     with pytest.raises(BadInputError):
-        pipeline.open_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+        imaging.open_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     big = io.BytesIO()
     Image.new("L", (3000, 3000)).save(big, format="PNG")
     with pytest.raises(LimitExceededError):
-        pipeline.open_image(big.getvalue(), max_pixels=1_000_000)
+        imaging.open_image(big.getvalue(), max_pixels=1_000_000)
 
 
 def test_centred_padding():
-    assert pipeline.centred_padding(100, 120, 128) == (4, 4, 14, 14)  # as the official evaluation
-    assert pipeline.centred_padding(64, 64, 64) == (0, 0, 0, 0)
-    assert pipeline.centred_padding(1, 1, 64) == (31, 32, 31, 32)
-    assert pipeline.centred_padding(1, 1, 64, 128) == (63, 64, 63, 64)  # the encoder's smallest canvas
-    assert pipeline.centred_padding(100, 300, 64, 128) == (10, 10, 14, 14)
+    assert tiling.centred_padding(100, 120, 128) == (4, 4, 14, 14)  # as the official evaluation
+    assert tiling.centred_padding(64, 64, 64) == (0, 0, 0, 0)
+    assert tiling.centred_padding(1, 1, 64) == (31, 32, 31, 32)
+    assert tiling.centred_padding(1, 1, 64, 128) == (63, 64, 63, 64)  # the encoder's smallest canvas
+    assert tiling.centred_padding(100, 300, 64, 128) == (10, 10, 14, 14)
 
 
 def test_save_weights_writes_aliases_once(tmp_path):
@@ -206,7 +206,7 @@ def test_save_weights_writes_aliases_once(tmp_path):
         tables = set(json.loads(f.metadata().get("aliases", "{}")))  # equal CDF tables, written once
     dropped = set(m.state_dict()) - saved - tables
     assert dropped == {k for k in m.state_dict() if k.startswith(("h_a.", "h_s."))}  # only the aliases
-    lm = pipeline.load_model("lalic", path, "cpu")
+    lm = loading.load_model("lalic", path, "cpu")
     from lalic_codec.models.checkpoints import fingerprint
 
     assert lm.fingerprint == fingerprint(m.eval())  # the same network after a float32 round trip
@@ -218,6 +218,6 @@ def test_channel_context_width_is_read_from_the_weights(tmp_path):
 
     torch.manual_seed(0)
     path = save_weights(VariableRateLALIC(**TINY, int_scale=True, ctx_hidden_rate=2), tmp_path / "w.safetensors")
-    model = pipeline.load_model("default", str(path), "cpu").model
+    model = loading.load_model("default", str(path), "cpu").model
     assert model.config.ctx_hidden_rate == 2
     assert model.channel_groups.channel_context["y1"][1].ffn.key.weight.shape[0] == 2 * TINY["dims"][3]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import KODAK
-from lalic_codec import pipeline
+from lalic_codec import imaging, loading, pipeline
 
 QUALITY = pipeline.DEFAULT_QUALITY
 
@@ -26,7 +26,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lm():
-    return pipeline.load_model(device="cpu")
+    return loading.load_model(device="cpu")
 
 
 def round_trip(lm, rgb: np.ndarray) -> np.ndarray:
@@ -74,7 +74,7 @@ def larger_flat_psnr(lm):
     def get(colour):
         if colour not in cache:
             big = flat(256, 256, colour)
-            cache[colour] = pipeline.psnr(big, round_trip(lm, big))
+            cache[colour] = imaging.psnr(big, round_trip(lm, big))
         return cache[colour]
 
     return get
@@ -95,14 +95,14 @@ def test_flat_colour_as_good_as_inside_a_larger_image(lm, larger_flat_psnr, size
     if (size, colour) in KNOWN_SHORT:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_SHORT[(size, colour)]))
     rgb = flat(size, size, colour)
-    assert pipeline.psnr(rgb, round_trip(lm, rgb)) >= larger_flat_psnr(colour) - 1.0
+    assert imaging.psnr(rgb, round_trip(lm, rgb)) >= larger_flat_psnr(colour) - 1.0
 
 
 @pytest.mark.parametrize("y,x", [(100, 200), (300, 500)])
 def test_photo_crop_7x13(lm, kodim23, kodim23_decoded, y, x):
     crop = kodim23[y : y + 7, x : x + 13]
     out = round_trip(lm, crop)
-    assert pipeline.psnr(crop, out) >= pipeline.psnr(crop, kodim23_decoded[y : y + 7, x : x + 13]) - 1.0
+    assert imaging.psnr(crop, out) >= imaging.psnr(crop, kodim23_decoded[y : y + 7, x : x + 13]) - 1.0
 
 
 @pytest.mark.parametrize("rows", [1, 4, 17])
@@ -111,7 +111,7 @@ def test_strip_as_good_as_the_same_rows_of_the_full_image(lm, kodim23, kodim23_d
     strip = kodim23[y : y + rows]
     assert strip.shape == (rows, 768, 3)
     out = round_trip(lm, strip)
-    assert pipeline.psnr(strip, out) >= pipeline.psnr(strip, kodim23_decoded[y : y + rows]) - 1.0
+    assert imaging.psnr(strip, out) >= imaging.psnr(strip, kodim23_decoded[y : y + rows]) - 1.0
 
 
 @pytest.mark.parametrize("case", ["white16", "colour16", "crop7x13", "crop64"])
@@ -127,7 +127,7 @@ def test_small_tile_search_never_decodes_worse_nor_much_larger(lm, kodim23, monk
     plain = pipeline.encode_image(Image.fromarray(rgb), lm, QUALITY)
 
     def quality(res):
-        return pipeline.psnr(rgb, np.asarray(pipeline.decode_bytes(res.data, None, "cpu").image.convert("RGB")))
+        return imaging.psnr(rgb, np.asarray(pipeline.decode_bytes(res.data, None, "cpu").image.convert("RGB")))
 
     assert quality(searched) >= quality(plain)
     assert len(searched.data) <= len(plain.data) * 1.1 + 1

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import natural_image
-from lalic_codec import memory, pipeline
+from lalic_codec import imaging, loading, memory, pipeline, tiling
 from lalic_codec.cli import main
 from lalic_codec.errors import LimitExceededError
 from lalic_codec.formats import container as fmt
@@ -22,7 +22,7 @@ def padded(tiles, unit=64):
     return [(-(-tw // unit) * unit) * (-(-th // unit) * unit) for _, _, tw, th in tiles]
 
 
-def check_layout(tiles, h, w, overlap=pipeline.DEFAULT_OVERLAP):
+def check_layout(tiles, h, w, overlap=tiling.DEFAULT_OVERLAP):
     """Tiles inside the image, covering it, neighbours overlapping by at least ``overlap``, sizes
     multiples of 64 except where one tile spans an axis, in raster order."""
     cover = np.zeros((h, w), np.int8)
@@ -46,41 +46,41 @@ def check_layout(tiles, h, w, overlap=pipeline.DEFAULT_OVERLAP):
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 400), (200, 330), (1500, 2000), (1632, 2448), (2832, 4240), (4000, 6000), (3000, 40000)])
 @pytest.mark.parametrize("max_pixels", [128 * 128, 300_000, 2**20, 2**22])
 def test_plans_within_a_tile_budget_cover_the_image(h, w, max_pixels):
-    tiles = pipeline.plan_tiles(h, w, max_pixels=max_pixels)
+    tiles = tiling.plan_tiles(h, w, max_pixels=max_pixels)
     check_layout(tiles, h, w)
     assert max(padded(tiles)) <= max_pixels or max(t[2] for t in tiles) <= 192 >= max(t[3] for t in tiles)
 
 
 def test_no_budget_makes_tiles_over_the_formats_limit():
     for max_pixels in (2**22, 2**22 + 1, 2**24, 2**40):
-        tiles = pipeline.plan_tiles(2832, 4240, max_pixels=max_pixels)
+        tiles = tiling.plan_tiles(2832, 4240, max_pixels=max_pixels)
         assert len(tiles) == 4 and max(padded(tiles)) <= 2**22
-    assert pipeline.tile_plan(2832, 4240, fake_model(), max_memory=2**40) == pipeline.plan_tiles(2832, 4240)
+    assert tiling.tile_plan(2832, 4240, fake_model(), max_memory=2**40) == tiling.plan_tiles(2832, 4240)
 
 
 def test_plans_use_the_largest_tiles_that_fit():
     # whole images up to the format's 2048 x 2048 per tile: 3 and 4 megapixels are one tile each
-    assert pipeline.plan_tiles(1500, 2000) == [(0, 0, 2000, 1500)]
-    assert pipeline.plan_tiles(1632, 2448) == [(0, 0, 2448, 1632)]  # 2496 x 1664 padded: not square
+    assert tiling.plan_tiles(1500, 2000) == [(0, 0, 2000, 1500)]
+    assert tiling.plan_tiles(1632, 2448) == [(0, 0, 2448, 1632)]  # 2496 x 1664 padded: not square
     # 24 megapixels: 3 x 2 tiles of at most 2048 x 2048, 2 % more pixels coded (was 25 % with 1024)
-    tiles = pipeline.plan_tiles(4000, 6000)
+    tiles = tiling.plan_tiles(4000, 6000)
     assert len(tiles) == 6 and max(padded(tiles)) <= 2**22
     assert sum(padded(tiles)) / (4000 * 6000) < 1.025
-    old = pipeline.plan_tiles(4000, 6000, 1024)
+    old = tiling.plan_tiles(4000, 6000, 1024)
     assert sum(padded(old)) > sum(padded(tiles))
     # a smaller budget: more, smaller tiles, never more than it allows
-    counts = [len(pipeline.plan_tiles(4000, 6000, max_pixels=m)) for m in (2**22, 2**21, 2**20, 2**18)]
+    counts = [len(tiling.plan_tiles(4000, 6000, max_pixels=m)) for m in (2**22, 2**21, 2**20, 2**18)]
     assert counts == sorted(counts) and counts[0] < counts[-1]
 
 
 def test_explicit_tile_size_bounds_each_side():
     for h, w in [(500, 700), (1024, 1024), (1025, 3000), (4000, 6000)]:
-        tiles = pipeline.plan_tiles(h, w, 1024)
+        tiles = tiling.plan_tiles(h, w, 1024)
         check_layout(tiles, h, w)
         assert max(max(tw, th) for _, _, tw, th in tiles) <= 1024
-    assert len(pipeline.plan_tiles(1500, 2000, 1024)) == 4  # 2 x 2 (the old plan made 3 x 2)
+    assert len(tiling.plan_tiles(1500, 2000, 1024)) == 4  # 2 x 2 (the old plan made 3 x 2)
     with pytest.raises(Exception, match="multiple of 64 and at least 128"):
-        pipeline.plan_tiles(500, 500, 64)
+        tiling.plan_tiles(500, 500, 64)
 
 
 def test_overlaps_take_what_the_sizes_leave_and_padding_nothing():
@@ -88,9 +88,9 @@ def test_overlaps_take_what_the_sizes_leave_and_padding_nothing():
     overlap (blended, better seams), not padding (thrown away)."""
     for n in range(129, 5000, 37):
         for count in range(2, 6):
-            if (n + (count - 1) * 32) // 64 // count * 64 < pipeline.MIN_TILE:
+            if (n + (count - 1) * 32) // 64 // count * 64 < tiling.MIN_TILE:
                 continue
-            axis = pipeline._axis_tiles(n, count, 32)
+            axis = tiling._axis_tiles(n, count, 32)
             assert axis[0][0] == 0 and axis[-1][0] + axis[-1][1] == n
             overlaps = [a + sa - b for (a, sa), (b, _) in zip(axis, axis[1:])]
             assert min(overlaps) >= 32 and max(overlaps) - min(overlaps) <= 1
@@ -105,35 +105,35 @@ def fake_model(device="cpu"):
 def test_tile_choice_follows_the_budget(budget_gib):
     budget = int(budget_gib * GiB)
     h, w = 4000, 6000
-    tiles = pipeline.tile_plan(h, w, fake_model(), max_memory=budget)
+    tiles = tiling.tile_plan(h, w, fake_model(), max_memory=budget)
     check_layout(tiles, h, w)
     need = memory.memory_needed(max(padded(tiles)), h * w, "encode")
     assert need <= budget and max(padded(tiles)) <= fmt.Limits().max_tile_pixels
     if budget_gib >= 4:  # room for the format's largest tiles
         assert max(padded(tiles)) > 2**21
     # and the next larger grid would not fit: the tiles are as large as the budget allows
-    bigger = pipeline.plan_tiles(h, w, max_pixels=int(max(padded(tiles)) * 1.3))
+    bigger = tiling.plan_tiles(h, w, max_pixels=int(max(padded(tiles)) * 1.3))
     if len(bigger) < len(tiles) and max(padded(tiles)) < 2**22:
         assert memory.memory_needed(max(padded(bigger)), h * w, "encode") > budget
 
 
 def test_the_image_counts_in_the_budget():
     """The image-sized buffers count: 0.5 GiB codes a 2-megapixel image in tiles, not 24 megapixels."""
-    tiles = pipeline.tile_plan(1000, 2000, fake_model(), max_memory=GiB // 2)
+    tiles = tiling.tile_plan(1000, 2000, fake_model(), max_memory=GiB // 2)
     assert len(tiles) > 1 and memory.memory_needed(max(padded(tiles)), 2_000_000) <= GiB // 2
     with pytest.raises(LimitExceededError, match="needs at least"):
-        pipeline.tile_plan(4000, 6000, fake_model(), max_memory=GiB // 2)
+        tiling.tile_plan(4000, 6000, fake_model(), max_memory=GiB // 2)
 
 
 def test_explicit_tile_wins_over_the_budget():
-    assert pipeline.tile_plan(4000, 6000, fake_model(), 1024, 8 * GiB) == pipeline.plan_tiles(4000, 6000, 1024)
+    assert tiling.tile_plan(4000, 6000, fake_model(), 1024, 8 * GiB) == tiling.plan_tiles(4000, 6000, 1024)
 
 
 def test_a_budget_too_small_for_the_image_is_refused_only_when_given(monkeypatch):
     with pytest.raises(LimitExceededError, match=r"--max-memory .* too little to encode a 16000x16000 image: it needs at least"):
-        pipeline.tile_plan(16000, 16000, fake_model(), max_memory=memory.MIN_BUDGET)
+        tiling.tile_plan(16000, 16000, fake_model(), max_memory=memory.MIN_BUDGET)
     monkeypatch.setattr(memory, "available_memory", lambda device=None: 100 * MiB)
-    tiles = pipeline.tile_plan(1000, 1500, fake_model())  # the default budget: the smallest tiles
+    tiles = tiling.tile_plan(1000, 1500, fake_model())  # the default budget: the smallest tiles
     check_layout(tiles, 1000, 1500)
     assert max(padded(tiles)) <= 192 * 192
 
@@ -206,17 +206,17 @@ def test_a_tiny_budget_codes_several_tiles_that_decode(tiny_vr_weights, tmp_path
     r = runner.invoke(main, ["decode", str(tmp_path / "a.lic"), str(tmp_path / "b.png"), "--weights", str(tiny_vr_weights), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     out = np.asarray(Image.open(tmp_path / "b.png"))
-    assert out.shape == rgb.shape and pipeline.psnr(rgb, out) > 5
+    assert out.shape == rgb.shape and imaging.psnr(rgb, out) > 5
     # the default budget (half of this machine's memory) codes it in one piece
     r = runner.invoke(main, ["encode", str(src), str(tmp_path / "c.lic"), "--weights", str(tiny_vr_weights), "--device", "cpu"])
     assert r.exit_code == 0 and len(fmt.read((tmp_path / "c.lic").read_bytes()).tiles) == 1
 
 
 def test_decoder_refuses_a_file_over_its_budget_before_loading_the_model(tiny_vr_weights, tmp_path, monkeypatch):
-    lm = pipeline.load_model("x", tiny_vr_weights, "cpu")
+    lm = loading.load_model("x", tiny_vr_weights, "cpu")
     data = pipeline.encode_image(Image.fromarray(natural_image(200, 300, seed=5)), lm, 4.0, tile=192).data
     (tmp_path / "a.lic").write_bytes(data)
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(LimitExceededError, match=r"needs about 4\d\d MiB \(its tiles are up to 192x128 pixels\), more than --max-memory: 410 MiB"):
         pipeline.decode_bytes(data, tiny_vr_weights, "cpu", max_memory=410 * MiB)
     monkeypatch.setattr(memory, "available_memory", lambda device=None: 300 * MiB)  # the default: what is available
@@ -242,12 +242,12 @@ def test_blended_seams_are_no_worse_than_the_same_pixels_coded_in_one_piece():
     path = shared_dir() / "data" / "kodak" / "kodim23.png"
     if not path.is_file():
         pytest.skip("Kodak images not available")
-    lm = pipeline.load_model("default", None, "cpu")
+    lm = loading.load_model("default", None, "cpu")
     im = Image.open(path).convert("RGB")
     rgb = np.asarray(im)
     one = pipeline.encode_image(im, lm, 4.0)
     assert len(fmt.read(one.data).tiles) == 1
-    tiles = pipeline.plan_tiles(512, 768, 448)
+    tiles = tiling.plan_tiles(512, 768, 448)
     assert len(tiles) == 2 * 2
     two = pipeline.encode_image(im, lm, 4.0, plan=tiles)
     dec_one = np.asarray(pipeline.decode_bytes(one.data, None, "cpu").image).astype(float)
@@ -262,4 +262,4 @@ def test_blended_seams_are_no_worse_than_the_same_pixels_coded_in_one_piece():
                 near[max(0, e - 8) : e + 8, :] = True
     mse = lambda d, m: ((d - rgb) ** 2).mean(-1)[m].mean()  # noqa: E731
     assert mse(dec_two, near) <= mse(dec_one, near) * 1.02
-    assert pipeline.psnr(rgb, dec_two.astype(np.uint8)) >= pipeline.psnr(rgb, dec_one.astype(np.uint8)) - 0.05
+    assert imaging.psnr(rgb, dec_two.astype(np.uint8)) >= imaging.psnr(rgb, dec_one.astype(np.uint8)) - 0.05

@@ -88,7 +88,7 @@ def test_lr_schedule():
 
 
 def test_export_and_load_in_pipeline(tmp_path, data_dir):
-    from lalic_codec import pipeline
+    from lalic_codec import loading, pipeline
 
     cfg = cfg_for(tmp_path, data_dir, steps=1, val_count=0)
     ckpt = tr.train(cfg)
@@ -100,7 +100,7 @@ def test_export_and_load_in_pipeline(tmp_path, data_dir):
         assert f.get_tensor("g_a.0.weight").dtype == torch.float16
         assert f.get_tensor("latent_codec.hyper.entropy_bottleneck._quantized_cdf").dtype == torch.int32
     assert meta["train_steps"] == "1" and json.loads(meta["config"])["groups"] == [4, 4, 8, 16]
-    lm = pipeline.load_model("x", out, "cpu")
+    lm = loading.load_model("x", out, "cpu")
     assert lm.variable_rate and lm.model.scale_path is not None
     res = pipeline.encode_image(Image.fromarray(natural_image(64, 64)), lm, 3)
     assert pipeline.decode_bytes(res.data, out, "cpu").image.size == (64, 64)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import TINY
-from lalic_codec import pipeline
+from lalic_codec import loading, pipeline
 from lalic_codec.errors import ModelError
 from lalic_codec.models.checkpoints import fingerprint, load_state_dict_file, save_weights
 from lalic_codec.models.lalic import VariableRateLALIC
@@ -37,7 +37,7 @@ def tiny_model(fp16_exact: bool = False) -> VariableRateLALIC:
 
 
 def reload(path) -> torch.nn.Module:
-    net, _ = pipeline.build_from_state_dict(load_state_dict_file(path))
+    net, _ = loading.build_from_state_dict(load_state_dict_file(path))
     net.update(force=False)
     return net.eval()
 
@@ -99,7 +99,7 @@ def test_alias_free_files_still_load(tmp_path):
 
 def test_bundled_weights_have_the_fingerprint_of_the_committed_kodak_run():
     """The shipped file (written with aliases) loads to the weights the committed bench measured."""
-    bundled = pipeline.MODELS_DIR / pipeline.BUNDLED[pipeline.DEFAULT_MODEL]
+    bundled = loading.MODELS_DIR / loading.BUNDLED[loading.DEFAULT_MODEL]
     with safe_open(str(bundled), "pt") as f:
         assert "aliases" in (f.metadata() or {})
     recorded = json.loads((ROOT / "bench-results" / "kodak" / "default.json").read_text())

@@ -51,10 +51,7 @@ def _run(mode: str, src: str, dst: str, **kw) -> None:
         if o.quality is not None and o.target_bpp is not None:
             raise click.UsageError("give --quality or --target-bpp, not both")
         if mode == "encode":
-            from .. import pipeline
-
-            if o.tile is not None:
-                check_tile(o.tile, pipeline)
+            check_tile(o.tile)
         tune_allocator()
         with signals_interrupt():
             code = run(mode, src, dst, o)

@@ -21,7 +21,7 @@ import secrets
 from pathlib import Path, PurePosixPath
 
 from ..files import (clean_stale_temps, collect_files, entry_name, folder_pairs, make_folder, read_input, refuse_clashes,
-                     takes_image, takes_lic, write_output)
+                     take_image, take_lic, write_output)
 from ..errors import BadInputError
 from ..imaging import IMAGE_SUFFIXES
 
@@ -92,9 +92,7 @@ def _remote_take(decode: bool):
 def plan(src: str, dst: str, decode: bool, recursive: bool, out_suffix: str):
     """(pairs, ignored): [(input, output)] as strings, and [(entry, reason)] left out.  Local
     output folders are created."""
-    from .. import pipeline
-
-    take = takes_lic(pipeline) if decode else takes_image(pipeline)
+    take = take_lic if decode else take_image
     src, dst = canonical(local(src)), canonical(local(dst))
     if not is_url(src) and not is_url(dst) and Path(src).is_dir():
         pairs, ignored = folder_pairs(Path(src), Path(dst), take, out_suffix, recursive)  # as codec encode DIR DIR

@@ -158,7 +158,7 @@ def run(mode: str, src: str, dst: str, o: Options) -> int:
 def _weights_bytes(o: Options):
     """--weights: read here (a local path or a URL) and checked by loading them, to be shipped to
     the workers through the object store; the model is also loaded here to check --quality."""
-    from .. import pipeline
+    from .. import loading
     from ..options import check_quality
 
     data = None
@@ -169,7 +169,7 @@ def _weights_bytes(o: Options):
 
         path = weights_file(data, PurePosixPath(o.weights).suffix)
     if o.weights is not None or o.quality is not None:
-        check_quality(o.quality, pipeline.load_model(o.model or "default", path, "cpu"))
+        check_quality(o.quality, loading.load_model(o.model or "default", path, "cpu"))
     return None if data is None else (data, PurePosixPath(o.weights).suffix)
 
 

@@ -82,7 +82,7 @@ class Coder:
     def __init__(self, job: dict, weights=None):
         import torch
 
-        from .. import pipeline
+        from .. import loading
         from .._runtime import tune_allocator
 
         if job.get("version") not in (None, __version__):
@@ -92,11 +92,10 @@ class Coder:
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
         self.job = job
-        self.pipeline = pipeline
         self.weights = _weights(weights)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        # the model, loaded once: encode uses it; decode finds it in the pipeline's cache
-        self.lm = pipeline.load_model(job.get("model") or "default", self.weights, job.get("device", "auto"))
+        # the model, loaded once: encode uses it; decode finds it in loading's cache
+        self.lm = loading.load_model(job.get("model") or "default", self.weights, job.get("device", "auto"))
         self.max_memory = job.get("max_memory")
         if self.max_memory is None and job.get("mode") == "encode":  # `codec encode`'s default, shared
             from .. import memory  # by the workers one machine can hold
@@ -133,36 +132,39 @@ class Coder:
         return row
 
     def _encode(self, data: bytes, row: dict) -> None:
-        p, job = self.pipeline, self.job
-        limit = p.MAX_PIXELS if job.get("max_pixels") is None else job["max_pixels"]
-        im = p.open_image(data, max_pixels=limit, name=row["source"])
+        from .. import imaging, pipeline
+
+        job = self.job
+        limit = imaging.MAX_PIXELS if job.get("max_pixels") is None else job["max_pixels"]
+        im = imaging.open_image(data, max_pixels=limit, name=row["source"])
         if job.get("target_bpp") is not None:
-            res = p.encode_to_target(im, self.lm, job["target_bpp"], tile=job["tile"], max_memory=self.max_memory)
+            res = pipeline.encode_to_target(im, self.lm, job["target_bpp"], tile=job["tile"], max_memory=self.max_memory)
         else:
-            res = p.encode_image(im, self.lm, job.get("quality"), tile=job["tile"], max_memory=self.max_memory)
+            res = pipeline.encode_image(im, self.lm, job.get("quality"), tile=job["tile"], max_memory=self.max_memory)
         inputs.write_bytes(row["output"], res.data)
         row.update(width=res.width, height=res.height, bytes=len(res.data), bpp=res.bpp,
                    quality=res.quality if self.lm.variable_rate else None)
         if job.get("psnr"):
-            ref = p.open_image(data, max_pixels=limit)
-            dec = p.decode_bytes(res.data, self.weights, job.get("device", "auto"), p.limits(job.get("max_pixels")))
-            row["psnr"] = p.image_psnr(ref, dec.image)
+            ref = imaging.open_image(data, max_pixels=limit)
+            dec = pipeline.decode_bytes(res.data, self.weights, job.get("device", "auto"), pipeline.limits(job.get("max_pixels")))
+            row["psnr"] = imaging.image_psnr(ref, dec.image)
         if res.notes:
             row["message"] = "; ".join(res.notes)
 
     def _decode(self, data: bytes, row: dict) -> None:
+        from .. import imaging, pipeline
         from ..files import output_format
 
-        p, job = self.pipeline, self.job
+        job = self.job
         try:
-            res = p.decode_bytes(data, self.weights, job.get("device", "auto"), p.limits(job.get("max_pixels")))
+            res = pipeline.decode_bytes(data, self.weights, job.get("device", "auto"), pipeline.limits(job.get("max_pixels")))
         except (BadInputError, CorruptFileError) as e:
-            _, kind = p.file_kind(data[:4096])
+            _, kind = imaging.file_kind(data[:4096])
             if type(e) is NotALicFileError and data and kind:  # say what it is, as codec decode does
                 e = NotALicFileError(f"not a .lic file ({kind})")
             raise e from None
         fmt_name = output_format(row["output"], job.get("ext"))
-        inputs.write_bytes(row["output"], lambda f: p.save_image(res.image, f, fmt_name))
+        inputs.write_bytes(row["output"], lambda f: imaging.save_image(res.image, f, fmt_name))
         h = res.header
         row.update(width=h.width, height=h.height, bytes=len(data), bpp=8.0 * len(data) / (h.width * h.height),
                    quality=h.quality or None)

@@ -116,13 +116,13 @@ class ModelCoder(Coder):
     """A model of ours: one point per quality (variable-rate) or per weights file (fixed-rate)."""
 
     def __init__(self, model: str, weights: list[str], qualities, device: str):
-        from .. import pipeline
+        from .. import loading
 
         self.key = self.name = model
         self.device = device
         self.notes: list[str] = []
         if len(weights) > 1:
-            loaded = [pipeline.load_model(model, w, device) for w in weights]
+            loaded = [loading.load_model(model, w, device) for w in weights]
             if any(lm.variable_rate for lm in loaded):
                 raise BadInputError(f"model {model}: give one weights file for a variable-rate model (its points are --quality)")
             self.points = [(w, None) for w in weights]
@@ -130,7 +130,7 @@ class ModelCoder(Coder):
             lm = loaded[0]
         else:
             w = weights[0] if weights else None
-            lm = pipeline.load_model(model, w, device)
+            lm = loading.load_model(model, w, device)
             if lm.variable_rate:
                 L = lm.model.num_levels
                 qs = list(qualities) if qualities else [float(q) for q in range(1, L + 1)]
@@ -146,15 +146,15 @@ class ModelCoder(Coder):
         from .. import __version__
 
         src = ", ".join(str(w) for w in weights) if weights else "bundled weights"
-        fps = ", ".join(pipeline.load_model(model, w, device).fingerprint.hex() for w in dict.fromkeys(w for w, _ in self.points))
+        fps = ", ".join(loading.load_model(model, w, device).fingerprint.hex() for w in dict.fromkeys(w for w, _ in self.points))
         self.lm = lm
         self.description = f"lalic-codec {__version__}, model {lm.model_id} ({src}; fingerprint {fps}), device {lm.device}"
 
     def encode(self, src: Source, point) -> bytes:
-        from .. import pipeline
+        from .. import loading, pipeline
 
         w, q = point
-        lm = pipeline.load_model(self.name, w, self.device)  # cached: a dictionary look-up
+        lm = loading.load_model(self.name, w, self.device)  # cached: a dictionary look-up
         return pipeline.encode_image(src.image, lm, q).data
 
     def decode(self, data: bytes, point) -> np.ndarray:

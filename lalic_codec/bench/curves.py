@@ -51,8 +51,8 @@ def bits_per_pixel(n_bytes: int, width: int, height: int) -> float:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two 8-bit images, the pipeline's own definition (peak 255, mean over all samples)."""
-    from ..pipeline import psnr as _psnr
+    """PSNR (dB) of two 8-bit images, the codec's own definition (peak 255, mean over all samples)."""
+    from ..imaging import psnr as _psnr
 
     return _psnr(a, b)
 

@@ -66,7 +66,7 @@ def peak_rss_mib() -> float | None:
 
 
 def load_sources(folder: Path, limit: int | None) -> list[Source]:
-    from .. import pipeline
+    from .. import imaging
     from ..files import IMAGE_SUFFIXES
 
     if folder.is_file():
@@ -82,10 +82,10 @@ def load_sources(folder: Path, limit: int | None) -> list[Source]:
     out = []
     for f in files:
         try:
-            im = pipeline.open_image(f.read_bytes())
+            im = imaging.open_image(f.read_bytes())
         except BadInputError as e:
             raise BadInputError(f"{f}: {e}") from None
-        out.append(Source(f.name, im, pipeline.prepare_image(im).rgb))
+        out.append(Source(f.name, im, imaging.prepare_image(im).rgb))
     return out
 
 
