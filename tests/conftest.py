@@ -42,6 +42,16 @@ def tiny_lalic_weights(tmp_path_factory) -> Path:
     return path
 
 
+def benchmark_script(name: str) -> types.ModuleType:
+    """``benchmarks/<name>.py`` loaded as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth image with some texture (uint8 RGB), cheap to make at any size."""
     rng = np.random.default_rng(seed)

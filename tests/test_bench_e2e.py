@@ -9,7 +9,6 @@ run on CPU too, and without ``--device`` it must exit cleanly when there is no G
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,15 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import benchmark_script
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e_gpu.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e_gpu", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("bench_e2e_gpu")
 
 
 @pytest.mark.parametrize("name", ["lalic", "mambaic"])

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "import_graph.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def import_graph():
-    spec = importlib.util.spec_from_file_location("import_graph", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("import_graph")
 
 
 def test_the_package_has_no_import_cycle(import_graph):
