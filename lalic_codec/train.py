@@ -644,8 +644,27 @@ def cli():
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
 @exit_codes()
 def run_cmd(resume, max_minutes, **kw):
-    """Train (or resume training) the variable-rate default model."""
+    """Train (or resume training) the variable-rate default model.
+
+    With --resume, the run continues with the settings it was saved with, in the checkpoint's own
+    folder; only the options given on this command line change (e.g. --steps to extend it)."""
     kw["data"] = tuple(kw["data"])
+    if resume:
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        given = {k for k in kw if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+        from .errors import ModelError
+        from .models.checkpoints import read_checkpoint
+
+        state = read_checkpoint(resume, "checkpoint")
+        if not isinstance(state, dict) or "config" not in state:
+            raise ModelError(f"{Path(resume).name} is not a training checkpoint of codec train run (no config entry)")
+        saved = state["config"]
+        del state
+        base = {**asdict(TrainConfig()), **saved, "out": str(Path(resume).parent)}
+        kw = {**base, **{k: kw[k] for k in given}}
+        kw["data"] = tuple(kw["data"])
     cfg = TrainConfig(**kw)
     path = train(cfg, resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     click.echo(f"checkpoint: {path}")

@@ -220,3 +220,34 @@ def test_export_of_a_missing_or_non_checkpoint_file_is_one_line_and_exit_status_
     assert r.returncode == 5, r.stderr
     assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("codec: error: "), r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_cli_resume_continues_with_the_saved_settings_in_the_same_folder(tmp_path, data_dir):
+    """`codec train run --resume C` continues the run with the settings it was saved with, in its
+    own folder (not with the command's defaults: batch 8, lr 1e-4, 100,000 steps, written to
+    runs/default); only the options given change."""
+    from click.testing import CliRunner
+
+    tr.train(cfg_for(tmp_path / "a", data_dir, lr=3e-4))
+    straight = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)
+    tr.train(cfg_for(tmp_path / "b", data_dir, steps=2, lr=3e-4))
+    ckpt = tmp_path / "b" / "run" / "checkpoint.pt"
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["step"] == straight["step"] == 4
+    assert resumed["config"]["batch"] == 2 and resumed["config"]["lr"] == 3e-4
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    log = [json.loads(line) for line in open(tmp_path / "b" / "run" / "log.jsonl")]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4]  # written beside the checkpoint
+    # nothing given: the run is complete at its saved 4 steps, so nothing more is trained
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt)])
+    assert res.exit_code == 0 and torch.load(ckpt, weights_only=True)["step"] == 4, res.output
+    # an option given on the command line changes that setting only
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--steps", "5"])
+    assert res.exit_code == 0, res.output
+    again = torch.load(ckpt, weights_only=True)
+    assert again["step"] == 5 and again["config"]["steps"] == 5 and again["config"]["crop"] == 64
+    bad = CliRunner().invoke(tr.cli, ["run", "--resume", str(tmp_path / "nothing.pt")])
+    assert bad.exit_code == 5 and len(bad.output.strip().splitlines()) == 1, bad.output
