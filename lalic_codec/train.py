@@ -381,10 +381,9 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def model_from_checkpoint(path: str | Path):
-    """(state, config, model) of a training checkpoint: the model built with the run's architecture
-    and holding its weights.  A missing file, or one that is no checkpoint of ``codec train run``, is
-    a :class:`~lalic_codec.errors.ModelError` (one line, exit status 5)."""
+def read_training_state(path: str | Path) -> dict:
+    """What a training checkpoint holds; a missing file, or one that is no checkpoint of
+    ``codec train run`` (no model or config entry), is a :class:`~lalic_codec.errors.ModelError`."""
     from .errors import ModelError
     from .models.checkpoints import read_checkpoint
 
@@ -392,6 +391,14 @@ def model_from_checkpoint(path: str | Path):
     missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ModelError(f"{Path(path).name} is not a training checkpoint of codec train run (no {' or '.join(missing)} entry)")
+    return state
+
+
+def model_from_checkpoint(path: str | Path):
+    """(state, config, model) of a training checkpoint: the model built with the run's architecture
+    and holding its weights.  A missing file, or one that is no checkpoint of ``codec train run``, is
+    a :class:`~lalic_codec.errors.ModelError` (one line, exit status 5)."""
+    state = read_training_state(path)
     cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
     model = build_model(cfg.arch)
     model.load_state_dict(state["model"])
@@ -648,23 +655,14 @@ def run_cmd(resume, max_minutes, **kw):
 
     With --resume, the run continues with the settings it was saved with, in the checkpoint's own
     folder; only the options given on this command line change (e.g. --steps to extend it)."""
-    kw["data"] = tuple(kw["data"])
     if resume:
         from click.core import ParameterSource
 
         ctx = click.get_current_context()
         given = {k for k in kw if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
-        from .errors import ModelError
-        from .models.checkpoints import read_checkpoint
-
-        state = read_checkpoint(resume, "checkpoint")
-        if not isinstance(state, dict) or "config" not in state:
-            raise ModelError(f"{Path(resume).name} is not a training checkpoint of codec train run (no config entry)")
-        saved = state["config"]
-        del state
-        base = {**asdict(TrainConfig()), **saved, "out": str(Path(resume).parent)}
-        kw = {**base, **{k: kw[k] for k in given}}
-        kw["data"] = tuple(kw["data"])
+        saved = read_training_state(resume)["config"]
+        kw = {**asdict(TrainConfig()), **saved, "out": str(Path(resume).parent), **{k: kw[k] for k in given}}
+    kw["data"] = tuple(kw["data"])
     cfg = TrainConfig(**kw)
     path = train(cfg, resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)
     click.echo(f"checkpoint: {path}")
