@@ -16,6 +16,13 @@ from scratch. Two changes are supported:
   functions of log lambda: interpolated between the trained levels, and beyond them extended along
   the channel's least-squares slope over all levels (about 0.5, as high-rate theory has it). The
   integer scale path sees the quality number, whose meaning changes, so training must follow.
+* **A wider latent** (``latent``): M grows by one channel group, coded last. g_a's last convolution
+  gets new output rows (small random weights), g_s's first and h_a's first layers get zero
+  weights for the new channels, so the reconstruction and z are exactly the old ones; only the
+  new group's rate is added. The entropy model keeps its trained width (``side_width``: h_s's
+  output and the channel context stay at the old M); the new group's context, parameter network
+  and integer-path layers start fresh, its gains at the mean of the old channels'. The
+  transforms' ceiling (``benchmarks/bench_transform_ceiling.py``) is what this raises.
 
 Everything else (latent gains, integer scale path, entropy models, CDF tables) is copied.
 """
@@ -77,7 +84,7 @@ def model_kwargs(sd: dict) -> dict:
     cfg = LALIC.config_from_state_dict(sd)
     int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
     return dict(N=cfg.N, M=cfg.M, dims=tuple(cfg.dims), depths=tuple(cfg.depths), groups=tuple(cfg.groups),
-                ctx_hidden_rate=cfg.ctx_hidden_rate, int_scale=int_scale)
+                ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, int_scale=int_scale)
 
 
 def ladder(lo: float, hi: float, levels: int = 8) -> tuple[float, ...]:
@@ -109,13 +116,45 @@ def regain(table: torch.Tensor, old_lambdas, new_lambdas) -> torch.Tensor:
     return torch.stack(rows).to(table.dtype)
 
 
+#: scale of the new latent channels' analysis weights (against a fresh layer's): small, so the new
+#: group starts cheap, but not zero, so that synthesis sees them and learns to use them
+NEW_LATENT_SCALE = 0.1
+
+
+def _new_group_source(key: str, k: int) -> str | None:
+    """For a tensor of the new channel group ``k``: the key it copies (the shared CDF tables of
+    group 0), or None where it starts fresh; the key itself where it is not the new group's."""
+    for pattern in (rf"latent_codec\.y\.(latent_codec|channel_context)\.y{k}\.", rf"scale_path\.(channel_ctx|spatial_ctx|heads)\.{k}\."):
+        if re.match(pattern, key):
+            if ".gaussian_conditional." in key:
+                return key.replace(f".y{k}.", ".y0.", 1)
+            return None
+    return key
+
+
+def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> torch.Tensor:
+    """``old`` inside a tensor of the widened latent's shape ``fresh`` (see the module docstring)."""
+    if key in ("log_gain", "log_inv_gain"):
+        grown = old.mean(1, keepdim=True).expand(-1, fresh.shape[1] - old.shape[1])
+        return torch.cat([old, grown], 1)
+    if key == last_ga + ".weight":
+        out = fresh * NEW_LATENT_SCALE
+    elif key in (last_ga + ".bias", "g_s.0.weight", "latent_codec.hyper.h_a.0.weight"):
+        out = torch.zeros_like(fresh)
+    else:
+        raise ValueError(f"{key}: shape {tuple(old.shape)}, expected {tuple(fresh.shape)}")
+    out[tuple(slice(0, n) for n in old.shape)] = old
+    return out
+
+
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
-            lambdas=None) -> tuple[dict, dict]:
+            lambdas=None, latent: int | None = None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
     hidden width of the channel context's channel mix, in multiples of M, at most the old one;
-    ``lambdas``: the new quality ladder (as many levels as the old one, increasing).
+    ``lambdas``: the new quality ladder (as many levels as the old one, increasing);
+    ``latent``: the new latent width M, larger than the old one (one channel group is added).
     """
     old = model_kwargs(sd)
     new = dict(old)
@@ -128,6 +167,13 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         if not 1 <= ctx_hidden_rate <= old["ctx_hidden_rate"]:
             raise ValueError(f"ctx_hidden_rate {ctx_hidden_rate}: between 1 and the current {old['ctx_hidden_rate']}")
         new["ctx_hidden_rate"] = int(ctx_hidden_rate)
+    if latent is not None:
+        if int(latent) <= old["M"]:
+            raise ValueError(f"latent {latent}: more than the current M = {old['M']} (channels are only added)")
+        dims = list(old["dims"])
+        dims[3] = int(latent)
+        new.update(M=int(latent), dims=tuple(dims), groups=tuple(old["groups"]) + (int(latent) - old["M"],),
+                   side_width=old["side_width"] or old["M"])
     src = dict(sd)
     old_lambdas = tuple(sd["lambdas"].tolist())
     if lambdas is not None:
@@ -146,8 +192,13 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     template = model.state_dict()
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     out, used = {}, set()
+    new_group = len(old["groups"]) if len(new["groups"]) > len(old["groups"]) else None
+    last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."])) - 1)
     for key, fresh in template.items():
         source, is_new_block = _source_key(key, old["depths"], new["depths"])
+        if new_group is not None and source is not None:
+            source = _new_group_source(source, new_group)
+            is_new_block = source is None
         if is_new_block:
             out[key] = torch.zeros_like(fresh) if key.endswith((".gamma1", ".gamma2")) else fresh
             continue
@@ -156,8 +207,11 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         if source not in src:
             raise ValueError(f"the model has no tensor {source!r}")
         if key in params and src[source].shape != fresh.shape:  # buffers (CDF tables) may have any size
-            raise ValueError(f"{source}: shape {tuple(src[source].shape)}, expected {tuple(fresh.shape)}")
-        out[key] = src[source].clone()
+            if new_group is None:
+                raise ValueError(f"{source}: shape {tuple(src[source].shape)}, expected {tuple(fresh.shape)}")
+            out[key] = _widen("latent_codec.hyper." + key if key.startswith(("h_a.", "h_s.")) else key, src[source], fresh, last_ga)
+        else:
+            out[key] = src[source].clone()
         used.add(source)
     left = sorted(set(src) - used)
     if left:

@@ -752,8 +752,9 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.option("--depths", default=None, help="transform depths L1,L2,L3,L4, each at least the current one: new RWKV blocks start as identities")
 @click.option("--ctx-hidden-rate", type=int, default=None, help="hidden width of the channel context's channel mix, in multiples of M: keeps the most important units")
 @click.option("--lambdas", default=None, metavar="LOW,HIGH", help="a new quality ladder, spaced geometrically from LOW (quality 1) to HIGH; the latent gains follow")
+@click.option("--latent", type=int, default=None, metavar="M", help="a wider latent: one channel group of M minus the current M channels is added, the reconstruction unchanged")
 @exit_codes()
-def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas):
+def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
     what it has learnt; continue with `codec train run --init-from OUT`."""
     from .models.checkpoints import load_state_dict_file
@@ -771,14 +772,15 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas):
             if len(ends) != 2:
                 raise ValueError(f"--lambdas {lambdas}: two numbers, LOW,HIGH")
             lam = ladder(*ends, levels=int(sd["lambdas"].numel()))
-        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam)
+        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     dest = Path(out)
     save_checkpoint(dest, {"model": new_sd, "totals": _lineage_totals(source)})
     before = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     after = sum(v.numel() for k, v in new_sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
-    click.echo(f"{model_kwargs(sd)['depths']} x{model_kwargs(sd)['ctx_hidden_rate']} -> {arch['depths']} x{arch['ctx_hidden_rate']}: "
+    was = model_kwargs(sd)
+    click.echo(f"M {was['M']} {was['depths']} x{was['ctx_hidden_rate']} -> M {arch['M']} {arch['depths']} x{arch['ctx_hidden_rate']}: "
                f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M values; "
                f"lambdas {', '.join(f'{v:g}' for v in new_sd['lambdas'].tolist())}; wrote {dest}")
 

@@ -38,15 +38,16 @@ from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter
 from .registry import register
 
 
-def _channel_groups(groups: list[int], M: int, N: int, hidden_rate: int) -> ChannelGroupsLatentCodec:
-    """ELIC's channel groups with RWKV channel context (official module names and creation order)."""
+def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int) -> ChannelGroupsLatentCodec:
+    """ELIC's channel groups with RWKV channel context (official module names and creation order);
+    ``side``: the width of the hyper side information and of the channel context (official: M)."""
     channel_context = nn.ModuleDict(
         {
             f"y{k}": nn.Sequential(
-                nn.Conv2d(sum(groups[:k]), M, 3, padding=1),
-                RwkvBlock(M, hidden_rate=hidden_rate),
-                RwkvBlock(M, hidden_rate=hidden_rate),
-                nn.Conv2d(M, groups[k] * 2, 1),
+                nn.Conv2d(sum(groups[:k]), side, 3, padding=1),
+                RwkvBlock(side, hidden_rate=hidden_rate),
+                RwkvBlock(side, hidden_rate=hidden_rate),
+                nn.Conv2d(side, groups[k] * 2, 1),
             )
             for k in range(1, len(groups))
         }
@@ -54,7 +55,7 @@ def _channel_groups(groups: list[int], M: int, N: int, hidden_rate: int) -> Chan
     latent_codec = nn.ModuleDict(
         {
             f"y{k}": CheckerboardLatentCodec(
-                parameter_aggregation(2 * g + (k > 0) * 2 * g + M, 2 * g, 2 * N),
+                parameter_aggregation(2 * g + (k > 0) * 2 * g + side, 2 * g, 2 * N),
                 CheckerboardMaskedConv2d(g, 2 * g, kernel_size=5, stride=1, padding=2),
                 GaussianConditionalLatentCodec(),
             )
@@ -80,7 +81,8 @@ class LALICConfig:
     dims: tuple = (96, 144, 256, 320, 256, 192)
     depths: tuple = (2, 4, 6, 6)
     groups: tuple | None = None  # default: (16, 16, 32, 64, M - 128)
-    ctx_hidden_rate: int = 8  # hidden width of the channel context's RWKV blocks, in multiples of M (official: 8)
+    ctx_hidden_rate: int = 8  # hidden width of the channel context's RWKV blocks, in multiples of the side width (official: 8)
+    side_width: int | None = None  # width of h_s's output and of the channel context (official and default: M)
 
     def resolved_groups(self) -> list[int]:
         return list(self.groups) if self.groups else [16, 16, 32, 64, self.M - 128]
@@ -89,6 +91,8 @@ class LALICConfig:
         d = {"N": self.N, "M": self.M, "dims": list(self.dims), "depths": list(self.depths), "groups": self.resolved_groups()}
         if self.ctx_hidden_rate != 8:
             d["ctx_hidden_rate"] = self.ctx_hidden_rate
+        if self.side_width not in (None, self.dims[3]):
+            d["side_width"] = self.side_width
         return d
 
 
@@ -101,9 +105,14 @@ class LALIC(CodingModel):
     #: the network itself needs multiples of this (y at 1/16, z at 1/64)
     size_multiple = 64
 
-    def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False, ctx_hidden_rate=8):
+    def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False, ctx_hidden_rate=8,
+                 side_width=None):
+        """``side_width``: the width of the hyper synthesis's output and of the channel context, where
+        it differs from the latent width dims[3] (the official model ties them; a latent widened by
+        ``codec train reshape --latent`` keeps the trained entropy model's width)."""
         super().__init__()
-        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate)
+        side_width = None if side_width in (None, dims[3]) else int(side_width)
+        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate, side_width)
         N1, N2, N3, N4, N5, N6 = dims
         L1, L2, L3, L4 = depths
         groups = self.config.resolved_groups()
@@ -111,6 +120,7 @@ class LALIC(CodingModel):
             raise ValueError(f"channel groups {groups} must add up to the latent width dims[3] = {N4}")
         self.groups = groups
         M = N4  # the official model uses dims[3] as the latent width
+        S = side_width or M
         blocks = lambda n, d: [RwkvBlock(d, checkpointing=checkpointing) for _ in range(n)]  # noqa: E731
 
         self.g_a = nn.Sequential(
@@ -120,8 +130,8 @@ class LALIC(CodingModel):
             deconv(N4, N3, 3), *blocks(L3, N3), deconv(N3, N2, 3), *blocks(L2, N2), deconv(N2, N1, 3), *blocks(L1, N1), deconv(N1, 3, 5)
         )
         h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
-        h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, N4, 5))
-        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, M, N, ctx_hidden_rate), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
+        h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, S, 5))
+        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, S, N, ctx_hidden_rate), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
         # the official model also registers the hyper transforms at the top level (aliased keys)
         self.h_a = h_a
         self.h_s = h_s
@@ -230,9 +240,11 @@ class LALIC(CodingModel):
             raise ValueError(f"not a LALIC state dict (missing or malformed: {e})") from None
         if not groups:
             raise ValueError("not a LALIC state dict (no channel groups)")
+        last = max(indices(r"latent_codec\.hyper\.h_s\.(\d+)\.weight"))
+        side = sd[f"latent_codec.hyper.h_s.{last}.weight"].shape[1]  # a transposed convolution: (in, out, k, k)
         key = "latent_codec.y.channel_context.y1.1.ffn.key.weight"
-        rate = sd[key].shape[0] // dims[3] if key in sd else 8
-        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate)
+        rate = sd[key].shape[0] // side if key in sd else 8
+        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate, None if side == dims[3] else side)
 
     @classmethod
     def matches(cls, sd: dict) -> bool:
@@ -248,7 +260,7 @@ class LALIC(CodingModel):
 
     @classmethod
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "LALIC":
-        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate)
+        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width)
 
 
 #: rate-distortion trade-offs of the variable-rate model's quality ladder 1..8 (loss = R + lambda 255^2 MSE)
@@ -316,7 +328,8 @@ class VariableRateLALIC(LALIC):
     @classmethod
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "VariableRateLALIC":
         int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
-        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale, ctx_hidden_rate=cfg.ctx_hidden_rate)
+        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale,
+                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width)
 
 
 #: the v2 integer scale path: signed residual contexts, two-layer channel context, three-layer head

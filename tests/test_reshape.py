@@ -1,8 +1,10 @@
 """`codec train reshape`: architecture changes that keep what a model has learnt."""
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from conftest import TINY
 from lalic_codec import train as tr
@@ -104,8 +106,38 @@ def test_new_ladder_carries_each_channels_gain_over_in_log_lambda(trained_like):
     assert ladder(0.0005, 0.16)[0] == 0.0005 and ladder(0.0005, 0.16)[-1] == 0.16
 
 
+def test_wider_latent_keeps_the_reconstruction_and_adds_one_group(trained_like):
+    src = trained_like.state_dict()
+    M = TINY["M"]
+    sd, arch = reshape(src, latent=M + 16)
+    assert arch["M"] == M + 16 and arch["dims"][3] == M + 16 and arch["groups"] == TINY["groups"] + (16,) and arch["side_width"] == M
+    # the architecture is read back from the shapes: the entropy model keeps its width
+    assert model_kwargs(sd)["side_width"] == M and model_kwargs(sd)["groups"] == arch["groups"]
+    wide = _load(sd)
+    assert wide.config.to_dict()["side_width"] == M and "side_width" not in trained_like.config.to_dict()
+    x = torch.rand(1, 3, 64, 64)
+    trained_like.eval()
+    wide.eval()
+    for q in (1.0, 3.5):
+        with torch.no_grad():
+            a, b = trained_like(x, quality=torch.tensor([q])), wide(x, quality=torch.tensor([q]))
+        # reconstruction and z exactly the old model's; the old groups code at the old rates
+        assert torch.equal(a["x_hat"], b["x_hat"]) and torch.equal(a["z"], b["z"])
+        assert torch.allclose(b["likelihoods"]["y"][:, :M], a["likelihoods"]["y"], atol=1e-6)
+        assert b["y"][:, M:].abs().sum() > 0  # the new channels carry something, so synthesis can learn them
+    # the new channels start at the old channels' mean gain, and share the CDF tables
+    assert torch.allclose(sd["log_gain"][:, M:], src["log_gain"].mean(1, keepdim=True).expand(-1, 16))
+    gc = "latent_codec.y.latent_codec.y{}.y.gaussian_conditional._quantized_cdf"
+    assert torch.equal(sd[gc.format(len(TINY["groups"]))], src[gc.format(0)])
+    # and the widened model codes: one more group's streams, decoded to what the encoder reconstructed
+    coded = wide.compress(x, quality=2.0)
+    assert len(coded.streams) == len(trained_like.compress(x, quality=2.0).streams) + 2
+    out = wide.decompress(coded.streams, coded.z_shape, quality=2.0)
+    assert torch.equal(out["y_hat"], coded.y_hat)
+
+
 @pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0),
-                                dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1)))])
+                                dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1))), dict(latent=32), dict(latent=16)])
 def test_reshape_refuses_what_would_lose_or_invent_structure(trained_like, kw):
     with pytest.raises(ValueError):
         reshape(trained_like.state_dict(), **kw)
@@ -117,7 +149,7 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     out = tmp_path / "deeper.pt"
     res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(out), "--depths", "1,1,1,1", "--ctx-hidden-rate", "2"])
     assert res.exit_code == 0, res.output
-    assert "(0, 1, 1, 1) x4 -> (1, 1, 1, 1) x2" in res.output
+    assert "M 32 (0, 1, 1, 1) x4 -> M 32 (1, 1, 1, 1) x2" in res.output
     bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--depths", "0,0,0,0"])
     assert bad.exit_code == 1 and "at least the current" in bad.output and not (tmp_path / "x.pt").exists()
     for lam in ("0.01", "0.1,0.01", "a,b"):
@@ -132,3 +164,30 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     assert state["config"]["arch"]["depths"] == (1, 1, 1, 1) and state["config"]["arch"]["ctx_hidden_rate"] == 2
     _, _, model = tr.model_from_checkpoint(ckpt)
     assert model.config.depths == (1, 1, 1, 1) and model.config.ctx_hidden_rate == 2
+    # a wider latent trains and exports too; the weights file loads with its side width
+    res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "m48.pt"), "--latent", "48"])
+    assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4 -> M 48 (0, 1, 1, 1) x4" in res.output, res.output
+    ckpt = tr.train(cfg_for(tmp_path / "r48", data_dir, steps=1, val_count=0, arch={}, init_from=str(tmp_path / "m48.pt")))
+    assert torch.load(ckpt, weights_only=True)["config"]["arch"]["side_width"] == 32
+    exported = tr.export(ckpt, tmp_path / "m48.safetensors")
+    from lalic_codec.models.checkpoints import load_state_dict_file
+
+    again = VariableRateLALIC.from_state_dict(load_state_dict_file(exported))
+    assert again.config.dims[3] == 48 and again.config.side_width == 32 and again.groups == [4, 4, 8, 16, 16]
+
+
+def test_block_klt_reference_of_the_ceiling_benchmark(tmp_path):
+    """bench_transform_ceiling --klt: the linear reference keeps more with more coefficients, and all of them is exact."""
+    from conftest import benchmark_script
+
+    bench = benchmark_script("bench_transform_ceiling")
+    rng = np.random.default_rng(1)
+    smooth = np.cumsum(np.cumsum(rng.normal(size=(48, 64, 3)), 0), 1)
+    img = (255 * (smooth - smooth.min()) / np.ptp(smooth)).astype(np.uint8)
+    assert bench.blocks(img).shape == (3 * 4, 768)
+    for i in range(3):
+        Image.fromarray(np.roll(img, 7 * i, axis=1)).save(tmp_path / f"{i}.png")
+    mean, vectors = bench.block_klt(tmp_path)
+    assert vectors.shape == (768, 768)
+    few, more, every = (bench.klt_psnr(img, mean, vectors, k) for k in (4, 24, 768))
+    assert few < more and every > 90
