@@ -17,7 +17,7 @@ from scratch. Two changes are supported:
   the channel's least-squares slope over all levels (about 0.5, as high-rate theory has it). The
   integer scale path sees the quality number, whose meaning changes, so training must follow.
 * **A wider latent** (``latent``): M grows by one channel group, coded last. g_a's last convolution
-  gets new output rows (small random weights), g_s's first and h_a's first layers get zero
+  gets new output rows (random, at half the trained rows' size), g_s's first and h_a's first layers get zero
   weights for the new channels, so the reconstruction and z are exactly the old ones; only the
   new group's rate is added. The entropy model keeps its trained width (``side_width``: h_s's
   output and the channel context stay at the old M); the new group's context, parameter network
@@ -116,9 +116,11 @@ def regain(table: torch.Tensor, old_lambdas, new_lambdas) -> torch.Tensor:
     return torch.stack(rows).to(table.dtype)
 
 
-#: scale of the new latent channels' analysis weights (against a fresh layer's): small, so the new
-#: group starts cheap, but not zero, so that synthesis sees them and learns to use them
-NEW_LATENT_SCALE = 0.1
+#: root-mean-square of the new latent channels' analysis weights, relative to the trained ones'.
+#: Not zero, so that synthesis sees the new channels and learns to use them: its gradient is
+#: proportional to them. 0.1 of a fresh layer's (about 0.005 of the trained rows') left them
+#: unused after 25 minutes of training; half the trained rows' makes them real signals from the start.
+NEW_LATENT_SCALE = 0.5
 
 
 def _new_group_source(key: str, k: int) -> str | None:
@@ -138,7 +140,7 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> to
         grown = old.mean(1, keepdim=True).expand(-1, fresh.shape[1] - old.shape[1])
         return torch.cat([old, grown], 1)
     if key == last_ga + ".weight":
-        out = fresh * NEW_LATENT_SCALE
+        out = fresh * (NEW_LATENT_SCALE * old.square().mean().sqrt() / fresh.square().mean().sqrt())
     elif key in (last_ga + ".bias", "g_s.0.weight", "latent_codec.hyper.h_a.0.weight"):
         out = torch.zeros_like(fresh)
     else:
