@@ -11,6 +11,9 @@ from scratch. Two changes are supported:
   context's RWKV blocks keep the hidden units that matter most. A unit j contributes
   ``value[:, j] * relu(key_j . x)^2`` on layer-normed inputs, so its weight is taken as
   ``|key_j|^2 |value[:, j]|``. This is not function preserving; a short fine-tune recovers it.
+* **Leaner parameter networks** (``param_hidden_rate``): the same pruning for the hidden layers of
+  the parameter networks' blocks, which compute ``sigmoid(r) * value(relu(key(LN x))^2)`` too
+  (official: 2 x their output width). Together with a wider latent it keeps the weights file small.
 * **Another quality ladder** (``lambdas``): the eight rate-distortion trade-offs change (say to
   span more bit rates), and each channel's latent gain and inverse gain are carried over as
   functions of log lambda: interpolated between the trained levels, and beyond them extended along
@@ -84,7 +87,8 @@ def model_kwargs(sd: dict) -> dict:
     cfg = LALIC.config_from_state_dict(sd)
     int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
     return dict(N=cfg.N, M=cfg.M, dims=tuple(cfg.dims), depths=tuple(cfg.depths), groups=tuple(cfg.groups),
-                ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, int_scale=int_scale)
+                ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate,
+                int_scale=int_scale)
 
 
 def ladder(lo: float, hi: float, levels: int = 8) -> tuple[float, ...]:
@@ -150,13 +154,15 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> to
 
 
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
-            lambdas=None, latent: int | None = None) -> tuple[dict, dict]:
+            lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
     hidden width of the channel context's channel mix, in multiples of M, at most the old one;
     ``lambdas``: the new quality ladder (as many levels as the old one, increasing);
-    ``latent``: the new latent width M, larger than the old one (one channel group is added).
+    ``latent``: the new latent width M, larger than the old one (one channel group is added);
+    ``param_hidden_rate``: the parameter networks' new hidden width, in multiples of their output,
+    at most the old one.
     """
     old = model_kwargs(sd)
     new = dict(old)
@@ -169,6 +175,10 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         if not 1 <= ctx_hidden_rate <= old["ctx_hidden_rate"]:
             raise ValueError(f"ctx_hidden_rate {ctx_hidden_rate}: between 1 and the current {old['ctx_hidden_rate']}")
         new["ctx_hidden_rate"] = int(ctx_hidden_rate)
+    if param_hidden_rate is not None:
+        if not 1 <= param_hidden_rate <= old["param_hidden_rate"]:
+            raise ValueError(f"param_hidden_rate {param_hidden_rate}: between 1 and the current {old['param_hidden_rate']}")
+        new["param_hidden_rate"] = int(param_hidden_rate)
     if latent is not None:
         if int(latent) <= old["M"]:
             raise ValueError(f"latent {latent}: more than the current M = {old['M']} (channels are only added)")
@@ -188,7 +198,12 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     if new["ctx_hidden_rate"] != old["ctx_hidden_rate"]:
         rx = re.compile(r"(latent_codec\.y\.channel_context\.y\d+\.\d+\.ffn\.)key\.weight")
         for k in [k for k in src if rx.fullmatch(k)]:
-            _prune_channel_mix(src, rx.fullmatch(k)[1], new["ctx_hidden_rate"] * new["M"])
+            _prune_channel_mix(src, rx.fullmatch(k)[1], new["ctx_hidden_rate"] * (old["side_width"] or old["M"]))
+    if new["param_hidden_rate"] != old["param_hidden_rate"]:
+        rx = re.compile(r"(latent_codec\.y\.latent_codec\.y\d+\.entropy_parameters\.\d+\.)key\.weight")
+        for k in [k for k in src if rx.fullmatch(k)]:
+            prefix = rx.fullmatch(k)[1]
+            _prune_channel_mix(src, prefix, new["param_hidden_rate"] * src[prefix + "mix.weight"].shape[0])
     torch.manual_seed(seed)
     model = VariableRateLALIC(**new, lambdas=tuple(src["lambdas"].tolist()))
     template = model.state_dict()

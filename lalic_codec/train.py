@@ -753,8 +753,9 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.option("--ctx-hidden-rate", type=int, default=None, help="hidden width of the channel context's channel mix, in multiples of M: keeps the most important units")
 @click.option("--lambdas", default=None, metavar="LOW,HIGH", help="a new quality ladder, spaced geometrically from LOW (quality 1) to HIGH; the latent gains follow")
 @click.option("--latent", type=int, default=None, metavar="M", help="a wider latent: one channel group of M minus the current M channels is added, the reconstruction unchanged")
+@click.option("--param-hidden-rate", type=int, default=None, help="hidden width of the parameter networks' blocks, in multiples of their output: keeps the most important units")
 @exit_codes()
-def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent):
+def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
     what it has learnt; continue with `codec train run --init-from OUT`."""
     from .models.checkpoints import load_state_dict_file
@@ -772,7 +773,7 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent):
             if len(ends) != 2:
                 raise ValueError(f"--lambdas {lambdas}: two numbers, LOW,HIGH")
             lam = ladder(*ends, levels=int(sd["lambdas"].numel()))
-        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent)
+        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     dest = Path(out)
@@ -780,7 +781,8 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent):
     before = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     after = sum(v.numel() for k, v in new_sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     was = model_kwargs(sd)
-    click.echo(f"M {was['M']} {was['depths']} x{was['ctx_hidden_rate']} -> M {arch['M']} {arch['depths']} x{arch['ctx_hidden_rate']}: "
+    click.echo(f"M {was['M']} {was['depths']} x{was['ctx_hidden_rate']}/{was['param_hidden_rate']} -> "
+               f"M {arch['M']} {arch['depths']} x{arch['ctx_hidden_rate']}/{arch['param_hidden_rate']}: "
                f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M values; "
                f"lambdas {', '.join(f'{v:g}' for v in new_sd['lambdas'].tolist())}; wrote {dest}")
 

@@ -38,7 +38,7 @@ from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter
 from .registry import register
 
 
-def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int) -> ChannelGroupsLatentCodec:
+def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int, param_hidden_rate: int = 2) -> ChannelGroupsLatentCodec:
     """ELIC's channel groups with RWKV channel context (official module names and creation order);
     ``side``: the width of the hyper side information and of the channel context (official: M)."""
     channel_context = nn.ModuleDict(
@@ -55,7 +55,7 @@ def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int) -> C
     latent_codec = nn.ModuleDict(
         {
             f"y{k}": CheckerboardLatentCodec(
-                parameter_aggregation(2 * g + (k > 0) * 2 * g + side, 2 * g, 2 * N),
+                parameter_aggregation(2 * g + (k > 0) * 2 * g + side, 2 * g, 2 * N, hidden_rate=param_hidden_rate),
                 CheckerboardMaskedConv2d(g, 2 * g, kernel_size=5, stride=1, padding=2),
                 GaussianConditionalLatentCodec(),
             )
@@ -83,6 +83,7 @@ class LALICConfig:
     groups: tuple | None = None  # default: (16, 16, 32, 64, M - 128)
     ctx_hidden_rate: int = 8  # hidden width of the channel context's RWKV blocks, in multiples of the side width (official: 8)
     side_width: int | None = None  # width of h_s's output and of the channel context (official and default: M)
+    param_hidden_rate: int = 2  # hidden width of the parameter networks' blocks, in multiples of their output (official: 2)
 
     def resolved_groups(self) -> list[int]:
         return list(self.groups) if self.groups else [16, 16, 32, 64, self.M - 128]
@@ -93,6 +94,8 @@ class LALICConfig:
             d["ctx_hidden_rate"] = self.ctx_hidden_rate
         if self.side_width not in (None, self.dims[3]):
             d["side_width"] = self.side_width
+        if self.param_hidden_rate != 2:
+            d["param_hidden_rate"] = self.param_hidden_rate
         return d
 
 
@@ -106,13 +109,15 @@ class LALIC(CodingModel):
     size_multiple = 64
 
     def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False, ctx_hidden_rate=8,
-                 side_width=None):
+                 side_width=None, param_hidden_rate=2):
         """``side_width``: the width of the hyper synthesis's output and of the channel context, where
         it differs from the latent width dims[3] (the official model ties them; a latent widened by
-        ``codec train reshape --latent`` keeps the trained entropy model's width)."""
+        ``codec train reshape --latent`` keeps the trained entropy model's width); ``param_hidden_rate``:
+        the parameter networks' hidden width in multiples of their output (official: 2)."""
         super().__init__()
         side_width = None if side_width in (None, dims[3]) else int(side_width)
-        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate, side_width)
+        self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate, side_width,
+                                  int(param_hidden_rate))
         N1, N2, N3, N4, N5, N6 = dims
         L1, L2, L3, L4 = depths
         groups = self.config.resolved_groups()
@@ -131,7 +136,7 @@ class LALIC(CodingModel):
         )
         h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
         h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, S, 5))
-        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, S, N, ctx_hidden_rate), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
+        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, S, N, ctx_hidden_rate, int(param_hidden_rate)), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
         # the official model also registers the hyper transforms at the top level (aliased keys)
         self.h_a = h_a
         self.h_s = h_s
@@ -244,7 +249,9 @@ class LALIC(CodingModel):
         side = sd[f"latent_codec.hyper.h_s.{last}.weight"].shape[1]  # a transposed convolution: (in, out, k, k)
         key = "latent_codec.y.channel_context.y1.1.ffn.key.weight"
         rate = sd[key].shape[0] // side if key in sd else 8
-        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate, None if side == dims[3] else side)
+        ep = "latent_codec.y.latent_codec.y0.entropy_parameters.0."
+        param_rate = sd[ep + "key.weight"].shape[0] // sd[ep + "mix.weight"].shape[0] if ep + "key.weight" in sd else 2
+        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate, None if side == dims[3] else side, param_rate)
 
     @classmethod
     def matches(cls, sd: dict) -> bool:
@@ -260,7 +267,8 @@ class LALIC(CodingModel):
 
     @classmethod
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "LALIC":
-        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width)
+        return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width,
+                   param_hidden_rate=cfg.param_hidden_rate)
 
 
 #: rate-distortion trade-offs of the variable-rate model's quality ladder 1..8 (loss = R + lambda 255^2 MSE)
@@ -329,7 +337,7 @@ class VariableRateLALIC(LALIC):
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "VariableRateLALIC":
         int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
         return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale,
-                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width)
+                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate)
 
 
 #: the v2 integer scale path: signed residual contexts, two-layer channel context, three-layer head

@@ -158,13 +158,14 @@ def channel_ramp(in_ch: int, out_ch: int, min_ch: int, num_layers: int = 3) -> l
     return [chs[0]] + [max(c, min_ch) for c in chs[1:-1]] + [chs[-1]]
 
 
-def parameter_aggregation(in_ch: int, out_ch: int, min_ch: int, num_layers: int = 3) -> nn.Sequential:
+def parameter_aggregation(in_ch: int, out_ch: int, min_ch: int, num_layers: int = 3, hidden_rate: int = 2) -> nn.Sequential:
+    """ELIC's parameter network; ``hidden_rate``: the blocks' hidden width in multiples of their output width (official: 2)."""
     chs = channel_ramp(in_ch, out_ch, min_ch, num_layers)
     layers: list[nn.Module] = []
     for i in range(num_layers):
         if i:
             layers.append(nn.Identity())
-        layers.append(EntropyParametersBlock(chs[i], chs[i + 1]))
+        layers.append(EntropyParametersBlock(chs[i], chs[i + 1], hidden_rate))
     return nn.Sequential(*layers)
 
 

@@ -76,6 +76,24 @@ def test_leaner_channel_context_keeps_the_strongest_units(trained_like):
     assert torch.equal(sd["g_s.0.weight"], src["g_s.0.weight"])  # the rest is untouched
 
 
+def test_leaner_parameter_networks_keep_the_strongest_units(trained_like):
+    src = trained_like.state_dict()
+    sd, arch = reshape(src, param_hidden_rate=1)
+    assert arch["param_hidden_rate"] == 1 and model_kwargs(sd)["param_hidden_rate"] == 1
+    for k in range(len(TINY["groups"])):
+        for i in (0, 2, 4):
+            p = f"latent_codec.y.latent_codec.y{k}.entropy_parameters.{i}."
+            out = src[p + "mix.weight"].shape[0]
+            key, value = src[p + "key.weight"], src[p + "value.weight"]
+            assert key.shape[0] == 2 * out and sd[p + "key.weight"].shape == (out, key.shape[1])
+            keep = (key.square().sum(1) * value.norm(dim=0)).topk(out).indices.sort().values
+            assert torch.equal(sd[p + "key.weight"], key[keep]) and torch.equal(sd[p + "value.weight"], value[:, keep])
+    smaller = _load(sd)
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in trained_like.parameters())
+    x_hat, lik = _run(smaller, torch.rand(1, 3, 64, 64), 2.0)
+    assert torch.isfinite(x_hat).all() and (lik > 0).all()
+
+
 def test_new_ladder_carries_each_channels_gain_over_in_log_lambda(trained_like):
     src = trained_like.state_dict()
     old = src["lambdas"].tolist()
@@ -137,7 +155,8 @@ def test_wider_latent_keeps_the_reconstruction_and_adds_one_group(trained_like):
 
 
 @pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0),
-                                dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1))), dict(latent=32), dict(latent=16)])
+                                dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1))), dict(latent=32), dict(latent=16),
+                                dict(param_hidden_rate=3), dict(param_hidden_rate=0)])
 def test_reshape_refuses_what_would_lose_or_invent_structure(trained_like, kw):
     with pytest.raises(ValueError):
         reshape(trained_like.state_dict(), **kw)
@@ -149,7 +168,7 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     out = tmp_path / "deeper.pt"
     res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(out), "--depths", "1,1,1,1", "--ctx-hidden-rate", "2"])
     assert res.exit_code == 0, res.output
-    assert "M 32 (0, 1, 1, 1) x4 -> M 32 (1, 1, 1, 1) x2" in res.output
+    assert "M 32 (0, 1, 1, 1) x4/2 -> M 32 (1, 1, 1, 1) x2/2" in res.output
     bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--depths", "0,0,0,0"])
     assert bad.exit_code == 1 and "at least the current" in bad.output and not (tmp_path / "x.pt").exists()
     for lam in ("0.01", "0.1,0.01", "a,b"):
@@ -165,15 +184,17 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     _, _, model = tr.model_from_checkpoint(ckpt)
     assert model.config.depths == (1, 1, 1, 1) and model.config.ctx_hidden_rate == 2
     # a wider latent trains and exports too; the weights file loads with its side width
-    res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "m48.pt"), "--latent", "48"])
-    assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4 -> M 48 (0, 1, 1, 1) x4" in res.output, res.output
+    res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "m48.pt"), "--latent", "48", "--param-hidden-rate", "1"])
+    assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4/2 -> M 48 (0, 1, 1, 1) x4/1" in res.output, res.output
     ckpt = tr.train(cfg_for(tmp_path / "r48", data_dir, steps=1, val_count=0, arch={}, init_from=str(tmp_path / "m48.pt")))
-    assert torch.load(ckpt, weights_only=True)["config"]["arch"]["side_width"] == 32
+    arch = torch.load(ckpt, weights_only=True)["config"]["arch"]
+    assert arch["side_width"] == 32 and arch["param_hidden_rate"] == 1
     exported = tr.export(ckpt, tmp_path / "m48.safetensors")
     from lalic_codec.models.checkpoints import load_state_dict_file
 
     again = VariableRateLALIC.from_state_dict(load_state_dict_file(exported))
     assert again.config.dims[3] == 48 and again.config.side_width == 32 and again.groups == [4, 4, 8, 16, 16]
+    assert again.config.param_hidden_rate == 1 and again.config.to_dict()["param_hidden_rate"] == 1
 
 
 def test_block_klt_reference_of_the_ceiling_benchmark(tmp_path):
