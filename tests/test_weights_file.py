@@ -123,3 +123,67 @@ def test_broken_aliases_are_refused(tmp_path, aliases, message):
     with pytest.raises(ValueError, match=message) as e:
         load_state_dict_file(path)
     assert isinstance(e.value, ModelError) and "bad.safetensors" in str(e.value)  # the CLI's exit 5, one line
+
+
+def test_cdf_tables_are_written_packed(tmp_path):
+    """Each quantised CDF table is stored as its rows cut to their lengths (the zero padding
+    dropped): the file shrinks and loading gives the padded tables back bit for bit."""
+    m = tiny_model()
+    path = save_weights(m, tmp_path / "w.safetensors", fp16=False)
+    state = m.state_dict()
+    with safe_open(str(path), "pt") as f:
+        meta, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    packed = json.loads(meta["packed_cdfs"])
+    tables = {k for k in state if k.endswith("_quantized_cdf") and not module_alias(k)}
+    assert set(packed) == tables and meta["format"] == "lalic-codec weights v2"
+    saved = 0
+    for k in tables & set(stored):
+        lengths = state[k.replace("_quantized_cdf", "_cdf_length")]
+        assert stored[k].dim() == 1 and stored[k].numel() == int(lengths.sum()) and packed[k] == state[k].shape[1]
+        assert torch.equal(stored[k], torch.cat([row[:n] for row, n in zip(state[k], lengths.tolist())]))
+        saved += state[k].numel() - stored[k].numel()
+    assert saved > 0
+    sd = load_state_dict_file(path)
+    for k in tables:
+        assert sd[k].dtype == torch.int32 and torch.equal(sd[k], state[k]), k
+    assert fingerprint(reload(path)) == fingerprint(m)
+
+
+def test_a_table_with_nonzero_padding_is_kept_whole(tmp_path):
+    m = tiny_model()
+    gc = m.group(0).gaussian_conditional
+    row = int(gc._cdf_length.argmin())
+    assert int(gc._cdf_length[row]) < gc._quantized_cdf.shape[1]
+    gc._quantized_cdf[row, -1] = 7  # beyond the row's length: packing would lose it
+    path = save_weights(m, tmp_path / "w.safetensors", fp16=False)
+    key = next(k for k, v in m.state_dict().items() if v.data_ptr() == gc._quantized_cdf.data_ptr())
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor(key).dim() == 2 and key not in json.loads(f.metadata()["packed_cdfs"])
+    assert torch.equal(load_state_dict_file(path)[key], gc._quantized_cdf)
+
+
+@pytest.mark.parametrize(
+    "packed, flat, message",
+    [
+        ({"a._quantized_cdf": 4}, [1, 2, 3], "does not match its lengths"),  # 3 values, lengths sum to 5
+        ({"a._quantized_cdf": 2}, [1, 2, 3, 4, 5], "does not match its lengths"),  # a row longer than the width
+        ({"b._quantized_cdf": 4}, [1, 2, 3, 4, 5], "or its lengths are missing"),
+        ({"a._quantized_cdf": "4"}, [1, 2, 3, 4, 5], "not a JSON map"),
+        ({"a.scale_table": 4}, [1, 2, 3, 4, 5], "not a JSON map"),
+        ("[1]", [1, 2, 3, 4, 5], "not a JSON map"),
+    ],
+)
+def test_broken_packed_tables_are_refused(tmp_path, packed, flat, message):
+    path = tmp_path / "bad.safetensors"
+    tensors = {"a._quantized_cdf": torch.tensor(flat, dtype=torch.int32), "a._cdf_length": torch.tensor([2, 3], dtype=torch.int32)}
+    save_file(tensors, str(path), metadata={"packed_cdfs": packed if isinstance(packed, str) else json.dumps(packed)})
+    with pytest.raises(ValueError, match=message) as e:
+        load_state_dict_file(path)
+    assert isinstance(e.value, ModelError) and "bad.safetensors" in str(e.value)
+
+
+def test_packed_tables_unpack_to_zero_padded_rows(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    tensors = {"a._quantized_cdf": torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32), "a._cdf_length": torch.tensor([2, 3], dtype=torch.int32)}
+    save_file(tensors, str(path), metadata={"packed_cdfs": json.dumps({"a._quantized_cdf": 4})})
+    assert load_state_dict_file(path)["a._quantized_cdf"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 0]]
