@@ -90,8 +90,8 @@ def main(argv=None) -> None:
     print(f"{len(files)} images from {args.images}; model {lm.model_id}; PSNR of g_s(g_a(x)) in dB")
     print(f"{'image':>12} {'quality':>7} {'unquantised':>11} {'rounded':>8} {'gap':>6}")
     sums: dict[float, list[float]] = {q: [0.0, 0.0] for q in args.quality}
-    for f in files:
-        rgb = np.asarray(Image.open(f).convert("RGB"))
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]  # read once (the KLT reuses them)
+    for f, rgb in zip(files, images):
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
         with torch.inference_mode():
             for q in args.quality:
@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     if args.klt:
         mean, vectors = block_klt(Path(args.klt_data))
         for keep in args.klt_widths or [m.config.dims[3]]:
-            values = [klt_psnr(np.asarray(Image.open(f).convert("RGB")), mean, vectors, keep) for f in files]
+            values = [klt_psnr(rgb, mean, vectors, keep) for rgb in images]
             print(f"16x16 block KLT keeping {keep} of {BLOCK * BLOCK * 3} coefficients: {sum(values) / len(values):.2f} dB")
 
 

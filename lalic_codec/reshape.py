@@ -80,6 +80,15 @@ def _prune_channel_mix(sd: dict, prefix: str, hidden: int) -> None:
     sd[prefix + "value.weight"] = value[:, keep].clone()
 
 
+def _prune_all(sd: dict, pattern: str, hidden_of) -> None:
+    """Prune every channel mix whose prefix matches ``pattern`` (ending before ``key.weight``) to
+    ``hidden_of(prefix)`` units (in place)."""
+    rx = re.compile(f"({pattern})key\\.weight")
+    for k in [k for k in sd if rx.fullmatch(k)]:
+        prefix = rx.fullmatch(k)[1]
+        _prune_channel_mix(sd, prefix, hidden_of(prefix))
+
+
 def model_kwargs(sd: dict) -> dict:
     """Constructor arguments of :class:`VariableRateLALIC` for the architecture ``sd`` holds."""
     from .models.int_scale import IntegerScalePath
@@ -166,6 +175,7 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     """
     old = model_kwargs(sd)
     new = dict(old)
+    side = old["side_width"] or old["M"]  # the entropy model's width (h_s output, channel context)
     if depths is not None:
         depths = tuple(int(d) for d in depths)
         if len(depths) != 4 or any(n < o for n, o in zip(depths, old["depths"])):
@@ -185,7 +195,7 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         dims = list(old["dims"])
         dims[3] = int(latent)
         new.update(M=int(latent), dims=tuple(dims), groups=tuple(old["groups"]) + (int(latent) - old["M"],),
-                   side_width=old["side_width"] or old["M"])
+                   side_width=side)
     src = dict(sd)
     old_lambdas = tuple(sd["lambdas"].tolist())
     if lambdas is not None:
@@ -196,14 +206,10 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         for k in ("log_gain", "log_inv_gain"):
             src[k] = regain(sd[k], old_lambdas, lambdas)
     if new["ctx_hidden_rate"] != old["ctx_hidden_rate"]:
-        rx = re.compile(r"(latent_codec\.y\.channel_context\.y\d+\.\d+\.ffn\.)key\.weight")
-        for k in [k for k in src if rx.fullmatch(k)]:
-            _prune_channel_mix(src, rx.fullmatch(k)[1], new["ctx_hidden_rate"] * (old["side_width"] or old["M"]))
+        _prune_all(src, r"latent_codec\.y\.channel_context\.y\d+\.\d+\.ffn\.", lambda prefix: new["ctx_hidden_rate"] * side)
     if new["param_hidden_rate"] != old["param_hidden_rate"]:
-        rx = re.compile(r"(latent_codec\.y\.latent_codec\.y\d+\.entropy_parameters\.\d+\.)key\.weight")
-        for k in [k for k in src if rx.fullmatch(k)]:
-            prefix = rx.fullmatch(k)[1]
-            _prune_channel_mix(src, prefix, new["param_hidden_rate"] * src[prefix + "mix.weight"].shape[0])
+        _prune_all(src, r"latent_codec\.y\.latent_codec\.y\d+\.entropy_parameters\.\d+\.",
+                   lambda prefix: new["param_hidden_rate"] * src[prefix + "mix.weight"].shape[0])
     torch.manual_seed(seed)
     model = VariableRateLALIC(**new, lambdas=tuple(src["lambdas"].tolist()))
     template = model.state_dict()
