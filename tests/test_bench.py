@@ -18,7 +18,7 @@ from lalic_codec._paths import shared_dir
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import natural_image
+from conftest import benchmark_script, natural_image
 from lalic_codec import bench
 from lalic_codec.cli import main
 
@@ -101,6 +101,56 @@ def test_bd_rate_against_itself_and_shifted():
     assert bench.bd_rate(RATES[::-1], PSNRS[::-1], [1.1 * x for x in RATES], PSNRS).value == pytest.approx(10.0, abs=1e-6)
     r = bench.bd_rate(RATES, PSNRS, [1.1 * x for x in RATES[1:]], PSNRS[1:])  # fewer points: another interpolant
     assert r.value == pytest.approx(10.0, abs=0.1) and r.common_range == (PSNRS[1], PSNRS[-1])
+
+
+def test_bd_rate_within_a_range():
+    """``within`` averages over part of the common range: a curve 10 % cheaper below the middle
+    and 10 % dearer above it is about even over all, cheaper below and dearer above."""
+    pytest.importorskip("bjontegaard")
+    lower = [0.9 * x for x in RATES]
+    r = bench.bd_rate(RATES, PSNRS, lower, PSNRS, within=(29.0, 33.0))
+    assert r.value == pytest.approx(-10.0, abs=1e-6) and r.common_range == (29.0, 33.0)
+    r = bench.bd_rate(RATES, PSNRS, lower, PSNRS, within=(20.0, 29.0))  # clipped to the curves
+    assert r.value == pytest.approx(-10.0, abs=1e-6) and r.common_range == (PSNRS[0], 29.0)
+    r = bench.bd_rate(RATES, PSNRS, lower, PSNRS, within=(40.0, 45.0))
+    assert r.value is None and "no part in 40.00-45.00 dB" in r.note
+    mixed = [x * (0.9 if p < 31.5 else 1.1) for x, p in zip(RATES, PSNRS)]
+    below = bench.bd_rate(RATES, PSNRS, mixed, PSNRS, within=(PSNRS[0], 30.6)).value
+    above = bench.bd_rate(RATES, PSNRS, mixed, PSNRS, within=(32.4, PSNRS[-1])).value
+    assert below == pytest.approx(-10.0, abs=0.5) and above == pytest.approx(10.0, abs=0.5)  # pchip slopes mix a little
+    assert below < bench.bd_rate(RATES, PSNRS, mixed, PSNRS).value < above
+
+
+def _bench_run(folder: Path, curves: dict) -> Path:
+    folder.mkdir(parents=True)
+    for name, (rates, psnrs) in curves.items():
+        (folder / f"{name}.json").write_text(json.dumps({"name": name, "results": {"bpp": rates, "psnr-rgb": psnrs}}))
+    return folder
+
+
+def test_compare_bench_runs_judges_at_the_old_range(tmp_path, monkeypatch, capsys):
+    """benchmarks/compare_bench_runs.py: a new ladder reaching lower qualities is judged over the
+    old run's range, where it is 10 % cheaper than the old model (and than VTM's 20 % dearer)."""
+    pytest.importorskip("bjontegaard")
+    anchors = _bench_run(tmp_path / "anchors" / "kodak-compressai", {"vtm": ([r / 1.2 for r in RATES], PSNRS)})
+    monkeypatch.setenv("LALIC_ANCHORS", str(anchors.parent))
+    old = _bench_run(tmp_path / "old", {"default": (RATES[1:5], PSNRS[1:5]), "avif": (RATES, PSNRS)})
+    # new: 10 % cheaper inside the old range, far dearer at the lowest quality
+    new_rates = [RATES[0] * 1.4] + [0.9 * r for r in RATES[1:]]  # still cheaper than the next point
+    new = _bench_run(tmp_path / "new", {"default": (new_rates, PSNRS), "avif": (RATES, PSNRS)})
+    compare = benchmark_script("compare_bench_runs")
+    assert compare.main([str(new), str(old)]) == 0
+    out = capsys.readouterr().out
+    assert f"old range {PSNRS[1]:.2f}-{PSNRS[4]:.2f} dB" in out
+    direct = out.split("new default against old default:")[1].split("%")[0]
+    assert float(direct) == pytest.approx(-10.0, abs=1.0)  # the dearer lowest point bends the interpolant near 28.9 dB
+    rule = out.split("over the old range): ")[1].split("\n")[0]  # e.g. "+19.93 -> +7.97 % (+11.96 points): met"
+    old_bd, new_bd = (float(v.strip(" %")) for v in rule.split(" (")[0].split("->"))
+    assert old_bd == pytest.approx(20.0, abs=0.2) and new_bd == pytest.approx(8.0, abs=1.5) and rule.endswith(": met")
+    own = [ln for ln in out.splitlines() if "own range" in ln][0]  # the new curve over its own range
+    assert float(own.split("own range")[1].split("%")[0]) > 8.0
+    assert compare.main([str(old), str(new)]) == 0
+    assert "not met" in capsys.readouterr().out
 
 
 def test_bd_rate_without_overlap_or_points():

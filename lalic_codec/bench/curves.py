@@ -99,12 +99,14 @@ class BDResult:
     overlap: float | None = None  # that range as a fraction of the two curves' joint range
 
 
-def bd_rate(anchor_rate, anchor_dist, test_rate, test_dist, unit: str = "dB") -> BDResult:
+def bd_rate(anchor_rate, anchor_dist, test_rate, test_dist, unit: str = "dB", within: tuple | None = None) -> BDResult:
     """Bjontegaard delta rate (percent, pchip) of a test curve against an anchor curve.
 
     Points need not be sorted or equal in number; points not better than a cheaper point of the
     same curve are left out.  The rates are averaged over the common quality range (reported with
-    the result); curves with no common range give ``None`` and the reason."""
+    the result), or over its part inside ``within = (lo, hi)`` (e.g. to compare two models whose
+    ladders span different qualities over the same range); curves with no common range give
+    ``None`` and the reason."""
     a = _rd_points(anchor_rate, anchor_dist)
     t = _rd_points(test_rate, test_dist)
     for pts, rates, who in ((a, anchor_rate, "the anchor has"), (t, test_rate, "this curve has")):
@@ -117,14 +119,20 @@ def bd_rate(anchor_rate, anchor_dist, test_rate, test_dist, unit: str = "dB") ->
     lo, hi = max(a_lo, t_lo), min(a_hi, t_hi)
     if hi <= lo:
         return BDResult(None, f"no common quality range (anchor {a_lo:.2f}-{a_hi:.2f} {unit}, this curve {t_lo:.2f}-{t_hi:.2f} {unit})")
+    if within is not None:
+        lo, hi = max(lo, float(within[0])), min(hi, float(within[1]))
+        if hi <= lo:
+            return BDResult(None, f"the common quality range has no part in {within[0]:.2f}-{within[1]:.2f} {unit}")
     import bjontegaard as bd
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        value = bd.bd_rate(
+        value, f_anchor, f_test = bd.bd_rate(
             [r for r, _ in a], [d for _, d in a], [r for r, _ in t], [d for _, d in t],
-            method="pchip", require_matching_points=False, min_overlap=0,
+            method="pchip", require_matching_points=False, min_overlap=0, interpolators=True,
         )
+        if within is not None:  # the package's own average, over the narrower range (log10 rates)
+            value = (10 ** ((f_test.integrate(lo, hi) - f_anchor.integrate(lo, hi)) / (hi - lo)) - 1) * 100
     if not is_finite(value):
         return BDResult(None, "not computable")
     overlap = (hi - lo) / (max(a_hi, t_hi) - min(a_lo, t_lo))
