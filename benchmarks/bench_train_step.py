@@ -8,7 +8,8 @@ backward take beyond the sum of the parts (the rate and distortion terms, quanti
 concatenations).
 
     python benchmarks/bench_train_step.py [--batch 8] [--crop 128] [--threads 2] [--steps 10]
-                                          [--weights models/default-v4.safetensors] [--profile]
+                                          [--weights models/default-v4.safetensors] [--compile auto|on|off]
+                                          [--profile]
 
 ``--profile`` also prints the operators that take the most time (torch.profiler, self CPU).
 """
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="start from these weights and their architecture (default: random, the default architecture)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as codec train run --bf16")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile of the CPU fast paths, as codec train run --compile")
     ap.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last", help="memory layout of images and convolution weights")
     args = ap.parse_args()
     tune_allocator()
@@ -118,6 +120,9 @@ def main() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
 
     bf16 = tr.use_bf16(args.bf16, torch.device("cpu"))
+    from lalic_codec.kernels._compile import compile_enabled, set_compile
+
+    set_compile(tr.use_compile(args.compile, torch.device("cpu")))
 
     def forward_backward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -141,6 +146,9 @@ def main() -> None:
         forward_backward()
         optimizer_step()
 
+    t0 = time.perf_counter()
+    full_step()  # compiles every shape the step meets, where compilation is on
+    first_s = time.perf_counter() - t0
     step_s = _time(full_step, args.steps)
     fb_s = _time(forward_backward, args.steps)
     forward_backward()
@@ -163,7 +171,9 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
 
     px = args.batch * args.crop * args.crop
-    print(f"training step, batch {args.batch} x {args.crop}x{args.crop}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, torch {torch.__version__}")
+    print(f"training step, batch {args.batch} x {args.crop}x{args.crop}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, "
+          f"compiled fast paths {'on' if compile_enabled() else 'off'}, torch {torch.__version__}")
+    print(f"  first step {first_s:.1f} s (compilation included)")
     print(f"  step {step_s:.3f} s  ->  {px / step_s:,.0f} pixels/s")
     print(f"  {'part':<46} {'s/step':>8} {'share':>7}")
     rows = list(part_s.items()) + [("loss and glue (forward+backward - parts)", fb_s - sum(part_s.values())), ("optimizer (clip, Adam, aux)", opt_s)]

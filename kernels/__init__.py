@@ -11,5 +11,10 @@ Per operator (``biwkv``: LALIC's bidirectional WKV; ``selective_scan``: MambaIC'
 * ``<op>_triton.py`` -- the Triton kernels (forward, backward; imports triton);
 * ``biwkv_cpu.py`` -- BiWKV's fast CPU path.
 
+``depthwise.py`` is the depthwise convolution of LALIC's OmniShift with a faster CPU backward
+(its forward is ``F.conv2d``; cuDNN serves CUDA, so it has no Triton kernel).  ``_compile.py``
+lets a training run fuse the CPU fast paths with ``torch.compile`` (``codec train run
+--compile``); inference never compiles.
+
 ``_triton_common.py`` holds the host-side helpers the Triton modules share.
 """

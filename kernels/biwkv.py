@@ -33,5 +33,6 @@ def biwkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         # half-precision inputs (CPU autocast) are evaluated in float32, as the reference does
         kf = k.float() if k.dtype in (torch.bfloat16, torch.float16) else k
         if fast_path_ok(w, u, kf):
-            return biwkv_cpu(w, u, kf, v.to(kf.dtype)).to(k.dtype)
+            fn = biwkv_cpu.maybe_compiled if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)) else biwkv_cpu
+            return fn(w, u, kf, v.to(kf.dtype)).to(k.dtype)
     return biwkv_reference(w, u, k, v)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ._compile import compiled
 from .biwkv_ref import EPS, num_chunks_and_len
 
 #: largest exponent span (natural-log units) the fast path accepts, per dtype
@@ -43,9 +44,11 @@ def fast_path_ok(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> bool:
         return bool(span < _MAX_SPAN[k.dtype])
 
 
+@compiled
 def biwkv_cpu(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """BiWKV forward, ``w, u``: (C,); ``k, v``: (B, T, C) of float32 or float64 (no range check:
-    see :func:`fast_path_ok`).  Differentiable in all four inputs."""
+    see :func:`fast_path_ok`).  Differentiable in all four inputs; ``biwkv_cpu.maybe_compiled`` is
+    the same function under ``torch.compile`` while training compilation is on (``_compile``)."""
     B, T, C = k.shape
     w, u, v = w.to(k.dtype), u.to(k.dtype), v.to(k.dtype)
     n, P = num_chunks_and_len(T)

@@ -71,6 +71,7 @@ class TrainConfig:
     float_rate_weight: float = 0.5  # weight of the float scales' y rate (trained beside the integer path's)
     val_crop: int = 512  # validation codes the centre crop of at most this size
     bf16: str = "auto"  # bf16 autocast for the transforms and context networks: auto (CUDA, or a CPU with bf16 instructions), on, off
+    compile: str = "auto"  # torch.compile of the CPU fast paths (BiWKV, depthwise backward): auto (CPU with a C++ compiler), on, off
     seed: int = 0
     workers: int = 1
     log_every: int = 20
@@ -208,6 +209,19 @@ def use_bf16(setting: str, device: torch.device) -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
     except (AttributeError, RuntimeError):
         return False
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """Whether the training step compiles the CPU fast paths (``kernels._compile``: BiWKV and the
+    depthwise convolutions' weight gradient, fused by inductor).  "auto" turns it on for CPU
+    training where a C++ compiler is found; CUDA runs use the Triton kernels instead."""
+    from .kernels._compile import compiler_available
+
+    if setting not in ("auto", "on", "off"):
+        raise click.ClickException(f"--compile must be auto, on or off, not {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cpu" and compiler_available()
 
 
 def _bpp(likelihoods: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -493,6 +507,9 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     log = open(out_dir / "log.jsonl", "a")
     levels = model.num_levels
     bf16 = use_bf16(cfg.bf16, device)
+    from .kernels._compile import set_compile
+
+    set_compile(use_compile(cfg.compile, device))
     stop = {"flag": False}
 
     def on_signal(signum, frame):
@@ -583,6 +600,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     finally:
         save_checkpoint(ckpt_path, snapshot())
         log.close()
+        set_compile(False)
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return ckpt_path
@@ -648,6 +666,8 @@ def cli():
 @click.option("--float-rate-weight", default=0.5, show_default=True, help="weight of the float scales' y rate beside the integer path's")
 @click.option("--bf16", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="bf16 autocast (rates stay float32): auto = CUDA, or a CPU with bf16 instructions")
+@click.option("--compile", "compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the CPU fast paths (BiWKV, depthwise backward; about 10 s per shape at the start): auto = CPU with a C++ compiler")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
 @exit_codes()
 def run_cmd(resume, max_minutes, **kw):

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.biwkv import biwkv
+from ..kernels.depthwise import depthwise_conv2d
 
 
 def conv(in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 2) -> nn.Conv2d:
@@ -40,7 +41,8 @@ class OmniShift(nn.Module):
     whose kernel is computed from the branch weights on every call: in eval mode this is the
     official re-parameterisation, in training the same function with the same gradients as
     summing the branches (and 2-3x faster on CPU, where PyTorch runs small depthwise kernels
-    group by group).  The stored ``conv5x5_reparam.weight`` is kept only so that official state
+    group by group); in training on the CPU its weight gradient takes a faster path
+    (``kernels.depthwise``).  The stored ``conv5x5_reparam.weight`` is kept only so that official state
     dicts load, and is never read.
     """
 
@@ -61,7 +63,7 @@ class OmniShift(nn.Module):
         return w + F.pad(center, (2, 2, 2, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.merged_weight(), padding=2, groups=x.shape[1])
+        return depthwise_conv2d(x, self.merged_weight())
 
 
 class SpatialMix(nn.Module):

@@ -24,7 +24,7 @@ def data_dir(tmp_path):
 
 def cfg_for(tmp_path, data_dir, **kw):
     base = dict(data=(str(data_dir),), val_data=None, holdout=1, out=str(tmp_path / "run"), steps=4, batch=2, crop=64,
-                warmup=2, workers=0, val_count=1, val_every=2, ckpt_every=2, log_every=1, threads=1,
+                warmup=2, workers=0, val_count=1, val_every=2, ckpt_every=2, log_every=1, threads=1, compile="off",
                 arch={**TINY, "int_scale": True})
     base.update(kw)
     return tr.TrainConfig(**base)
