@@ -64,6 +64,19 @@ def test_save_load_round_trip_is_exact(tmp_path, fp16):
     assert again.stat().st_size == path.stat().st_size and fingerprint(reload(again)) == fingerprint(m)
 
 
+def test_weights_files_get_normal_permissions(tmp_path):
+    """safetensors creates its files readable by their owner alone; a weights file is for sharing."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_weights(tiny_model(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_equal_gaussian_tables_are_stored_once(tmp_path):
     m = tiny_model()
     path = save_weights(m, tmp_path / "w.safetensors", metadata={"aliases": {"stale": "ignored"}})
