@@ -1,19 +1,18 @@
 """Depthwise convolution (stride 1, "same" padding, odd square kernel) with a faster CPU backward.
 
 LALIC's OmniShift is one depthwise 5x5 convolution per RWKV mix.  Its forward is cheap on CPU,
-but PyTorch's backward for the weight runs 10-30x longer than the forward, and twice as long
-again under bf16 autocast (measured on 2 cores: (4, 64, 64, 64) forward 0.4 ms, weight gradient
-12.5 ms in bf16, 6.2 ms in float32).  The weight gradient is a correlation of the input with
-the output gradient at k x k offsets, per channel; here it is
-
-* computed in float32 whatever the autocast dtype (more exact, and 2x faster than bf16), by
-  PyTorch's own kernel, or
-* with training compilation on (``_compile``), a fused loop over the k * k offsets that inductor
-  vectorises over channels (2.0 ms at that shape).
+but PyTorch's backward runs far longer (measured on 2 cores at (4, 64, 64, 64) under bf16
+autocast: forward 0.4 ms, forward and backward 18.5 ms), most of it in the weight gradient, a
+correlation of the input with the output gradient at k x k offsets, per channel.  With training
+compilation on (``_compile``) that gradient is a fused loop over the offsets, accumulated in
+float32, that inductor vectorises over channels (2.0 ms at that shape); otherwise the dispatcher
+leaves the convolution to PyTorch (its eager float32 weight gradient, ``depthwise_weight_grad``
+without compilation, made the training step slower, not faster).
 
 The input gradient is the forward convolution of the output gradient with the flipped kernel.
-The forward is ``F.conv2d`` itself, so outputs are unchanged; without autograd (inference), or
-off the CPU (cuDNN's backward is fine), the dispatcher calls ``F.conv2d`` directly.
+The forward is ``F.conv2d`` itself, so outputs are unchanged; without autograd (inference),
+without compilation, or off the CPU (cuDNN's backward is fine), the dispatcher calls
+``F.conv2d`` directly.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from ._compile import compiled
 
-__all__ = ["depthwise_conv2d", "depthwise_weight_grad"]
+__all__ = ["depthwise_conv2d", "depthwise_conv2d_fast_backward", "depthwise_weight_grad"]
 
 
 @compiled
@@ -77,15 +76,22 @@ class _DepthwiseConv(torch.autograd.Function):
 
 def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, w, padding=k // 2, groups=C)`` for ``x`` (B, C, H, W) and ``w`` (C, 1, k, k),
-    k odd; on the CPU with autograd, through the faster backward above (under autocast, computed
-    in autocast's dtype as ``F.conv2d`` would be, the weight's gradient kept in its own dtype)."""
+    k odd; on the CPU with autograd and training compilation on, through the faster backward."""
     k = w.shape[-1]
     if w.shape[0] != x.shape[1] or w.shape[1] != 1 or w.shape[-2] != k or k % 2 == 0:
         raise ValueError(f"depthwise_conv2d needs x (B, C, H, W) and w (C, 1, k, k) with k odd, got {tuple(x.shape)} and {tuple(w.shape)}")
-    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-        if torch.is_autocast_enabled("cpu") and x.is_floating_point():
-            dtype = torch.get_autocast_dtype("cpu")
-            with torch.autocast("cpu", enabled=False):
-                return _DepthwiseConv.apply(x, w, dtype)
-        return _DepthwiseConv.apply(x, w, torch.promote_types(x.dtype, w.dtype))
+    from ._compile import compile_enabled
+
+    if compile_enabled() and x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return depthwise_conv2d_fast_backward(x, w)
     return F.conv2d(x, w, padding=k // 2, groups=x.shape[1])
+
+
+def depthwise_conv2d_fast_backward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The convolution through ``_DepthwiseConv``: under autocast computed in autocast's dtype, as
+    ``F.conv2d`` would be, the weight's gradient kept in the weight's own dtype."""
+    if torch.is_autocast_enabled("cpu") and x.is_floating_point():
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return _DepthwiseConv.apply(x, w, dtype)
+    return _DepthwiseConv.apply(x, w, torch.promote_types(x.dtype, w.dtype))

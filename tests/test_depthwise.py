@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lalic_codec.kernels import _compile
 from lalic_codec.kernels.biwkv import biwkv
 from lalic_codec.kernels.biwkv_cpu import biwkv_cpu
-from lalic_codec.kernels.depthwise import depthwise_conv2d, depthwise_weight_grad
+from lalic_codec.kernels.depthwise import depthwise_conv2d, depthwise_conv2d_fast_backward, depthwise_weight_grad
 
 
 @pytest.fixture
@@ -46,24 +46,28 @@ def _reference(x, w):
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_gradients_match_autograd(k, channels_last):
+    # the custom backward with its eager weight gradient (the compiled one: below)
     x, w, go = _case(2, 6, 9, 11, k, channels_last=channels_last, seed=k)
-    y, gx, gw = _grads(depthwise_conv2d, x, w, go)
+    y, gx, gw = _grads(depthwise_conv2d_fast_backward, x, w, go)
     y0, gx0, gw0 = _grads(_reference, x, w, go)
     assert torch.equal(y, y0)
     assert torch.allclose(gx, gx0, rtol=1e-12, atol=1e-12)
     assert torch.allclose(gw, gw0, rtol=1e-12, atol=1e-12)
     # one input at a time needs only its own gradient
-    _, gx1, gw1 = _grads(depthwise_conv2d, x, w, go, need=(True, False))
+    _, gx1, gw1 = _grads(depthwise_conv2d_fast_backward, x, w, go, need=(True, False))
     assert gw1 is None and torch.allclose(gx1, gx0, rtol=1e-12, atol=1e-12)
-    _, gx2, gw2 = _grads(depthwise_conv2d, x, w, go, need=(False, True))
+    _, gx2, gw2 = _grads(depthwise_conv2d_fast_backward, x, w, go, need=(False, True))
     assert gx2 is None and torch.allclose(gw2, gw0, rtol=1e-12, atol=1e-12)
 
 
-def test_inference_is_conv2d_itself():
-    x, w, _ = _case(1, 8, 16, 16, 5, dtype=torch.float32)
+def test_without_compilation_or_autograd_it_is_conv2d_itself():
+    x, w, go = _case(1, 8, 16, 16, 5, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(depthwise_conv2d(x, w), _reference(x, w))
     assert torch.equal(depthwise_conv2d(x, w), _reference(x, w))  # no input needs a gradient
+    y, gx, gw = _grads(depthwise_conv2d, x, w, go)  # training without compilation: PyTorch's backward
+    y0, gx0, gw0 = _grads(_reference, x, w, go)
+    assert torch.equal(y, y0) and torch.equal(gx, gx0) and torch.equal(gw, gw0)
 
 
 def test_bf16_autocast_computes_as_conv2d_and_keeps_weight_gradient_in_float32():
@@ -75,7 +79,7 @@ def test_bf16_autocast_computes_as_conv2d_and_keeps_weight_gradient_in_float32()
                 return fn(x, w)
         return run
 
-    y, gx, gw = _grads(under_autocast(depthwise_conv2d), x, w, go)
+    y, gx, gw = _grads(under_autocast(depthwise_conv2d_fast_backward), x, w, go)
     y0, gx0, gw0 = _grads(under_autocast(_reference), x, w, go)
     assert y.dtype == torch.bfloat16 and torch.equal(y, y0)
     assert gx.dtype == gw.dtype == torch.float32
