@@ -4,8 +4,8 @@ The fast CPU paths (``biwkv_cpu``, the depthwise convolution's weight gradient) 
 elementwise operations, prefix sums and reductions over large tensors.  Eager PyTorch runs each
 as its own pass over memory, and autograd adds more passes in the backward; inductor fuses them
 into a few vectorised C++ loops.  Measured on 2 cores (AVX-512): BiWKV forward and backward at
-(4, 4096, 64) 61 -> 29 ms; the depthwise 5x5 weight gradient at (4, 64, 64, 64) 12.5 ms (bf16)
-or 6.2 ms (float32) -> 2.0 ms.
+(4, 4096, 64) 61 -> 29 ms; the depthwise 5x5 weight gradient at (4, 64, 64, 64) 2.0 ms, where
+PyTorch's forward and backward of that convolution under bf16 autocast take 18.5 ms.
 
 It is off unless a training run turns it on (``codec train run --compile``): inference keeps the
 eager paths, which the conformance tests pin bit for bit, and a command-line call should not pay

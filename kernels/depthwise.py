@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._compile import compiled
+from ._compile import compile_enabled, compiled
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_fast_backward", "depthwise_weight_grad"]
 
@@ -41,8 +41,6 @@ def depthwise_weight_grad(x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Ten
     """Gradient (C, 1, k, k), float32 (float64 for float64 inputs), of ``sum(g * depthwise_conv(x, w))`` with respect to ``w``:
     the compiled tap loop when training compilation is on, else PyTorch's kernel in float32."""
     C = x.shape[1]
-    from ._compile import compile_enabled
-
     if compile_enabled():
         taps = _weight_grad_taps.maybe_compiled(x.detach().permute(0, 2, 3, 1), g.detach().permute(0, 2, 3, 1), k)
         return taps.reshape(C, 1, k, k)
@@ -80,8 +78,6 @@ def depthwise_conv2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     k = w.shape[-1]
     if w.shape[0] != x.shape[1] or w.shape[1] != 1 or w.shape[-2] != k or k % 2 == 0:
         raise ValueError(f"depthwise_conv2d needs x (B, C, H, W) and w (C, 1, k, k) with k odd, got {tuple(x.shape)} and {tuple(w.shape)}")
-    from ._compile import compile_enabled
-
     if compile_enabled() and x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return depthwise_conv2d_fast_backward(x, w)
     return F.conv2d(x, w, padding=k // 2, groups=x.shape[1])

@@ -305,8 +305,8 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # safetensors creates its files 0600: give the weights normal permissions
+    from ..files import _umask
+
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600: give the weights normal permissions
     os.replace(tmp, path)
     return path

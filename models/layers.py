@@ -41,8 +41,8 @@ class OmniShift(nn.Module):
     whose kernel is computed from the branch weights on every call: in eval mode this is the
     official re-parameterisation, in training the same function with the same gradients as
     summing the branches (and 2-3x faster on CPU, where PyTorch runs small depthwise kernels
-    group by group); in training on the CPU its weight gradient takes a faster path
-    (``kernels.depthwise``).  The stored ``conv5x5_reparam.weight`` is kept only so that official state
+    group by group); in CPU training with compilation on (``codec train run --compile``) its
+    weight gradient takes a faster path (``kernels.depthwise``).  The stored ``conv5x5_reparam.weight`` is kept only so that official state
     dicts load, and is never read.
     """
 
