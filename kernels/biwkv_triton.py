@@ -76,6 +76,8 @@ from ._triton_common import next_pow2 as _next_pow2
 from ._triton_common import quiet as _quiet
 from .biwkv_ref import EPS, NEG, check_shapes, num_chunks_and_len  # NEG: log(0), finite (NEG - NEG = 0)
 
+_NEG = tl.constexpr(NEG)  # globals used inside kernels must be constexpr (the GPU compiler refuses others)
+
 MAX_SEGMENTS = 16  # segments per chunk (the combine pass is O(n S^2) per channel)
 #: programs a launch aims at when choosing the segments per chunk.  Fixed, not read from the GPU:
 #: the split decides the order of the floating-point sums, so the result then depends only on the
@@ -139,10 +141,10 @@ def _fwd_summary_kernel(
     r_end = tl.minimum(tl.minimum(r_start + L, c * P + P), T)
     base = b * T * C
 
-    am = tl.full([BLOCK_C], NEG, ACC)
+    am = tl.full([BLOCK_C], _NEG, ACC)
     av = tl.full([BLOCK_C], 0.0, ACC)
     a1 = tl.full([BLOCK_C], 0.0, ACC)
-    bm = tl.full([BLOCK_C], NEG, ACC)
+    bm = tl.full([BLOCK_C], _NEG, ACC)
     bv = tl.full([BLOCK_C], 0.0, ACC)
     b1 = tl.full([BLOCK_C], 0.0, ACC)
     ar = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -157,8 +159,8 @@ def _fwd_summary_kernel(
         kk = tl.load(k_ptr + offs, mask=m2, other=0.0).to(ACC)
         vv = tl.load(v_ptr + offs, mask=m2, other=0.0).to(ACC)
         wq = w[None, :] * qf[:, None]
-        xa = tl.where(m2, kk + wq, NEG)
-        xb = tl.where(mb2, kk - wq, NEG)
+        xa = tl.where(m2, kk + wq, _NEG)
+        xb = tl.where(mb2, kk - wq, _NEG)
         na = tl.maximum(am, tl.reduce(xa, 0, _MAX))
         ea = tl.where(m2, tl.exp(xa - na[None, :]), 0.0)
         fa = tl.exp(am - na)
@@ -183,7 +185,7 @@ def _fwd_summary_kernel(
 @triton.jit
 def _lse_axis(x_m, mask, axis: tl.constexpr):
     """Max over ``axis`` of the masked exponents, and the matching factors exp(x - max)."""
-    xm = tl.where(mask, x_m, NEG)
+    xm = tl.where(mask, x_m, _NEG)
     m = tl.reduce(xm, axis, _MAX)
     f = tl.where(mask, tl.exp(xm - tl.expand_dims(m, axis)), 0.0)
     return m, f
@@ -213,10 +215,10 @@ def _fwd_combine_kernel(
     cvalid2 = (cc < n)[:, None] & chm[None, :]  # [chunk, channel]
     valid = (c3 < n) & (s3 < S) & (h3 < C)
     so = sums_ptr + (b * NSEG + c3 * S + s3) * C + h3
-    sam = tl.load(so + 0 * qs_in_, mask=valid, other=NEG)
+    sam = tl.load(so + 0 * qs_in_, mask=valid, other=_NEG)
     sav = tl.load(so + 1 * qs_in_, mask=valid, other=0.0)
     sa1 = tl.load(so + 2 * qs_in_, mask=valid, other=0.0)
-    sbm = tl.load(so + 3 * qs_in_, mask=valid, other=NEG)
+    sbm = tl.load(so + 3 * qs_in_, mask=valid, other=_NEG)
     sbv = tl.load(so + 4 * qs_in_, mask=valid, other=0.0)
     sb1 = tl.load(so + 5 * qs_in_, mask=valid, other=0.0)
 
@@ -227,7 +229,7 @@ def _fwd_combine_kernel(
     koff = b * T * C + (cc * P * C)[:, None] + ch[None, :]
     k0 = tl.load(k_ptr + koff, mask=cvalid2, other=0.0).to(ACC)
     v0 = tl.load(v_ptr + koff, mask=cvalid2, other=0.0).to(ACC)
-    k0 = tl.where(cvalid2, k0, NEG)
+    k0 = tl.where(cvalid2, k0, _NEG)
     tbm = tl.maximum(tl.reduce(sbm, 1, _MAX), k0)
     f = tl.where(valid, tl.exp(sbm - tbm[:, None, :]), 0.0)
     f0 = tl.where(cvalid2, tl.exp(k0 - tbm), 0.0)
@@ -246,40 +248,40 @@ def _fwd_combine_kernel(
     cf1 = tl.reduce(f * tb1[None, :, :], 1, _ADD)
 
     # inside a chunk: exclusive prefix (a, b) and suffix (b) over segments, one segment at a time
-    epam = tl.full([NP2, SP2, CB2], NEG, ACC)
+    epam = tl.full([NP2, SP2, CB2], _NEG, ACC)
     epav = tl.full([NP2, SP2, CB2], 0.0, ACC)
     epa1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
-    epbm = tl.full([NP2, SP2, CB2], NEG, ACC)
+    epbm = tl.full([NP2, SP2, CB2], _NEG, ACC)
     epbv = tl.full([NP2, SP2, CB2], 0.0, ACC)
     epb1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
-    esbm = tl.full([NP2, SP2, CB2], NEG, ACC)
+    esbm = tl.full([NP2, SP2, CB2], _NEG, ACC)
     esbv = tl.full([NP2, SP2, CB2], 0.0, ACC)
     esb1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     for j in range(0, S):
         jo = sums_ptr + (b * NSEG + cc[:, None] * S + j) * C + ch[None, :]
-        jam = tl.load(jo + 0 * qs_in_, mask=cvalid2, other=NEG)[:, None, :]
+        jam = tl.load(jo + 0 * qs_in_, mask=cvalid2, other=_NEG)[:, None, :]
         jav = tl.load(jo + 1 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         ja1 = tl.load(jo + 2 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
-        jbm = tl.load(jo + 3 * qs_in_, mask=cvalid2, other=NEG)[:, None, :]
+        jbm = tl.load(jo + 3 * qs_in_, mask=cvalid2, other=_NEG)[:, None, :]
         jbv = tl.load(jo + 4 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         jb1 = tl.load(jo + 5 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         before = s3 > j  # segment j lies left of segment i
         after = s3 < j
-        x = tl.where(before, jam, NEG)
+        x = tl.where(before, jam, _NEG)
         nm = tl.maximum(epam, x)
         fo = tl.exp(epam - nm)
         fn = tl.where(before, tl.exp(x - nm), 0.0)
         epav = epav * fo + fn * jav
         epa1 = epa1 * fo + fn * ja1
         epam = nm
-        x = tl.where(before, jbm, NEG)
+        x = tl.where(before, jbm, _NEG)
         nm = tl.maximum(epbm, x)
         fo = tl.exp(epbm - nm)
         fn = tl.where(before, tl.exp(x - nm), 0.0)
         epbv = epbv * fo + fn * jbv
         epb1 = epb1 * fo + fn * jb1
         epbm = nm
-        x = tl.where(after, jbm, NEG)
+        x = tl.where(after, jbm, _NEG)
         nm = tl.maximum(esbm, x)
         fo = tl.exp(esbm - nm)
         fn = tl.where(after, tl.exp(x - nm), 0.0)
@@ -341,23 +343,23 @@ def _fwd_output_kernel(
     base = b * T * C
 
     so = st_ptr + (b * NSEG + gs) * C + ch
-    pm = tl.load(so + 0 * qs_st_, mask=cmask, other=NEG)  # past entering the segment
+    pm = tl.load(so + 0 * qs_st_, mask=cmask, other=_NEG)  # past entering the segment
     pv = tl.load(so + 1 * qs_st_, mask=cmask, other=0.0)
     p1 = tl.load(so + 2 * qs_st_, mask=cmask, other=0.0)
-    fm = tl.load(so + 3 * qs_st_, mask=cmask, other=NEG)  # future right of the segment
+    fm = tl.load(so + 3 * qs_st_, mask=cmask, other=_NEG)  # future right of the segment
     fv = tl.load(so + 4 * qs_st_, mask=cmask, other=0.0)
     f1 = tl.load(so + 5 * qs_st_, mask=cmask, other=0.0)
-    rm = tl.load(so + 6 * qs_st_, mask=cmask, other=NEG)  # residual: earlier segments of the chunk
+    rm = tl.load(so + 6 * qs_st_, mask=cmask, other=_NEG)  # residual: earlier segments of the chunk
     rv = tl.load(so + 7 * qs_st_, mask=cmask, other=0.0)
     r1 = tl.load(so + 8 * qs_st_, mask=cmask, other=0.0)
     h = tl.load(so + 9 * qs_st_, mask=cmask, other=0.0)
     sg = sums_ptr + (b * NSEG + gs) * C + ch  # this segment's own b-family total
-    gm = tl.load(sg + 3 * qs_in_, mask=cmask, other=NEG)
+    gm = tl.load(sg + 3 * qs_in_, mask=cmask, other=_NEG)
     gv = tl.load(sg + 4 * qs_in_, mask=cmask, other=0.0)
     g1 = tl.load(sg + 5 * qs_in_, mask=cmask, other=0.0)
 
     # running prefix of the b-family inside this segment (chunk-start row excluded)
-    spm = tl.full([BLOCK_C], NEG, ACC)
+    spm = tl.full([BLOCK_C], _NEG, ACC)
     spv = tl.full([BLOCK_C], 0.0, ACC)
     sp1 = tl.full([BLOCK_C], 0.0, ACC)
     ar = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -372,8 +374,8 @@ def _fwd_output_kernel(
         kk = tl.load(k_ptr + offs, mask=m2, other=0.0).to(ACC)
         vv = tl.load(v_ptr + offs, mask=m2, other=0.0).to(ACC)
         wq = w[None, :] * qf[:, None]
-        xa = tl.where(m2, kk + wq, NEG)
-        xb = tl.where(mb2, kk - wq, NEG)
+        xa = tl.where(m2, kk + wq, _NEG)
+        xb = tl.where(mb2, kk - wq, _NEG)
         ma = tl.reduce(xa, 0, _MAX)
         mb = tl.reduce(xb, 0, _MAX)
         ea = tl.where(m2, tl.exp(xa - ma[None, :]), 0.0)
@@ -389,8 +391,8 @@ def _fwd_output_kernel(
             cmb = tl.associative_scan(xb, 0, _max_combine)
         else:  # interpreter: masked [T, T, C] reduction (its generic scan is very slow)
             le = tl.arange(0, BLOCK_T)[None, :, None] <= tl.arange(0, BLOCK_T)[:, None, None]
-            cma = tl.reduce(tl.where(le, xa[None, :, :], NEG), 1, _MAX)
-            cmb = tl.reduce(tl.where(le, xb[None, :, :], NEG), 1, _MAX)
+            cma = tl.reduce(tl.where(le, xa[None, :, :], _NEG), 1, _MAX)
+            cmb = tl.reduce(tl.where(le, xb[None, :, :], _NEG), 1, _MAX)
 
         # past (j < t): state entering the tile + this tile's earlier rows (same chunk: +w)
         ps = tl.maximum(pm, ma + w)
@@ -470,12 +472,12 @@ def _bwd_summary_kernel(
     r_end = tl.minimum(tl.minimum(r_start + L, c * P + P), T)
     base = b * T * C
 
-    m1 = tl.full([BLOCK_C], NEG, ACC)
+    m1 = tl.full([BLOCK_C], _NEG, ACC)
     a0 = tl.full([BLOCK_C], 0.0, ACC)
     b0 = tl.full([BLOCK_C], 0.0, ACC)
     a1 = tl.full([BLOCK_C], 0.0, ACC)
     b1 = tl.full([BLOCK_C], 0.0, ACC)
-    m2_ = tl.full([BLOCK_C], NEG, ACC)
+    m2_ = tl.full([BLOCK_C], _NEG, ACC)
     c0 = tl.full([BLOCK_C], 0.0, ACC)
     d0 = tl.full([BLOCK_C], 0.0, ACC)
     c1 = tl.full([BLOCK_C], 0.0, ACC)
@@ -494,8 +496,8 @@ def _bwd_summary_kernel(
         al = gg / tl.load(z_ptr + offs, mask=msk, other=1.0).to(ACC)
         be = -al * yy
         wq = w[None, :] * qf[:, None]
-        x1 = tl.where(msk, em + wq, NEG)
-        x2 = tl.where(msk, em - wq, NEG)
+        x1 = tl.where(msk, em + wq, _NEG)
+        x2 = tl.where(msk, em - wq, _NEG)
         n1 = tl.maximum(m1, tl.reduce(x1, 0, _MAX))
         e1 = tl.where(msk, tl.exp(x1 - n1[None, :]), 0.0)
         f1 = tl.exp(m1 - n1)
@@ -550,12 +552,12 @@ def _bwd_combine_kernel(
     cvalid2 = (cc < n)[:, None] & chm[None, :]
     valid = (c3 < n) & (s3 < S) & (h3 < C)
     so = sums_ptr + (b * NSEG + c3 * S + s3) * C + h3
-    s1m = tl.load(so + 0 * qs_in_, mask=valid, other=NEG)
+    s1m = tl.load(so + 0 * qs_in_, mask=valid, other=_NEG)
     s1a0 = tl.load(so + 1 * qs_in_, mask=valid, other=0.0)
     s1b0 = tl.load(so + 2 * qs_in_, mask=valid, other=0.0)
     s1a1 = tl.load(so + 3 * qs_in_, mask=valid, other=0.0)
     s1b1 = tl.load(so + 4 * qs_in_, mask=valid, other=0.0)
-    s2m = tl.load(so + 5 * qs_in_, mask=valid, other=NEG)
+    s2m = tl.load(so + 5 * qs_in_, mask=valid, other=_NEG)
     s2a0 = tl.load(so + 6 * qs_in_, mask=valid, other=0.0)
     s2b0 = tl.load(so + 7 * qs_in_, mask=valid, other=0.0)
     s2a1 = tl.load(so + 8 * qs_in_, mask=valid, other=0.0)
@@ -591,31 +593,31 @@ def _bwd_combine_kernel(
 
     # inside a chunk, one segment j at a time: family 1 left of i (e1*), family 1 right of i
     # (g1*), family 2 right of i (g2*)
-    e1m = tl.full([NP2, SP2, CB2], NEG, ACC)
+    e1m = tl.full([NP2, SP2, CB2], _NEG, ACC)
     e1a0 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     e1b0 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     e1a1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     e1b1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
-    g1m = tl.full([NP2, SP2, CB2], NEG, ACC)
+    g1m = tl.full([NP2, SP2, CB2], _NEG, ACC)
     g1a0 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     g1b0 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     g1a1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     g1b1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
-    g2m = tl.full([NP2, SP2, CB2], NEG, ACC)
+    g2m = tl.full([NP2, SP2, CB2], _NEG, ACC)
     g2a0 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     g2b0 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     g2a1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     g2b1 = tl.full([NP2, SP2, CB2], 0.0, ACC)
     for j in range(0, S):
         jo = sums_ptr + (b * NSEG + cc[:, None] * S + j) * C + ch[None, :]
-        jm = tl.load(jo + 0 * qs_in_, mask=cvalid2, other=NEG)[:, None, :]
+        jm = tl.load(jo + 0 * qs_in_, mask=cvalid2, other=_NEG)[:, None, :]
         ja0 = tl.load(jo + 1 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         jb0 = tl.load(jo + 2 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         ja1 = tl.load(jo + 3 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         jb1 = tl.load(jo + 4 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         before = s3 > j  # segment j lies left of segment i
         after = s3 < j
-        x = tl.where(before, jm, NEG)
+        x = tl.where(before, jm, _NEG)
         nm = tl.maximum(e1m, x)
         fo = tl.exp(e1m - nm)
         fn = tl.where(before, tl.exp(x - nm), 0.0)
@@ -624,7 +626,7 @@ def _bwd_combine_kernel(
         e1a1 = e1a1 * fo + fn * ja1
         e1b1 = e1b1 * fo + fn * jb1
         e1m = nm
-        x = tl.where(after, jm, NEG)
+        x = tl.where(after, jm, _NEG)
         nm = tl.maximum(g1m, x)
         fo = tl.exp(g1m - nm)
         fn = tl.where(after, tl.exp(x - nm), 0.0)
@@ -633,12 +635,12 @@ def _bwd_combine_kernel(
         g1a1 = g1a1 * fo + fn * ja1
         g1b1 = g1b1 * fo + fn * jb1
         g1m = nm
-        jm = tl.load(jo + 5 * qs_in_, mask=cvalid2, other=NEG)[:, None, :]
+        jm = tl.load(jo + 5 * qs_in_, mask=cvalid2, other=_NEG)[:, None, :]
         ja0 = tl.load(jo + 6 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         jb0 = tl.load(jo + 7 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         ja1 = tl.load(jo + 8 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
         jb1 = tl.load(jo + 9 * qs_in_, mask=cvalid2, other=0.0)[:, None, :]
-        x = tl.where(after, jm, NEG)
+        x = tl.where(after, jm, _NEG)
         nm = tl.maximum(g2m, x)
         fo = tl.exp(g2m - nm)
         fn = tl.where(after, tl.exp(x - nm), 0.0)
@@ -710,28 +712,28 @@ def _bwd_output_kernel(
     base = b * T * C
 
     so = st_ptr + (b * NSEG + gs) * C + ch
-    lm = tl.load(so + 0 * qs_st_, mask=cmask, other=NEG)
+    lm = tl.load(so + 0 * qs_st_, mask=cmask, other=_NEG)
     la0 = tl.load(so + 1 * qs_st_, mask=cmask, other=0.0)
     lb0 = tl.load(so + 2 * qs_st_, mask=cmask, other=0.0)
     la1 = tl.load(so + 3 * qs_st_, mask=cmask, other=0.0)
     lb1 = tl.load(so + 4 * qs_st_, mask=cmask, other=0.0)
-    sm = tl.load(so + 5 * qs_st_, mask=cmask, other=NEG)
+    sm = tl.load(so + 5 * qs_st_, mask=cmask, other=_NEG)
     sa0 = tl.load(so + 6 * qs_st_, mask=cmask, other=0.0)
     sb0 = tl.load(so + 7 * qs_st_, mask=cmask, other=0.0)
     sa1 = tl.load(so + 8 * qs_st_, mask=cmask, other=0.0)
     sb1 = tl.load(so + 9 * qs_st_, mask=cmask, other=0.0)
-    rm = tl.load(so + 10 * qs_st_, mask=cmask, other=NEG)
+    rm = tl.load(so + 10 * qs_st_, mask=cmask, other=_NEG)
     ra0 = tl.load(so + 11 * qs_st_, mask=cmask, other=0.0)
     rb0 = tl.load(so + 12 * qs_st_, mask=cmask, other=0.0)
     ra1 = tl.load(so + 13 * qs_st_, mask=cmask, other=0.0)
     rb1 = tl.load(so + 14 * qs_st_, mask=cmask, other=0.0)
     sg = sums_ptr + (b * NSEG + gs) * C + ch  # the segment's own query totals
-    gm1 = tl.load(sg + 0 * qs_in_, mask=cmask, other=NEG)
+    gm1 = tl.load(sg + 0 * qs_in_, mask=cmask, other=_NEG)
     ga0 = tl.load(sg + 1 * qs_in_, mask=cmask, other=0.0)
     gb0 = tl.load(sg + 2 * qs_in_, mask=cmask, other=0.0)
     ga1 = tl.load(sg + 3 * qs_in_, mask=cmask, other=0.0)
     gb1 = tl.load(sg + 4 * qs_in_, mask=cmask, other=0.0)
-    gm2 = tl.load(sg + 5 * qs_in_, mask=cmask, other=NEG) + w
+    gm2 = tl.load(sg + 5 * qs_in_, mask=cmask, other=_NEG) + w
     gc0 = tl.load(sg + 6 * qs_in_, mask=cmask, other=0.0)
     gd0 = tl.load(sg + 7 * qs_in_, mask=cmask, other=0.0)
     gc1 = tl.load(sg + 8 * qs_in_, mask=cmask, other=0.0)
@@ -756,12 +758,12 @@ def _bwd_output_kernel(
     rt_b1 = kr * rb1 + kg2 * gd1
 
     # running prefixes inside the segment (family 1 at scale pm1, family 2 at pm2 incl. +w)
-    pm1 = tl.full([BLOCK_C], NEG, ACC)
+    pm1 = tl.full([BLOCK_C], _NEG, ACC)
     pa0 = tl.full([BLOCK_C], 0.0, ACC)
     pb0 = tl.full([BLOCK_C], 0.0, ACC)
     pa1 = tl.full([BLOCK_C], 0.0, ACC)
     pb1 = tl.full([BLOCK_C], 0.0, ACC)
-    pm2 = tl.full([BLOCK_C], NEG, ACC)
+    pm2 = tl.full([BLOCK_C], _NEG, ACC)
     pc0 = tl.full([BLOCK_C], 0.0, ACC)
     pd0 = tl.full([BLOCK_C], 0.0, ACC)
     pc1 = tl.full([BLOCK_C], 0.0, ACC)
@@ -785,8 +787,8 @@ def _bwd_output_kernel(
         kk = tl.load(k_ptr + offs, mask=msk, other=0.0).to(ACC)
         vv = tl.load(v_ptr + offs, mask=msk, other=0.0).to(ACC)
         wq = w[None, :] * qc
-        x1 = tl.where(msk, em + wq, NEG)
-        x2 = tl.where(msk, em - wq, NEG)
+        x1 = tl.where(msk, em + wq, _NEG)
+        x2 = tl.where(msk, em - wq, _NEG)
         t1 = tl.reduce(x1, 0, _MAX)
         t2 = tl.reduce(x2, 0, _MAX)
         e1 = tl.where(msk, tl.exp(x1 - t1[None, :]), 0.0)
