@@ -26,14 +26,14 @@ the synchronizations it adds.
 Variants (``--variants``; every variant checks that decoding gives the encoder's y_hat; all eager
 variants must give identical bytes):
 
-* ``eager``: the models as the codec runs them (Triton BiWKV / selective scan, fused SS2D scan);
+* ``eager``: the models as the codec runs them (Triton BiWKV / selective scan, the unfused SS2D path);
 * ``overlap-thread`` / ``overlap-process``: the same, with the range coder of ``compress`` off the
   critical path: each stream is handed to a worker (thread pool, or a pool of spawned processes
   that escapes the GIL) as soon as its symbols reach the host, and the GPU goes on with the next
   pass; the byte strings are collected when ``compress`` returns.  The bytes are the same
   (``tests/test_bench_e2e.py``).  Decoding cannot overlap: every pass needs the symbols of the
   previous one;
-* ``unfused`` (MambaIC): the unfused SS2D path (``LALIC_SS2D_FUSED=0``);
+* ``fused`` (MambaIC): the fused SS2D kernel (``LALIC_SS2D_FUSED=1``; the unfused path is the default);
 * ``reference``: the PyTorch reference kernels on the GPU (``LALIC_FORCE_REFERENCE=1``), not run
   unless asked for;
 * with ``--compile [MODE ...]``: ``compile-<mode>`` (and ``compile-<mode>+overlap``) compile the
@@ -342,7 +342,7 @@ class Compiled:
             self._patch(layers, "biwkv", lambda w, u, k, v: op_b(w, u, k, v))
 
             def fused_kernel(x, needs_grad):
-                if not x.is_cuda or needs_grad or os.environ.get("LALIC_SS2D_FUSED", "1") == "0":
+                if not x.is_cuda or needs_grad or os.environ.get("LALIC_SS2D_FUSED", "0") != "1":
                     return None
                 return lambda x_, x_dbl, w, A, D=None, bias=None, delta_softplus=True: op_s(
                     x_, x_dbl, w, A, D, bias, delta_softplus)
@@ -519,8 +519,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image", help="an image file to code instead of the synthetic one (cropped / padded to --size)")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", nargs="+", default=["eager", "overlap-thread", "overlap-process", "unfused"],
-                    help="eager overlap-thread overlap-process unfused reference")
+    ap.add_argument("--variants", nargs="+", default=["eager", "overlap-thread", "overlap-process", "fused"],
+                    help="eager overlap-thread overlap-process fused reference")
     ap.add_argument("--overlap-workers", type=int, default=2)
     ap.add_argument("--compile", nargs="*", metavar="MODE", default=None,
                     help="also run torch.compile'd transforms, modes (default: default reduce-overhead)")
@@ -560,14 +560,14 @@ def main(argv=None) -> int:
         model = build_model(name, device, small=args.small)
         params = sum(p.numel() for p in model.parameters() if p.is_floating_point())
         print(f"\n{name}: {params / 1e6:.1f} M parameters, built in {time.perf_counter() - t:.1f} s", flush=True)
-        variants = [v for v in args.variants if not (v == "unfused" and name != "mambaic")]
+        variants = [v for v in args.variants if not (v == "fused" and name != "mambaic")]
         runs = []
         for v in variants:
             env_saved = {k: os.environ.get(k) for k in ("LALIC_SS2D_FUSED", "LALIC_FORCE_REFERENCE")}
             overlap = None
             try:
-                if v == "unfused":
-                    os.environ["LALIC_SS2D_FUSED"] = "0"
+                if v == "fused":
+                    os.environ["LALIC_SS2D_FUSED"] = "1"
                 if v == "reference":
                     os.environ["LALIC_FORCE_REFERENCE"] = "1"
                 if v.startswith("overlap-"):

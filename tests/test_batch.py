@@ -47,7 +47,10 @@ def ray_local(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "XDG_CACHE_HOME")}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # log_to_driver=False, as a --quiet command starts its own instance: with it on, a line that Ray's
+    # own processes log late (e.g. gcs_server failing to kill an actor of a previous test) lands in
+    # whatever command's output is being captured at that moment
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
     for k, v in saved.items():

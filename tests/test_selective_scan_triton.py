@@ -435,6 +435,22 @@ def test_ss2d_dispatcher_on_cpu():
     assert mambaic_layers.fused_cross_scan_kernel is fused_cross_scan_kernel  # the name SS2D calls (and benchmarks patch)
 
 
+def test_ss2d_takes_the_unfused_path_on_cuda_unless_asked(monkeypatch):
+    """The fused kernel is opt-in (LALIC_SS2D_FUSED=1): the unfused path was faster on an H200."""
+    from types import SimpleNamespace
+
+    from lalic_codec.kernels import selective_scan as ss
+
+    monkeypatch.setattr(ss, "_use_triton", lambda x: True)
+    cuda_map = SimpleNamespace(is_cuda=True)  # stands for a CUDA tensor: only is_cuda is read first
+    monkeypatch.delenv("LALIC_SS2D_FUSED", raising=False)
+    assert ss.fused_cross_scan_kernel(cuda_map, needs_grad=False) is None
+    monkeypatch.setenv("LALIC_SS2D_FUSED", "0")
+    assert ss.fused_cross_scan_kernel(cuda_map, needs_grad=False) is None
+    monkeypatch.setenv("LALIC_SS2D_FUSED", "1")
+    assert ss.fused_cross_scan_kernel(cuda_map, needs_grad=True) is None  # training: always unfused
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:  # pragma: no cover
     torch.set_num_threads(1)
     serve_cases(worker_cases(), [a for a in sys.argv[1:] if not a.startswith("--")])
