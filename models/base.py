@@ -9,6 +9,7 @@ and ``compress`` / ``decompress``.  Coding itself is the model's tree of latent 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -16,6 +17,28 @@ import torch
 import torch.nn as nn
 
 from .latent_codecs import HyperpriorLatentCodec, StreamCoder
+
+
+@contextlib.contextmanager
+def deterministic_cuda(device: torch.device):
+    """cuDNN restricted to its deterministic algorithms (and no autotuning) while coding on CUDA.
+
+    With floating-point scales the encoder and the decoder must compute bitwise the same entropy
+    parameters.  The hyper-synthesis of LALIC and MambaIC is made of transposed convolutions,
+    which cuDNN runs as its backward-data convolution, and several of those algorithms accumulate
+    with atomics: run to run, the sums come in another order.  The first end-to-end run on a GPU
+    (an H200, bench-results/gpu-h200/e2e.txt) failed to decode what it had just encoded, without
+    this.  The previous settings are restored afterwards (the flags are global)."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 @dataclass
@@ -120,9 +143,10 @@ class CodingModel(nn.Module):
     def compress(self, x: torch.Tensor, quality=None, debug: bool = False) -> Coded:
         """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams (z first)."""
         self.check_input(x)
-        y = self.analysis(x, quality)
-        io = StreamCoder(trace=debug)
-        out = self.coding_tree().code(io, y, scale_indexes=self.scale_indexes(quality))
+        with deterministic_cuda(x.device):
+            y = self.analysis(x, quality)
+            io = StreamCoder(trace=debug)
+            out = self.coding_tree().code(io, y, scale_indexes=self.scale_indexes(quality))
         z = out["z"]
         dbg = {"y": y, "z": z, "z_hat": out["z_hat"], **io.trace} if debug else {}
         return Coded(io.streams, tuple(z.shape[-2:]), out["y_hat"], dbg, io.names)
@@ -137,6 +161,8 @@ class CodingModel(nn.Module):
         zh, zw = (int(v) for v in z_shape)
         if zh < 1 or zw < 1:  # checked before any tensor is shaped from it (callers bound the size)
             raise ValueError(f"hyper-latent shape {zh}x{zw} is empty")
-        out = tree.code(StreamCoder(streams), None, (zh, zw), scale_indexes=self.scale_indexes(quality))
-        x_hat = self.synthesis(out["y_hat"], quality).clamp_(0, 1)
+        device = next(self.parameters()).device
+        with deterministic_cuda(device):
+            out = tree.code(StreamCoder(streams), None, (zh, zw), scale_indexes=self.scale_indexes(quality))
+            x_hat = self.synthesis(out["y_hat"], quality).clamp_(0, 1)
         return {"x_hat": x_hat, "y_hat": out["y_hat"], "z_hat": out["z_hat"]}

@@ -89,6 +89,58 @@ def test_float_scale_path_desync_is_detected_not_decoded():
         restore()
 
 
+def test_cuda_coding_keeps_cudnn_to_deterministic_algorithms():
+    """The flags a CUDA encode / decode runs under (transposed convolutions: cuDNN's backward-data
+    algorithms, some with atomics), and that they are given back; on the CPU nothing changes."""
+    from lalic_codec.models.base import deterministic_cuda
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True  # as a user's training script may leave them
+        with deterministic_cuda(torch.device("cpu")):
+            assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        with deterministic_cuda(torch.device("cuda", 0)):
+            assert (cudnn.deterministic, cudnn.benchmark) == (True, False)
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        with pytest.raises(RuntimeError), deterministic_cuda(torch.device("cuda")):
+            raise RuntimeError("a failed encode")
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+def test_compress_and_decompress_run_every_network_inside_the_deterministic_scope(monkeypatch):
+    import contextlib
+
+    from lalic_codec.models import base
+
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def spy(device):
+        seen.append(device.type)
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(base, "deterministic_cuda", spy)
+    torch.manual_seed(4)
+    m = LALIC(**TINY)
+    m.update(force=True)
+    m.eval()
+    calls = []
+    for name in ("g_a", "g_s", "h_s"):
+        getattr(m, name).register_forward_pre_hook(lambda mod, args, name=name: calls.append((name, inside[0])))
+    x = torch.from_numpy(natural_image(64, 64, seed=2).transpose(2, 0, 1)).float().div(255).unsqueeze(0)
+    coded = m.compress(x)
+    m.decompress(coded.streams, coded.z_shape)
+    assert seen == ["cpu", "cpu"]
+    assert {c for c, ok in calls} >= {"g_a", "g_s", "h_s"} and all(ok for c, ok in calls), calls
+
+
 def test_pipeline_names_the_device_class(tmp_path, tiny_lalic_weights):
     lm = loading.load_model("lalic", tiny_lalic_weights, "cpu")
     res = pipeline.encode_image(Image.fromarray(natural_image(128, 128, seed=5)), lm)
