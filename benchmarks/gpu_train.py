@@ -11,7 +11,8 @@ round, so that the minutes go into training rather than into setting it up:
    (constriction, for the entropy models);
 2. there, ``device OUT --minutes M``: installs those wheels if needed, trains from the starting
    weights (``codec train run`` itself: CUDA, bf16, the Triton kernels; the PyTorch reference
-   kernels if the Triton ones fail their first steps) and exports the result to
+   kernels if the Triton ones fail their first steps), after probing larger batches (``--try-batch``:
+   on an H200 the step is bound by launches and syncs, not arithmetic), and exports the result to
    ``OUT/weights.safetensors`` with ``OUT/log.jsonl``;
 3. here, continue on the CPU from the returned weights (``codec train run --init-from``) or
    evaluate them (``codec bench --weights default=...``).
@@ -104,34 +105,61 @@ def device(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes
-    run_dir = Path("/tmp/gpu-train-run")
     print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}", flush=True)
 
-    def config(steps: int) -> tr.TrainConfig:
+    def config(steps: int, batch: int, lr: float, run_dir: Path) -> tr.TrainConfig:
         return tr.TrainConfig(data=(str(gpu_dir / "data"),), holdout=0, val_count=0, val_every=10**9, out=str(run_dir),
-                              steps=steps, batch=args.batch, crop=args.crop, lr=args.lr, warmup=args.warmup,
+                              steps=steps, batch=batch, crop=args.crop, lr=lr, warmup=args.warmup,
                               decay_start=args.decay_start, workers=args.workers, init_from=str(gpu_dir / "init.safetensors"),
                               ckpt_every=10**9, log_every=10, compile=args.compile)
+
+    def probe(batch: int) -> float:
+        """Seconds per step at this batch: a short run of its own (run folder per batch)."""
+        run_dir = Path(f"/tmp/gpu-train-run-b{batch}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t0 = time.time()
+        tr.train(config(args.probe_steps, batch, args.lr, run_dir))
+        timed = _train_records(run_dir / "log.jsonl")
+        if len(timed) >= 2:  # the steady speed: between the last two log lines (start-up excluded)
+            a, b = timed[-2], timed[-1]
+            return (b["train_seconds"] - a["train_seconds"]) / max(1, b["step"] - a["step"])
+        return (time.time() - t0) / args.probe_steps
 
     # a short probe: the step's speed, and whether the Triton kernels train (else the reference)
     for attempt in ("triton", "reference"):
         if attempt == "reference":
             os.environ["LALIC_FORCE_REFERENCE"] = "1"
-        shutil.rmtree(run_dir, ignore_errors=True)
         try:
-            t0 = time.time()
-            tr.train(config(args.probe_steps))
-            probe = (time.time() - t0) / args.probe_steps  # an upper bound: start-up included
-            timed = _train_records(run_dir / "log.jsonl")
-            probe = timed[-1]["sec_per_step"] if timed else probe  # the steady speed, where logged
+            sec = probe(args.batch)
             break
         except Exception as e:  # noqa: BLE001 - report, then try the reference kernels
             print(f"probe with {attempt} kernels failed: {type(e).__name__}: {e}", flush=True)
     else:
         raise SystemExit("training failed with both kernel sets")
-    steps = max(args.probe_steps + 1, int(args.probe_steps + (deadline - time.time() - 60) / probe))
-    print(f"probe: {probe:.3f} s/step with the {attempt} kernels; training to step {steps}", flush=True)
-    tr.train(config(steps), resume=str(run_dir / "checkpoint.pt"), max_seconds=max(60.0, deadline - time.time() - 45))
+    print(f"probe: batch {args.batch}: {sec:.3f} s/step ({args.batch / sec:.0f} crops/s) with the {attempt} kernels", flush=True)
+    # Larger batches while they pay: on an H200 the step of batch 32 x 256 took 0.35 s, far more
+    # than its arithmetic needs (kernel launches and host syncs bound it), so a larger batch may
+    # cost little more time per step.  Kept when it codes at least 15 % more crops per second.
+    batch = args.batch
+    for b in args.try_batch:
+        if b <= batch or time.time() > deadline - 150:
+            continue
+        try:
+            s_b = probe(b)
+        except Exception as e:  # noqa: BLE001 - out of memory, say: keep the smaller batch
+            print(f"probe: batch {b} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            break
+        print(f"probe: batch {b}: {s_b:.3f} s/step ({b / s_b:.0f} crops/s)", flush=True)
+        if b / s_b < 1.15 * batch / sec:
+            break
+        batch, sec = b, s_b
+    lr = args.lr * min(1.5, (batch / args.batch) ** 0.5)  # Adam: about the square root of the batch ratio, capped
+    run_dir = Path(f"/tmp/gpu-train-run-b{batch}")
+    steps = max(args.probe_steps + 1, int(args.probe_steps + (deadline - time.time() - 60) / sec))
+    print(f"training: batch {batch}, lr {lr:.3g}, {attempt} kernels, to step {steps}", flush=True)
+    tr.train(config(steps, batch, lr, run_dir), resume=str(run_dir / "checkpoint.pt"), max_seconds=max(60.0, deadline - time.time() - 45))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     tr.export(run_dir / "checkpoint.pt", out / "weights.safetensors", notes={"gpu": gpu, "kernels": attempt if gpu != "none" else "cpu"})
     shutil.copyfile(run_dir / "log.jsonl", out / "log.jsonl")
@@ -166,7 +194,9 @@ def main() -> None:
     d.add_argument("--lr", type=float, default=1e-4)
     d.add_argument("--warmup", type=int, default=100)
     d.add_argument("--decay-start", type=float, default=0.6)
-    d.add_argument("--workers", type=int, default=8)
+    d.add_argument("--try-batch", type=int, nargs="*", default=[64, 128],
+                   help="larger batches to probe after --batch; the first that does not code 15%% more crops/s ends the search")
+    d.add_argument("--workers", type=int, default=12)
     d.add_argument("--probe-steps", type=int, default=30)
     d.add_argument("--gpu-dir", default=str(GPU_DIR), help="what prepare wrote")
     d.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="as codec train run --compile (CPU only)")
