@@ -136,7 +136,8 @@ def device(args) -> None:
             print(f"probe with {attempt} kernels failed: {type(e).__name__}: {e}", flush=True)
     else:
         raise SystemExit("training failed with both kernel sets")
-    print(f"probe: batch {args.batch}: {sec:.3f} s/step ({args.batch / sec:.0f} crops/s) with the {attempt} kernels", flush=True)
+    kernels = f"the {attempt} kernels" if torch.cuda.is_available() else "the CPU paths (no GPU)"
+    print(f"probe: batch {args.batch}: {sec:.3f} s/step ({args.batch / sec:.0f} crops/s) with {kernels}", flush=True)
     # Larger batches while they pay: on an H200 the step of batch 32 x 256 took 0.35 s, far more
     # than its arithmetic needs (kernel launches and host syncs bound it), so a larger batch may
     # cost little more time per step.  Kept when it codes at least 15 % more crops per second.
@@ -158,7 +159,7 @@ def device(args) -> None:
     lr = args.lr * min(1.5, (batch / args.batch) ** 0.5)  # Adam: about the square root of the batch ratio, capped
     run_dir = Path(f"/tmp/gpu-train-run-b{batch}")
     steps = max(args.probe_steps + 1, int(args.probe_steps + (deadline - time.time() - 60) / sec))
-    print(f"training: batch {batch}, lr {lr:.3g}, {attempt} kernels, to step {steps}", flush=True)
+    print(f"training: batch {batch}, lr {lr:.3g}, {kernels}, to step {steps}", flush=True)
     tr.train(config(steps, batch, lr, run_dir), resume=str(run_dir / "checkpoint.pt"), max_seconds=max(60.0, deadline - time.time() - 45))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     tr.export(run_dir / "checkpoint.pt", out / "weights.safetensors", notes={"gpu": gpu, "kernels": attempt if gpu != "none" else "cpu"})
