@@ -332,6 +332,7 @@ class Compiled:
         import lalic_codec.models.mambaic_layers as ml
 
         self.saved = []
+        orig_fused = ml.fused_cross_scan_kernel  # the codec's dispatcher decides when the fused kernel runs
         try:
             ops = _kernel_ops()
         except Exception as e:  # noqa: BLE001 - older torch: graph breaks instead
@@ -342,7 +343,7 @@ class Compiled:
             self._patch(layers, "biwkv", lambda w, u, k, v: op_b(w, u, k, v))
 
             def fused_kernel(x, needs_grad):
-                if not x.is_cuda or needs_grad or os.environ.get("LALIC_SS2D_FUSED", "0") != "1":
+                if orig_fused(x, needs_grad) is None:
                     return None
                 return lambda x_, x_dbl, w, A, D=None, bias=None, delta_softplus=True: op_s(
                     x_, x_dbl, w, A, D, bias, delta_softplus)
@@ -350,7 +351,6 @@ class Compiled:
             self._patch(ml, "fused_cross_scan_kernel", fused_kernel)
         else:
             self._patch(layers, "biwkv", torch.compiler.disable(layers.biwkv))
-            orig_fused = ml.fused_cross_scan_kernel
 
             def fused_kernel(x, needs_grad):
                 fn = orig_fused(x, needs_grad)

@@ -105,7 +105,8 @@ def device(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes
-    print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}", flush=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, GPU: {gpu}", flush=True)
 
     def config(steps: int, batch: int, lr: float, run_dir: Path) -> tr.TrainConfig:
         return tr.TrainConfig(data=(str(gpu_dir / "data"),), holdout=0, val_count=0, val_every=10**9, out=str(run_dir),
@@ -136,7 +137,7 @@ def device(args) -> None:
             print(f"probe with {attempt} kernels failed: {type(e).__name__}: {e}", flush=True)
     else:
         raise SystemExit("training failed with both kernel sets")
-    kernels = f"the {attempt} kernels" if torch.cuda.is_available() else "the CPU paths (no GPU)"
+    kernels = f"the {attempt} kernels" if gpu != "none" else "the CPU paths (no GPU)"
     print(f"probe: batch {args.batch}: {sec:.3f} s/step ({args.batch / sec:.0f} crops/s) with {kernels}", flush=True)
     # Larger batches while they pay: on an H200 the step of batch 32 x 256 took 0.35 s, far more
     # than its arithmetic needs (kernel launches and host syncs bound it), so a larger batch may
@@ -161,7 +162,6 @@ def device(args) -> None:
     steps = max(args.probe_steps + 1, int(args.probe_steps + (deadline - time.time() - 60) / sec))
     print(f"training: batch {batch}, lr {lr:.3g}, {kernels}, to step {steps}", flush=True)
     tr.train(config(steps, batch, lr, run_dir), resume=str(run_dir / "checkpoint.pt"), max_seconds=max(60.0, deadline - time.time() - 45))
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     tr.export(run_dir / "checkpoint.pt", out / "weights.safetensors", notes={"gpu": gpu, "kernels": attempt if gpu != "none" else "cpu"})
     shutil.copyfile(run_dir / "log.jsonl", out / "log.jsonl")
     state = tr.read_training_state(run_dir / "checkpoint.pt")

@@ -14,6 +14,7 @@ then gives the GPU ``JITFunction``) and the test process stays free of triton.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -43,17 +44,18 @@ print(json.dumps(report))
 """
 
 
-def _report() -> dict:
-    import os
-
+def _report(modules, path_first: str | None = None) -> dict:
+    """PROBE's report on ``modules``, run without TRITON_INTERPRET (``path_first`` leads PYTHONPATH)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", PROBE, *MODULES], env=env, capture_output=True, text=True, timeout=300)
+    if path_first is not None:
+        env["PYTHONPATH"] = os.pathsep.join([path_first, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", PROBE, *modules], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_kernels_read_only_constexpr_globals():
-    report = _report()
+    report = _report(MODULES)
     for name in MODULES:
         assert report[name]["kernels"] >= 5, f"{name}: found no Triton kernels to check"
         assert report[name]["bad"] == [], f"{name}: globals the GPU compiler refuses: {report[name]['bad']}"
@@ -66,12 +68,6 @@ def test_the_check_catches_a_plain_float_global(tmp_path):
         "PLAIN = -1e30\nOK = tl.constexpr(-1e30)\n"
         "@triton.jit\ndef bad(x_ptr):\n    tl.store(x_ptr, PLAIN)\n"
         "@triton.jit\ndef good(x_ptr):\n    tl.store(x_ptr, OK)\n")
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", PROBE, "probe_kernels"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])["probe_kernels"]
+    report = _report(["probe_kernels"], path_first=str(tmp_path))["probe_kernels"]
     assert report["kernels"] == 2
     assert report["bad"] == ["bad reads PLAIN (float)"]
