@@ -34,7 +34,7 @@ def encoder_reconstruction(lm, rgb: np.ndarray, quality: float) -> np.ndarray:
 
 @pytest.mark.parametrize("h,w", [(97, 203), (1, 1), (64, 64), (65, 130), (3, 200)])
 def test_decode_equals_encoder_reconstruction(vr, h, w, monkeypatch):
-    monkeypatch.setattr(pipeline, "SEARCH_ROUNDS", 0)  # small images: code the pixels themselves
+    monkeypatch.setattr(pipeline, "SMALL_TILE_SEARCH", False)  # small images: code the pixels themselves
     rgb = natural_image(h, w, seed=h * w)
     res = pipeline.encode_image(Image.fromarray(rgb), vr, quality=5)
     dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu")
@@ -149,7 +149,8 @@ def test_fixed_rate_official_style_checkpoint(tiny_lalic_weights):
     res = pipeline.encode_image(Image.fromarray(rgb), lm, quality=3)
     assert any("fixed rate" in n for n in res.notes)
     h = fmt.read(res.data)
-    assert h.header.quality == 0 and h.tiles[0].pad == (19, 19, 29, 29)  # centred padding to 128
+    l, r, t, b = h.tiles[0].pad  # one canvas of 128 x 128 (where the image sits on it is the encoder's search)
+    assert h.header.quality == 0 and (90 + l + r, 70 + t + b) == (128, 128)
     dec = pipeline.decode_bytes(res.data, tiny_lalic_weights, "cpu")
     assert dec.image.size == (90, 70)
 
