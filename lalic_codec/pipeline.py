@@ -77,12 +77,18 @@ def _device_class(lm: loading.LoadedModel) -> int:
 
 def decode_tile(lm: loading.LoadedModel, streams, pad, h: int, w: int, quality: torch.Tensor | None) -> torch.Tensor:
     """One tile's streams -> the tile as decoded, (3, h, w) floats in [0, 1]: the network's output on
-    the padded canvas, cropped to the tile (FORMAT.md 7.1).  :func:`decode_bytes` decodes every
-    tile with it, and the encoder's search for small images (:func:`_small_tile_search`) with it
-    sees what the decoder will see."""
+    the padded canvas, cropped to the tile (FORMAT.md 7.1, :func:`crop_tile`).  :func:`decode_bytes`
+    decodes every tile with it; the encoder's search for small images (:func:`_small_tile_search`)
+    decodes each canvas once the same way and crops it at every placement it tries."""
     l, r, t, b = pad
     out = lm.model.decompress(streams, lm.model.hyper_shape(h + t + b, w + l + r), quality=quality)
-    return out["x_hat"][0, :, t : t + h, l : l + w]
+    return crop_tile(out["x_hat"], pad, h, w)
+
+
+def crop_tile(canvas: torch.Tensor, pad, h: int, w: int) -> torch.Tensor:
+    """The h x w tile (3, h, w) inside a decoded canvas (1, 3, H, W) padded by ``pad`` (left, right, top, bottom)."""
+    l, _, t, _ = pad
+    return canvas[0, :, t : t + h, l : l + w]
 
 
 #: whether :func:`encode_image` searches for a better coding of a small image (the tests turn it off
@@ -97,9 +103,9 @@ SEARCH_ROUNDS = 4
 SEARCH_SIZE_SLACK = 0.10
 
 
-def _placements(h: int, w: int, pad) -> list[tuple[int, int, int, int]]:
-    """Paddings (left, right, top, bottom) of an h x w image on the canvas that ``pad`` (the centred
-    padding) makes: ``pad`` first, then :data:`PLACEMENTS` on each axis."""
+def _placements(pad) -> list[tuple[int, int, int, int]]:
+    """Paddings (left, right, top, bottom) of an image on the canvas that ``pad`` (its centred
+    padding) makes: ``pad`` first, then :data:`PLACEMENTS` of the free room on each axis."""
     free_w, free_h = pad[0] + pad[1], pad[2] + pad[3]
     pads = [tuple(pad)]
     for ft in PLACEMENTS:
@@ -147,13 +153,13 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
         return streams, canvas
 
     def error(canvas, p):
-        crop = canvas[0, :, p[2] : p[2] + h, p[0] : p[0] + w]
+        crop = crop_tile(canvas, p, h, w)
         return crop, float((torch.from_numpy(imaging.to_uint8(crop)).to(target.device).float() - target).square().mean())
 
     # 1. placement
     coded: dict[bytes, tuple] = {}
     candidates = []
-    for p in _placements(h, w, pad):
+    for p in _placements(pad):
         x = tiling._to_tensor(rgb, p, lm.device)
         key = x.cpu().numpy().tobytes()
         if key not in coded:
@@ -169,7 +175,7 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
     for _ in range(SEARCH_ROUNDS):
         if best_err == 0:
             break
-        e = crop[None] - x[:, :, t : t + h, l : l + w]
+        e = (crop - crop_tile(x, pad, h, w))[None]
         inp = inp - torch.nn.functional.pad(e, (l, r, t, b), mode="replicate")
         streams, canvas = code(inp)
         crop, err = error(canvas, pad)
