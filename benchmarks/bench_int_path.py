@@ -78,9 +78,11 @@ def main() -> None:
             h, w = x.shape[-2:]
             qt = torch.tensor([q])
             with torch.no_grad():
-                c_int = model.compress(x, quality=qt)
+                # plain rounding (rdo=0): both paths code the same symbols (the encoder's
+                # rate-distortion-optimised rounding would choose by each path's own scales)
+                c_int = model.compress(x, quality=qt, rdo=0.0)
                 with float_scales(model):
-                    c_float = model.compress(x, quality=qt)
+                    c_float = model.compress(x, quality=qt, rdo=0.0)
             assert torch.equal(c_int.y_hat, c_float.y_hat), "the two paths must share the dequantised latent"
             bits_int += 8 * y_bytes(c_int)
             bits_float += 8 * y_bytes(c_float)

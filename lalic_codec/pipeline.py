@@ -94,6 +94,9 @@ def crop_tile(canvas: torch.Tensor, pad, h: int, w: int) -> torch.Tensor:
 #: whether :func:`encode_image` searches for a better coding of a small image (the tests turn it off
 #: to compare against the plain coding)
 SMALL_TILE_SEARCH = True
+#: the encoder's rate-distortion-optimised rounding of y (``rdo_lagrangian`` of the model; the
+#: official models round plainly); False rounds plainly with every model (tests, bench_rdo.py)
+RDO = True
 #: where :func:`_small_tile_search` tries the image on its canvas: these fractions of the free room
 #: on each axis (0.5 is the centred padding), so 9 placements
 PLACEMENTS = (0.25, 0.5, 0.75)
@@ -101,6 +104,10 @@ PLACEMENTS = (0.25, 0.5, 0.75)
 #: chosen one may be
 SEARCH_ROUNDS = 4
 SEARCH_SIZE_SLACK = 0.10
+
+
+def _compress(lm: loading.LoadedModel, x: torch.Tensor, qt) -> list[bytes]:
+    return lm.model.compress(x, quality=qt, rdo=None if RDO else 0.0).streams
 
 
 def _placements(pad) -> list[tuple[int, int, int, int]]:
@@ -148,7 +155,7 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
     z_shape = lm.model.hyper_shape(canvas_h, canvas_w)
 
     def code(inp):
-        streams = lm.model.compress(inp, quality=qt).streams
+        streams = _compress(lm, inp, qt)
         canvas = lm.model.decompress(streams, z_shape, quality=qt)["x_hat"]
         return streams, canvas
 
@@ -225,7 +232,7 @@ def encode_image(
             if SMALL_TILE_SEARCH and len(plan) == 1 and (tw + pad[0] + pad[1]) * (th + pad[2] + pad[3]) <= tiling.MIN_CANVAS**2:
                 pad, streams = _small_tile_search(lm, rgb, pad, qt)
             else:
-                streams = lm.model.compress(tiling._to_tensor(rgb, pad, lm.device), quality=qt).streams
+                streams = _compress(lm, tiling._to_tensor(rgb, pad, lm.device), qt)
         tiles.append(fmt.Tile(tx, ty, tw, th, pad, streams))
         del streams
     header = fmt.Header(

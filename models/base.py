@@ -138,14 +138,20 @@ class CodingModel(nn.Module):
         ``latent_codecs.ScaleIndexes`` of an integer scale path."""
         return None
 
+    def rdo_lagrangian(self, quality=None) -> float:
+        """The Lagrangian of the encoder's rate-distortion-optimised rounding of y (0: plain
+        rounding, as the official models' encoders do)."""
+        return 0.0
+
     # --- coding ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None, debug: bool = False) -> Coded:
-        """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams (z first)."""
+    def compress(self, x: torch.Tensor, quality=None, debug: bool = False, rdo: float | None = None) -> Coded:
+        """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams (z first).
+        ``rdo``: the rounding's Lagrangian (default :meth:`rdo_lagrangian`; 0 rounds plainly)."""
         self.check_input(x)
         with deterministic_cuda(x.device):
             y = self.analysis(x, quality)
-            io = StreamCoder(trace=debug)
+            io = StreamCoder(trace=debug, rdo=self.rdo_lagrangian(quality) if rdo is None else rdo)
             out = self.coding_tree().code(io, y, scale_indexes=self.scale_indexes(quality))
         z = out["z"]
         dbg = {"y": y, "z": z, "z_hat": out["z_hat"], **io.trace} if debug else {}

@@ -299,11 +299,33 @@ class GaussianConditional(EntropyModel):
         table = self.scale_table[:-1].to(device=scales.device, dtype=scales.dtype).contiguous()
         return torch.searchsorted(table, scales.contiguous(), right=False).int()
 
-    def compress(self, y: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        """One stream of the symbols ``round(y - means)``, each coded with the table its index names;
-        returns (stream, symbols)."""
-        sym = self.quantize(y, "symbols", means)
+    def compress(self, y: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor, rdo: float = 0.0) -> tuple[bytes, torch.Tensor]:
+        """One stream of the symbols of ``y - means``, each coded with the table its index names;
+        returns (stream, symbols).  The symbols are ``round(y - means)``, or with ``rdo > 0`` the
+        rate-distortion-optimised rounding of :meth:`rd_symbols`."""
+        sym = self.quantize(y, "symbols", means) if rdo <= 0 else self.rd_symbols(y - means, indexes, rdo)
         return encode_stream(sym.cpu().numpy(), indexes.cpu().numpy(), self.tables()), sym
+
+    @full_precision
+    def rd_symbols(self, residual: torch.Tensor, indexes: torch.Tensor, lagrangian: float) -> torch.Tensor:
+        """Rate-distortion-optimised rounding (the encoder's choice: a decoder only dequantises).
+
+        Each element's symbol is ``round(residual)`` or, where that is not 0, the next integer
+        towards 0, whichever costs less in ``(residual - symbol)^2 + lagrangian * bits(symbol)``,
+        with ``bits`` the code length under the element's table scale (the Gaussian the table
+        holds, at most 16 bits: the tables' precision).  Decisions ignore what a symbol changes
+        in the contexts of later ones; ``lagrangian`` is tuned for that (``rdo_lagrangian`` of
+        the model)."""
+        s0 = torch.round(residual)
+        s1 = s0 - torch.sign(s0)
+        scales = self.scale_table.to(residual.device, residual.dtype)[indexes.long()]
+
+        def bits(s):
+            return -torch.log2(self.likelihood(s, scales).clamp(min=2.0**-16))
+
+        cost0 = (residual - s0).square() + lagrangian * bits(s0)
+        cost1 = (residual - s1).square() + lagrangian * bits(s1)
+        return torch.where(cost1 < cost0, s1, s0).int()
 
     def decompress(self, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
         """The symbols of a :meth:`compress` stream (shaped like ``indexes``, on its device)."""

@@ -275,6 +275,11 @@ class LALIC(CodingModel):
 DEFAULT_LAMBDAS = tuple(float(f"{0.0018 * (0.0483 / 0.0018) ** (i / 7):.6f}") for i in range(8))
 
 
+#: the encoder's rate-distortion-optimised rounding (:meth:`VariableRateLALIC.rdo_lagrangian`):
+#: Lagrangian per unit of mean inverse gain (default-v6: 0.10 at quality 1, 0.035 at 4, 0.008 at 8)
+RDO_SCALE = 0.0128
+
+
 @register("lalic-vr")
 class VariableRateLALIC(LALIC):
     """LALIC with per-channel gain vectors on the latent, one per quality level (Cui et al., CVPR 2021).
@@ -318,6 +323,18 @@ class VariableRateLALIC(LALIC):
     def lambda_for(self, quality) -> torch.Tensor:
         """Lambda of a (possibly fractional) quality, interpolated log-linearly."""
         return torch.exp(self._interp(torch.log(self.lambdas).unsqueeze(1), quality)).reshape(-1)
+
+    def rdo_lagrangian(self, quality=None) -> float:
+        """:data:`RDO_SCALE` times the mean inverse gain of ``quality``: the quantisation step's size
+        in the image's terms (about 1.4x per quality level), so the rounding moves fewer symbols
+        towards 0 at the top qualities, where the later symbols' contexts lose more by it.
+        ``benchmarks/bench_rdo.py`` with default-v6 on the first 6 Kodak images, against plain
+        rounding: BD-rate -1.98 %; quality 1 -34.6 % rate at -0.99 dB, 4 -10.3 % at -0.38 dB, 8
+        -0.6 % at -0.02 dB.  Tried on 4 Kodak images (kodim01, 05, 14, 23): a constant 0.05 at
+        every quality -1.89 % (+0.16 % at quality 8), a constant 0.1 -0.43 % (+1.32 % at 8)."""
+        if quality is None:
+            raise ValueError("the variable-rate model needs a quality")
+        return RDO_SCALE * float(torch.exp(self._interp(self.log_inv_gain.detach(), quality)).mean())
 
     def latent_gain(self, y, quality=None):
         if quality is None:

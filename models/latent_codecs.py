@@ -84,10 +84,13 @@ class StreamCoder:
     decodes: nodes :meth:`read` them back in the same order.  With ``trace`` an encoder also
     keeps, stream by stream, the means and table indexes it coded with (``trace["means"]``,
     ``trace["scale_indexes"]``; conformance tests compare them with the official model's).
+    ``rdo`` > 0 makes the Gaussian leaves choose their symbols by rate-distortion-optimised
+    rounding with that Lagrangian (``GaussianConditional.rd_symbols``) instead of plain rounding.
     """
 
-    def __init__(self, streams: list[bytes] | None = None, trace: bool = False):
+    def __init__(self, streams: list[bytes] | None = None, trace: bool = False, rdo: float = 0.0):
         self.encoding = streams is None
+        self.rdo = float(rdo)
         self.streams: list[bytes] = [] if streams is None else list(streams)
         self.names: list[str] = []
         self.trace: dict | None = {"means": [], "scale_indexes": []} if trace else None
@@ -156,7 +159,7 @@ class GaussianConditionalLatentCodec(LatentCodec):
         """Code stream ``name``; returns the symbols (in the means' dtype): ``symbols + means`` is y_hat."""
         gc = self.gaussian_conditional
         if io.encoding:
-            data, sym = gc.compress(y, indexes, means)
+            data, sym = gc.compress(y, indexes, means, rdo=io.rdo)
             io.write(name, data)
             if io.trace is not None:
                 io.trace["means"].append(means)

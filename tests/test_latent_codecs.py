@@ -65,7 +65,7 @@ def test_compress_names_its_streams_and_decoding_reads_them_in_order(models, nam
     assert torch.equal(out["y_hat"], coded.y_hat)
     # the tree itself, driven directly: the same streams, and a decoder reads every one of them
     tree = m.coding_tree()
-    io = StreamCoder()
+    io = StreamCoder(rdo=m.rdo_lagrangian(quality(m)))  # the rounding the model's encoder uses
     enc = tree.code(io, m.analysis(x, quality(m)), scale_indexes=m.scale_indexes(quality(m)))
     assert io.streams == coded.streams and io.names == coded.names
     dec_io = StreamCoder(coded.streams)
@@ -139,3 +139,63 @@ def test_registry_finds_each_model_by_its_weights(models):
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="already registered"):
         registry.register("lalic")(type("Other", (CodingModel,), {}))
+
+
+def _bits(s: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Code length of integer symbols under zero-mean Gaussians (written out, not the model's)."""
+    a = s.abs().double()
+    sig = scales.double().clamp(min=0.11)
+    p = torch.special.ndtr((0.5 - a) / sig) - torch.special.ndtr((-0.5 - a) / sig)
+    return -torch.log2(p.clamp(min=2.0**-16))
+
+
+def test_rd_rounding_takes_the_cheaper_of_round_and_one_step_towards_zero():
+    gc = GaussianConditional()
+    gc.update_scale_table(force=True)
+    torch.manual_seed(3)
+    r = torch.randn(4, 8, 16, 16) * 3
+    idx = torch.randint(0, 64, r.shape, dtype=torch.int32)
+    s0 = torch.round(r).double()
+    assert torch.equal(gc.rd_symbols(r, idx, 0.0), s0.int())  # Lagrangian 0: plain rounding
+    scales = gc.scale_table[idx.long()]
+    for lagrangian in (0.02, 0.1, 0.5):
+        s = gc.rd_symbols(r, idx, lagrangian).double()
+        moved = s != s0
+        assert torch.equal(s[moved], (s0 - torch.sign(s0))[moved])  # only ever one step towards 0
+        assert moved.any() and (s0[moved] != 0).all()
+        cost = (r - s).square() + lagrangian * _bits(s, scales)
+        cost0 = (r - s0).square() + lagrangian * _bits(s0, scales)
+        assert (cost <= cost0 + 1e-9).all() and (cost[moved] < cost0[moved]).all()
+    # a residual of 0.6 under the narrowest table: 1 costs about 16 bits, 0 almost none
+    one = torch.tensor([0.6]), torch.tensor([0], dtype=torch.int32)
+    assert gc.rd_symbols(*one, 0.0).item() == 1 and gc.rd_symbols(*one, 0.05).item() == 0
+
+
+def test_rd_rounded_symbols_decode_and_cost_fewer_bytes():
+    gc = GaussianConditional()
+    gc.update_scale_table(force=True)
+    torch.manual_seed(4)
+    means = torch.randn(1, 16, 32, 32)
+    y = means + torch.randn(1, 16, 32, 32) * 2
+    indexes = gc.build_indexes(torch.full(y.shape, 2.0))
+    plain, sym0 = gc.compress(y, indexes, means)
+    data, sym = gc.compress(y, indexes, means, rdo=0.2)
+    assert torch.equal(gc.decompress(data, indexes), sym)
+    assert not torch.equal(sym, sym0) and len(data) < len(plain)
+
+
+def test_which_models_round_rate_distortion_optimally(models):
+    """The variable-rate model's encoder does, with a Lagrangian that shrinks as the quality rises
+    (the quantisation step's size); the official models' encoders round plainly, as their own
+    code does (conformance compares their streams)."""
+    assert models["lalic"].rdo_lagrangian() == 0 and models["mambaic"].rdo_lagrangian() == 0
+    m = models["lalic-vr"]
+    mus = [m.rdo_lagrangian(torch.tensor([q])) for q in (1.0, 2.5, 4.0, 8.0)]
+    assert all(a > b > 0 for a, b in zip(mus, mus[1:]))
+    x = image(128, 128, seed=5)
+    q = torch.tensor([1.0])
+    plain, rdo = m.compress(x, quality=q, rdo=0.0), m.compress(x, quality=q)
+    assert plain.streams != rdo.streams  # y's symbols differ; z is coded the same way
+    assert plain.streams[0] == rdo.streams[0]
+    for c in (plain, rdo):
+        assert torch.equal(m.decompress(c.streams, c.z_shape, quality=q)["y_hat"], c.y_hat)

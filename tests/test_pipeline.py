@@ -222,3 +222,20 @@ def test_channel_context_width_is_read_from_the_weights(tmp_path):
     model = loading.load_model("default", str(path), "cpu").model
     assert model.config.ctx_hidden_rate == 2
     assert model.channel_groups.channel_context["y1"][1].ffn.key.weight.shape[0] == 2 * TINY["dims"][3]
+
+
+def test_rd_rounding_is_on_by_default_and_can_be_turned_off(vr, monkeypatch):
+    """The pipeline codes with the model's rate-distortion-optimised rounding; ``pipeline.RDO =
+    False`` rounds plainly.  Either file decodes to what its encoder reconstructed."""
+    monkeypatch.setattr(pipeline, "SMALL_TILE_SEARCH", False)
+    rgb = natural_image(128, 128, seed=11)
+    pad = tiling.centred_padding(128, 128, vr.model.pad_multiple, tiling.MIN_CANVAS)
+    x, q = tiling._to_tensor(rgb, pad, vr.device), torch.tensor([1.0])
+    files = {}
+    for rdo in (True, False):
+        monkeypatch.setattr(pipeline, "RDO", rdo)
+        res = pipeline.encode_image(Image.fromarray(rgb), vr, quality=1)
+        expected = vr.model.compress(x, quality=q, rdo=None if rdo else 0.0).streams
+        assert fmt.read(res.data).tiles[0].streams == expected
+        files[rdo] = res.data
+    assert files[True] != files[False]

@@ -1,0 +1,73 @@
+"""What the encoder's rate-distortion-optimised rounding of y gains, against plain rounding.
+
+The default model's encoder chooses each symbol of y as ``round(y - mu)`` or the next integer
+towards 0, whichever costs less in squared error plus a Lagrangian times its code length
+(``GaussianConditional.rd_symbols``; the Lagrangian is the model's ``rdo_lagrangian``).  The
+decoder is unchanged: it only dequantises.  This script codes every image at each quality with
+and without it (whole .lic files through the pipeline, as ``codec encode`` writes them), decodes
+them, and prints the mean bpp and PSNR of both, the gain at each quality, and the BD-rate
+(pchip) of the rounding against plain rounding over the range both curves share.
+
+    python benchmarks/bench_rdo.py [--weights W] [--images ../shared/data/kodak] [--count 24]
+                                   [--quality 1 2 3 4 5 6 7 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lalic_codec import imaging, loading, pipeline
+from lalic_codec._paths import shared_dir
+from lalic_codec.bench.curves import bd_rate
+
+
+def code(lm, weights, images, q: float, rdo: bool) -> tuple[float, float, float]:
+    """(mean bpp, mean PSNR, seconds) of ``images`` at quality ``q``."""
+    pipeline.RDO = rdo
+    bpps, psnrs, t0 = [], [], time.perf_counter()
+    try:
+        for im in images:
+            r = pipeline.encode_image(im, lm, quality=q)
+            dec = pipeline.decode_bytes(r.data, weights).image
+            bpps.append(8 * len(r.data) / (im.width * im.height))
+            psnrs.append(imaging.psnr(np.asarray(im), np.asarray(dec.convert("RGB"))))
+    finally:
+        pipeline.RDO = True
+    return float(np.mean(bpps)), float(np.mean(psnrs)), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", help="weights file of the default model (default: the bundled one)")
+    ap.add_argument("--images", default=str(shared_dir() / "data" / "kodak"))
+    ap.add_argument("--count", type=int, default=24)
+    ap.add_argument("--quality", type=float, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = loading.load_model("default", args.weights, "cpu")
+    files = sorted(p for p in __import__("pathlib").Path(args.images).iterdir() if p.suffix.lower() == ".png")[: args.count]
+    images = [Image.open(f).convert("RGB") for f in files]
+    print(f"{lm.model_id}: {len(images)} images from {args.images}; {args.threads} threads")
+    print(f"{'quality':>7} {'Lagrangian':>10} {'plain bpp':>10} {'dB':>7} {'rdo bpp':>10} {'dB':>7} {'rate':>8} {'dB':>7} {'enc+dec s':>10}")
+    plain, rdo = [], []
+    for q in args.quality:
+        a, b = code(lm, args.weights, images, q, False), code(lm, args.weights, images, q, True)
+        plain.append(a)
+        rdo.append(b)
+        mu = lm.model.rdo_lagrangian(torch.tensor([q]))
+        print(f"{q:7g} {mu:10.4f} {a[0]:10.4f} {a[1]:7.2f} {b[0]:10.4f} {b[1]:7.2f} {b[0] / a[0] - 1:+8.1%} {b[1] - a[1]:+7.2f} "
+              f"{a[2] / len(images):4.2f}/{b[2] / len(images):4.2f}")
+    if len(args.quality) >= 4:
+        bd = bd_rate([p[0] for p in plain], [p[1] for p in plain], [p[0] for p in rdo], [p[1] for p in rdo])
+        lo, hi = bd.common_range
+        print(f"BD-rate of the rounding against plain rounding: {bd.value:+.2f} % over {lo:.2f}-{hi:.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
