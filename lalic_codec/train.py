@@ -18,6 +18,7 @@ validation, export), whose parts share the run's state; the model changes betwee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -65,6 +66,7 @@ class TrainConfig:
     warmup: int = 500
     decay_start: float = 0.8  # fraction of `steps` after which the rate decays (cosine) to lr/20
     clip: float = 1.0
+    ema_half_life: int = 0  # steps; > 0 keeps an exponential moving average of the weights beside them
     scale_path_lr_mult: float = 5.0  # the integer scale path learns in index units: a larger step
     scale_path_bias_lr_mult: float = 100.0  # ... and its biases (table indexes, activations 0..127) far larger
     gain_lr_mult: float = 5.0  # the latent gains (log units) set each quality's rate
@@ -408,15 +410,68 @@ def read_training_state(path: str | Path) -> dict:
     return state
 
 
-def model_from_checkpoint(path: str | Path):
+def model_from_checkpoint(path: str | Path, ema: bool = False):
     """(state, config, model) of a training checkpoint: the model built with the run's architecture
-    and holding its weights.  A missing file, or one that is no checkpoint of ``codec train run``, is
-    a :class:`~lalic_codec.errors.ModelError` (one line, exit status 5)."""
+    and holding its weights (``ema``: their moving average instead, see :class:`WeightAverage`).  A
+    missing file, or one that is no checkpoint of ``codec train run`` (or, with ``ema``, one without
+    an average), is a :class:`~lalic_codec.errors.ModelError` (one line, exit status 5)."""
     state = read_training_state(path)
     cfg = TrainConfig(**{**asdict(TrainConfig()), **state["config"]})
     model = build_model(cfg.arch)
     model.load_state_dict(state["model"])
+    if ema:
+        from .errors import ModelError
+
+        if not state.get("ema"):
+            raise ModelError(f"{Path(path).name} holds no moving average of the weights (train with --ema-half-life)")
+        WeightAverage.load_into(model, state["ema"])
     return state, cfg, model
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters, kept beside them in float32
+    (Polyak averaging): after every optimizer step ``avg += (1 - d) * (param - avg)`` with
+    ``d = 2 ** (-1 / half_life)``.  Validated beside the live weights and exported with
+    ``codec train export --ema``; it lets a run train at a constant learning rate across many
+    sessions instead of restarting a warm-up and a decay in each."""
+
+    def __init__(self, model, half_life: int, saved: dict | None = None):
+        self.decay = 2.0 ** (-1.0 / half_life)
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        if saved is not None and set(saved) == set(self.names):
+            self.avg = [saved[n].to(p.device, torch.float32).clone() for n, p in zip(self.names, self.params)]
+            self.resumed = True
+        else:  # a new average (or the architecture changed): start at the weights themselves
+            self.avg = [p.detach().float().clone() for p in self.params]
+            self.resumed = False
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.avg, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return dict(zip(self.names, self.avg))
+
+    @staticmethod
+    @torch.no_grad()
+    def load_into(model, avg: dict) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(avg[n])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the average inside the block, its own weights again after it."""
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.avg):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None = None) -> Path:
@@ -485,6 +540,9 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         totals.update(state.get("totals", {}))
     for g in opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
+    average = WeightAverage(model, cfg.ema_half_life, (state or {}).get("ema")) if cfg.ema_half_life > 0 else None
+    if average is not None and state is not None and not average.resumed:
+        click.echo("--ema-half-life: the checkpoint holds no average of these weights; it starts at them", err=True)
     model.train()
 
     files, held_out = split_data(cfg.data, cfg.holdout)
@@ -532,6 +590,8 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         }
         if device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state()
+        if average is not None:
+            st["ema"] = average.state_dict()
         return st
 
     t_start = time.time()
@@ -571,6 +631,8 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             aux = model.aux_loss()
             aux.backward()
             aux_opt.step()
+            if average is not None:
+                average.update()
             acc["aux"] += aux.item()
             acc["n"] += 1
             step += 1
@@ -591,6 +653,10 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             if val_files and cfg.val_every and step % cfg.val_every == 0:
                 val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop)
                 log.write(json.dumps({"type": "val", "step": step, "time": time.time(), "cpu_hours": round(totals["cpu_seconds"] / 3600, 4), **val}) + "\n")
+                if average is not None:
+                    with average.swapped_in():
+                        val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop)
+                    log.write(json.dumps({"type": "val_ema", "step": step, "time": time.time(), **val}) + "\n")
                 log.flush()
             if step % cfg.ckpt_every == 0:
                 # the factorized prior's quantiles, solved directly (the aux loss alone is far too slow
@@ -610,12 +676,13 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
 # export
 
 
-def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: dict | None = None) -> Path:
+def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: dict | None = None, ema: bool = False) -> Path:
     """Write the shipped weights: model tensors (fp16 unless ``fp16=False``), CDF tables (int32) and
-    metadata (architecture, lambdas, training summary) as a safetensors file."""
+    metadata (architecture, lambdas, training summary) as a safetensors file.  ``ema``: the run's
+    moving average of the weights instead of the weights themselves."""
     from .models.checkpoints import save_weights
 
-    state, cfg, model = model_from_checkpoint(checkpoint)
+    state, cfg, model = model_from_checkpoint(checkpoint, ema=ema)
     model.entropy_bottleneck.fit_quantiles()
     model.update(force=True)
     meta = {
@@ -625,6 +692,7 @@ def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: di
         "train_seconds": f"{state.get('train_seconds', 0.0):.0f}",
         "train_device": state.get("device", "?"),
         "train_crop": str(cfg.crop),
+        "train_weights": f"moving average, half-life {cfg.ema_half_life} steps" if ema else "final",
         **{f"total_{k}": str(v) for k, v in state.get("totals", {}).items()},
         "notes": notes or {},
     }
@@ -668,6 +736,8 @@ def cli():
               help="bf16 autocast (rates stay float32): auto = CUDA, or a CPU with bf16 instructions")
 @click.option("--compile", "compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="torch.compile the CPU fast paths (BiWKV, depthwise backward; about 10 s per shape at the start): auto = CPU with a C++ compiler")
+@click.option("--ema-half-life", default=0, show_default=True, type=click.IntRange(min=0),
+              help="keep a moving average of the weights with this half-life in steps (0: none); validated beside them, exported with export --ema")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
 @exit_codes()
 def run_cmd(resume, max_minutes, **kw):
@@ -811,10 +881,11 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
 @click.argument("checkpoint")
 @click.argument("out")
 @click.option("--fp32", is_flag=True, help="keep float32 weights")
+@click.option("--ema", is_flag=True, help="export the run's moving average of the weights (--ema-half-life)")
 @exit_codes()
-def export_cmd(checkpoint, out, fp32):
+def export_cmd(checkpoint, out, fp32, ema):
     """Export CHECKPOINT to the safetensors weights file OUT."""
-    click.echo(f"wrote {export(checkpoint, out, fp16=not fp32)}")
+    click.echo(f"wrote {export(checkpoint, out, fp16=not fp32, ema=ema)}")
 
 
 def main():

@@ -251,3 +251,40 @@ def test_cli_resume_continues_with_the_saved_settings_in_the_same_folder(tmp_pat
     assert again["step"] == 5 and again["config"]["steps"] == 5 and again["config"]["crop"] == 64
     bad = CliRunner().invoke(tr.cli, ["run", "--resume", str(tmp_path / "nothing.pt")])
     assert bad.exit_code == 5 and len(bad.output.strip().splitlines()) == 1, bad.output
+
+
+def test_moving_average_of_the_weights(tmp_path, data_dir):
+    """--ema-half-life H: after each step avg += (1 - d) (w - avg), d = 2^(-1/H), starting at the
+    first weights; it resumes exactly, is validated beside the weights and exported with --ema."""
+    first = tr.train(cfg_for(tmp_path / "a", data_dir, steps=0, val_count=0))
+    w0 = torch.load(first, weights_only=True)["model"]
+    init = tr.export(first, tmp_path / "w0.safetensors", fp16=False)
+    tr.train(cfg_for(tmp_path / "b", data_dir, steps=1, val_count=0, init_from=str(init), ema_half_life=3))
+    one = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)
+    d = 2 ** (-1 / 3)
+    for k in ("g_a.0.weight", "log_gain", "scale_path.heads.0.1.bias"):
+        expected = d * w0[k] + (1 - d) * one["model"][k]
+        assert not torch.equal(one["model"][k], w0[k]) and torch.allclose(one["ema"][k], expected, atol=1e-6), k
+
+    straight = tr.train(cfg_for(tmp_path / "c", data_dir, steps=4, init_from=str(init), ema_half_life=3))
+    tr.train(cfg_for(tmp_path / "d", data_dir, steps=2, init_from=str(init), ema_half_life=3))
+    resumed = tr.train(cfg_for(tmp_path / "d", data_dir, steps=4, ema_half_life=3), resume=str(tmp_path / "d" / "run" / "checkpoint.pt"))
+    a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
+    assert a["ema"].keys() == b["ema"].keys() and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    log = [json.loads(line) for line in open(tmp_path / "c" / "run" / "log.jsonl")]
+    val, val_ema = ([r for r in log if r["type"] == t] for t in ("val", "val_ema"))
+    assert [r["step"] for r in val] == [r["step"] for r in val_ema] == [2, 4] and val[-1]["q4"] != val_ema[-1]["q4"]
+    # keeping and validating the average leaves the training itself exactly as it is without it
+    plain = torch.load(tr.train(cfg_for(tmp_path / "e", data_dir, steps=4, init_from=str(init))), weights_only=True)
+    assert "ema" not in plain and all(torch.equal(a["model"][k], plain["model"][k]) for k in a["model"])
+
+    out = tr.export(straight, tmp_path / "ema.safetensors", fp16=False, ema=True)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert torch.equal(f.get_tensor("g_a.0.weight"), a["ema"]["g_a.0.weight"])
+        assert f.metadata()["train_weights"] == "moving average, half-life 3 steps"
+    from lalic_codec.errors import ModelError
+
+    with pytest.raises(ModelError, match="no moving average"):
+        tr.export(first, tmp_path / "x.safetensors", ema=True)
