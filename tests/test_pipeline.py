@@ -52,7 +52,10 @@ def vr_path(lm):
     raise AssertionError("model not cached")
 
 
-def test_quality_changes_rate_and_is_recorded(vr):
+def test_quality_changes_rate_and_is_recorded(vr, monkeypatch):
+    # plain rounding: the rate-distortion-optimised rounding zeroes almost all of this random
+    # network's small latent at the low qualities, which then code to the same size
+    monkeypatch.setattr(pipeline, "RDO", False)
     im = Image.fromarray(natural_image(128, 128, seed=3))
     sizes = []
     for q in (1, 2.5, 8):
