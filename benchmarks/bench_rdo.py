@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from lalic_codec.bench.curves import bd_rate
 
 def code(lm, weights, images, q: float, rdo: bool) -> tuple[float, float, float]:
     """(mean bpp, mean PSNR, seconds) of ``images`` at quality ``q``."""
-    pipeline.RDO = rdo
+    saved, pipeline.RDO = pipeline.RDO, rdo
     bpps, psnrs, t0 = [], [], time.perf_counter()
     try:
         for im in images:
@@ -37,7 +38,7 @@ def code(lm, weights, images, q: float, rdo: bool) -> tuple[float, float, float]
             bpps.append(8 * len(r.data) / (im.width * im.height))
             psnrs.append(imaging.psnr(np.asarray(im), np.asarray(dec.convert("RGB"))))
     finally:
-        pipeline.RDO = True
+        pipeline.RDO = saved
     return float(np.mean(bpps)), float(np.mean(psnrs)), time.perf_counter() - t0
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = loading.load_model("default", args.weights, "cpu")
-    files = sorted(p for p in __import__("pathlib").Path(args.images).iterdir() if p.suffix.lower() == ".png")[: args.count]
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() == ".png")[: args.count]
     images = [Image.open(f).convert("RGB") for f in files]
     print(f"{lm.model_id}: {len(images)} images from {args.images}; {args.threads} threads")
     print(f"{'quality':>7} {'Lagrangian':>10} {'plain bpp':>10} {'dB':>7} {'rdo bpp':>10} {'dB':>7} {'rate':>8} {'dB':>7} {'enc+dec s':>10}")

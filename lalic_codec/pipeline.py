@@ -109,7 +109,9 @@ SEARCH_SIZE_SLACK = 0.10
 def _compress(lm: loading.LoadedModel, x: torch.Tensor, qt, rdo: bool | None = None) -> list[bytes]:
     """Streams of one padded tile; ``rdo``: the model's rate-distortion-optimised rounding (default
     :data:`RDO`) or plain rounding."""
-    return lm.model.compress(x, quality=qt, rdo=None if (RDO if rdo is None else rdo) else 0.0).streams
+    if rdo is None:
+        rdo = RDO
+    return lm.model.compress(x, quality=qt, rdo=None if rdo else 0.0).streams  # None: the model's Lagrangian
 
 
 def _placements(pad) -> list[tuple[int, int, int, int]]:

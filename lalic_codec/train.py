@@ -437,8 +437,9 @@ class WeightAverage:
 
     def __init__(self, model, half_life: int, saved: dict | None = None):
         self.decay = 2.0 ** (-1.0 / half_life)
-        self.names = [n for n, _ in model.named_parameters()]
-        self.params = [p for _, p in model.named_parameters()]
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         if saved is not None and set(saved) == set(self.names):
             self.avg = [saved[n].to(p.device, torch.float32).clone() for n, p in zip(self.names, self.params)]
             self.resumed = True

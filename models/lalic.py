@@ -276,7 +276,7 @@ DEFAULT_LAMBDAS = tuple(float(f"{0.0018 * (0.0483 / 0.0018) ** (i / 7):.6f}") fo
 
 
 #: the encoder's rate-distortion-optimised rounding (:meth:`VariableRateLALIC.rdo_lagrangian`):
-#: Lagrangian per unit of mean inverse gain (default-v6: 0.10 at quality 1, 0.035 at 4, 0.008 at 8)
+#: Lagrangian per unit of mean inverse gain (default-v6: 0.10 at quality 1, 0.032 at 4, 0.008 at 8)
 RDO_SCALE = 0.0128
 
 
