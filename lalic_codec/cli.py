@@ -19,7 +19,7 @@ from . import __version__
 from .errors import BadInputError, CodecError, CorruptFileError, NotALicFileError
 from .exits import exit_codes, signals_interrupt
 from .files import (OUTPUT_FORMATS, clean_stale_temps, display_name, entry_name, folder_pairs, make_folder, named_error,
-                    output_format, read_input, take_image, take_lic, write_output)
+                    output_format, read_input, refuse_overwriting_inputs, take_image, take_lic, write_output)
 from .options import (bad_option, check_quality, check_tile, common_model_options, encode_options, format_ext,
                       max_memory_option, max_pixels_option)
 
@@ -240,6 +240,7 @@ def _encode(input, output, model, quality, target_bpp, tile, max_memory, device,
             pairs, ignored = folder_pairs(Path(input), Path(output), take_image, ".lic", recursive)
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "encoded", started, ignored))
         output = _single_output(input, output, ".lic")
+        refuse_overwriting_inputs([(input, output)])
         if output != "-" and Path(output).suffix.lower() != ".lic":
             _say(f"codec: warning: {output} does not end in .lic (encode writes .lic files whatever their name; decode makes images)", quiet)
         _clean_for(output, started)
@@ -294,6 +295,7 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
             sys.exit(_run_batch(pairs, job, quiet, skip_existing, force, "decoded", started, ignored))
         output = _single_output(input, output, ext or ".png")
         _check_format_matches(output, ext)
+        refuse_overwriting_inputs([(input, output)])
         _clean_for(output, started)
         job(input, output)
 

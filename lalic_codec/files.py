@@ -206,6 +206,7 @@ def folder_pairs(src_dir: Path, dst_dir: Path, take, out_suffix: str, recursive:
         raise BadInputError(f"{src_dir}: no input files found" + (f" (ignored: {shown}{more})" if ignored else ""))
     pairs = [(p, dst_dir / p.relative_to(src_dir).parent / (p.stem + out_suffix)) for p in files]
     refuse_clashes(pairs)
+    refuse_overwriting_inputs(pairs)
     for folder in sorted({dst.parent for _, dst in pairs} | {dst_dir}):
         make_folder(folder)
     return pairs, ignored
@@ -292,6 +293,36 @@ def refuse_clashes(pairs) -> None:
     names = ", ".join(srcs[:-1]) + " and " + srcs[-1]
     more = f" (and {len(clashes) - 1} more such clash{'es' * (len(clashes) > 2)})" if len(clashes) > 1 else ""
     raise BadInputError(f"{names} would {'both' if len(srcs) == 2 else 'all'} be written to {clashes[0][0][1]}{more}")
+
+
+def _identity(path) -> tuple[int, int] | None:
+    """(device, inode) of an existing local file (links and hard links resolve to their target)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def refuse_overwriting_inputs(pairs) -> None:
+    """Refuse, before anything is written and whatever ``--force`` says, outputs that are inputs:
+    ``codec encode a.png a.png`` (which replaced the photo by its .lic), a folder coded into
+    itself where a name's stem and the output suffix give back an input (``x.lic`` holding a
+    PNG).  Files are compared by identity (``os.stat``'s device and inode), so other spellings,
+    case-insensitive file systems and links to an input are refused too; ``-`` and URLs are
+    passed over."""
+    inputs: dict = {}
+    for src, _ in pairs:
+        ident = None if str(src) == "-" or "://" in str(src) else _identity(src)
+        if ident is not None:
+            inputs.setdefault(ident, src)
+    for src, dst in pairs:
+        ident = None if str(dst) == "-" or "://" in str(dst) else _identity(dst)
+        if ident is None or ident not in inputs:
+            continue
+        owner = src if _identity(src) == ident else inputs[ident]
+        what = "both the input and the output" if str(owner) == str(dst) else f"the same file as the input {owner}"
+        raise BadInputError(f"{dst} is {what}: refusing to write over an input (give another output name)")
 
 
 def make_folder(folder: Path) -> None:

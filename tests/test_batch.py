@@ -250,6 +250,11 @@ def test_plan_of_folders_globs_and_manifests(tmp_path):
     (src / "x.jpg").write_bytes(b"")
     with pytest.raises(inputs.BadInputError, match="would both be written to"):
         inputs.plan(str(src / "x.*"), str(out), False, False, ".lic")
+    Image.fromarray(natural_image(8, 8)).save(src / "a" / "w.lic", format="PNG")  # an image named .lic, coded in place
+    with pytest.raises(inputs.BadInputError, match="both the input and the output"):
+        inputs.plan(str(src / "a" / "*.lic"), str(src / "a"), False, False, ".lic")
+    with pytest.raises(inputs.BadInputError, match="both the input and the output"):
+        inputs.plan(str(src / "a"), str(src / "a"), False, False, ".lic")
 
 
 def test_urls_are_planned_listed_and_written_whole():

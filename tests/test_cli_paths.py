@@ -2,6 +2,7 @@
 folder, bad option values as usage errors."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -57,6 +58,49 @@ def test_decode_folder_refuses_name_collisions_before_writing(tmp_path, lic, tin
     assert r.exit_code == 3, r.output
     assert r.output.strip() == f"codec: error: {src / 'a.LIC'} and {src / 'a.lic'} would both be written to {back / 'a.png'}"
     assert not back.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 1b. an output that is an input is refused, even with --force (it used to replace the photo)
+
+
+def test_encode_refuses_to_write_over_its_input(tmp_path, rgb_png, tiny_vr_weights):
+    photo = rgb_png.read_bytes()
+    r = run("encode", rgb_png, rgb_png, "--force", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3, r.output
+    assert r.output.strip() == f"codec: error: {rgb_png} is both the input and the output: refusing to write over an input (give another output name)"
+    assert rgb_png.read_bytes() == photo
+    # the same file under another name: another spelling, a hard link, a symbolic link
+    (tmp_path / "hard.lic").hardlink_to(rgb_png)
+    (tmp_path / "soft.lic").symlink_to(rgb_png)
+    for other in (f"{tmp_path}/./{rgb_png.name}", tmp_path / "hard.lic", tmp_path / "soft.lic"):
+        r = run("encode", rgb_png, other, "--force", "--weights", tiny_vr_weights)
+        assert r.exit_code == 3 and f"is the same file as the input {rgb_png}" in r.output, (other, r.output)
+        assert rgb_png.read_bytes() == photo and Path(other).read_bytes() == photo
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.lic", "img.png", "soft.lic"]  # no temporary file either
+
+
+def test_decode_refuses_to_write_over_its_input(tmp_path, lic, tiny_vr_weights):
+    named = tmp_path / "picture"  # a .lic without an extension: decode would write a PNG under its name
+    named.write_bytes(lic.read_bytes())
+    r = run("decode", named, named, "--force", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3 and "both the input and the output" in r.output, r.output
+    assert named.read_bytes() == lic.read_bytes()
+
+
+def test_a_folder_coded_into_itself_never_writes_over_an_input(tmp_path, tiny_vr_weights):
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.fromarray(natural_image(40, 48, seed=1)).save(src / "y.png")
+    Image.fromarray(natural_image(40, 48, seed=2)).save(src / "x.lic", format="PNG")  # an image by content, misnamed
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = run("encode", src, src, "--force", "--weights", tiny_vr_weights)
+    assert r.exit_code == 3, r.output
+    assert r.output.strip() == f"codec: error: {src / 'x.lic'} is both the input and the output: refusing to write over an input (give another output name)"
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # nothing written: y.lic neither
+    # into another folder it is an ordinary input
+    r = run("encode", src, tmp_path / "out", "--weights", tiny_vr_weights, "--quiet")
+    assert r.exit_code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.lic", "y.lic"], r.output
 
 
 # ------------------------------------------------------------------------------------------------

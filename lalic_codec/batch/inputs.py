@@ -20,7 +20,7 @@ import re
 import secrets
 from pathlib import Path, PurePosixPath
 
-from ..files import (clean_stale_temps, collect_files, entry_name, folder_pairs, make_folder, read_input, refuse_clashes,
+from ..files import (clean_stale_temps, collect_files, entry_name, folder_pairs, make_folder, read_input, refuse_clashes, refuse_overwriting_inputs,
                      take_image, take_lic, write_output)
 from ..errors import BadInputError
 from ..imaging import IMAGE_SUFFIXES
@@ -107,6 +107,7 @@ def plan(src: str, dst: str, decode: bool, recursive: bool, out_suffix: str):
         rel = PurePosixPath(posixpath.relpath(_tail(f), _tail(base)) if is_url(f) else Path(f).relative_to(base).as_posix())
         pairs.append((f, _join(dst, rel.parent / (rel.stem + out_suffix))))
     refuse_clashes(pairs)
+    refuse_overwriting_inputs(pairs)
     if not is_url(dst):
         for folder in sorted({Path(d).parent for _, d in pairs} | {Path(dst)}):
             make_folder(folder)
