@@ -284,8 +284,8 @@ def prepare_image(im: Image.Image) -> PreparedImage:
             bit_depth = 16
         g = np.clip(np.round(a / hi * 255.0), 0, 255).astype(np.uint8)
         im = Image.fromarray(g, "L")
-        if bit_depth == 16:
-            notes.append("16-bit image coded at 8 bits per sample")
+        if bit_depth == 16:  # decoded as 16-bit grayscale
+            notes.append(f"{'floating-point' if mode == 'F' else '16-bit'} image coded at 8 bits per sample")
         mode = "L"
     if mode == "1":
         im, mode = im.convert("L"), "L"
@@ -416,11 +416,10 @@ def save_image(im: Image.Image, fp, fmt_name: str) -> None:
 
 
 def image_psnr(reference: Image.Image, decoded: Image.Image) -> float:
-    """PSNR (dB) of the decoded RGB image against the oriented RGB reference."""
-    import numpy as np
-
-    ref = prepare_image(reference).rgb
-    return psnr(ref, np.asarray(decoded.convert("RGB"), dtype=np.uint8))
+    """PSNR (dB) of the decoded image against the reference, both brought to 8-bit RGB as the
+    encoder brings its input (oriented; 16-bit samples scaled, not clipped as Pillow's
+    ``convert("RGB")`` clips them)."""
+    return psnr(prepare_image(reference).rgb, prepare_image(decoded).rgb)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -43,6 +43,29 @@ def test_encode_decode_info(tmp_path, rgb_png, tiny_vr_weights):
     assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # normal permissions, not mkstemp's
 
 
+def test_psnr_of_a_16_bit_image_is_measured_at_8_bits(tmp_path, tiny_vr_weights):
+    """--psnr compares what was coded: 16-bit samples scaled to 8 bits on both sides (the decoded
+    16-bit image was clipped by Pillow's RGB conversion: 11.5 dB reported for a 37 dB decode)."""
+    from lalic_codec import imaging, pipeline
+
+    g16 = natural_image(48, 64)[..., 0].astype(np.uint16) * 257
+    src, lic = tmp_path / "g16.png", tmp_path / "g16.lic"
+    Image.fromarray(g16).save(src)
+    r = run("encode", src, lic, "--weights", tiny_vr_weights, "--psnr")
+    assert r.exit_code == 0, r.output
+    reported = float(re.search(r"PSNR ([0-9.]+) dB", r.output).group(1))
+    eight = pipeline.decode_bytes(lic.read_bytes(), str(tiny_vr_weights), "cpu", high_bit_depth=False).image
+    assert eight.mode == "L"
+    want = imaging.psnr((g16 // 257).astype(np.uint8), np.asarray(eight))
+    assert abs(reported - want) < 0.006, (reported, want)
+    assert "(16-bit image coded at 8 bits per sample)" in r.output
+    # a floating-point image (samples in [0, 1]) is said to be one, and measured the same way
+    Image.fromarray(g16.astype(np.float32) / 65535).save(tmp_path / "f32.tif")
+    r = run("encode", tmp_path / "f32.tif", tmp_path / "f32.lic", "--weights", tiny_vr_weights, "--psnr")
+    assert r.exit_code == 0 and "(floating-point image coded at 8 bits per sample)" in r.output, r.output
+    assert float(re.search(r"PSNR ([0-9.]+) dB", r.output).group(1)) == reported  # the same 8-bit samples
+
+
 def test_output_format_follows_extension(tmp_path, rgb_png, tiny_vr_weights):
     lic = tmp_path / "a.lic"
     run("encode", rgb_png, lic, "--weights", tiny_vr_weights)
