@@ -287,7 +287,8 @@ def _decode(input, output, device, weights, max_pixels, force, skip_existing, re
                 raise named_error(src, e) from None
             fmt_name = output_format(dst, ext)
             write_output(dst, lambda f: imaging.save_image(res.image, f, fmt_name), force)
-            _say(f"{display_name(src)} -> {display_name(dst, 'stdout')}: {res.header.width}x{res.header.height} {res.image.mode}", quiet)
+            notes = "".join(f" ({note})" for note in imaging.lost_in_format(res.image, fmt_name))
+            _say(f"{display_name(src)} -> {display_name(dst, 'stdout')}: {res.header.width}x{res.header.height} {res.image.mode}{notes}", quiet)
 
         if input != "-" and Path(input).is_dir():
             _refuse_folder_to_stdout(input, output)

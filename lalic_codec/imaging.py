@@ -381,15 +381,35 @@ def to_8bit(im: Image.Image) -> Image.Image:
 SIXTEEN_BIT_FORMATS = ("PNG", "TIFF", "PPM")
 
 
+#: output formats without an alpha channel (Pillow writes a 32-bit BMP, but reads it, as most
+#: programs do, without alpha): :func:`save_image` drops the alpha, :func:`lost_in_format` says so
+NO_ALPHA_FORMATS = ("JPEG", "PPM", "BMP")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def lost_in_format(im: Image.Image, fmt_name: str) -> list[str]:
+    """What writing ``im`` as ``fmt_name`` with :func:`save_image` loses, as notes for the user."""
+    fmt_name = fmt_name.upper()
+    if _has_alpha(im) and fmt_name in NO_ALPHA_FORMATS:
+        return [f"alpha dropped: {fmt_name} has no alpha channel; PNG, WebP and TIFF keep it"]
+    return []
+
+
 def save_image(im: Image.Image, fp, fmt_name: str) -> None:
     """Write a decoded image with its metadata in the requested format (PNG, JPEG, WebP, TIFF, BMP...).
 
     ICC and EXIF go to PNG, JPEG, WebP and TIFF, XMP to PNG, JPEG and WebP; a 16-bit grayscale
-    image is written as 16-bit to PNG, TIFF and PPM and as 8-bit elsewhere."""
+    image is written as 16-bit to PNG, TIFF and PPM and as 8-bit elsewhere; the alpha channel is
+    dropped where the format has none (:data:`NO_ALPHA_FORMATS`, :func:`lost_in_format`)."""
     fmt_name = fmt_name.upper()
     kw = {}
     if im.mode.startswith("I;16") and fmt_name not in SIXTEEN_BIT_FORMATS:
         im = to_8bit(im)
+    if _has_alpha(im) and fmt_name in NO_ALPHA_FORMATS:
+        im = im.convert("L" if im.mode == "LA" else "RGB")
     if im.info.get("icc_profile") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
         kw["icc_profile"] = im.info["icc_profile"]
     if im.info.get("exif") and fmt_name in ("PNG", "JPEG", "WEBP", "TIFF"):
@@ -404,8 +424,8 @@ def save_image(im: Image.Image, fp, fmt_name: str) -> None:
         kw["pnginfo"] = PngImagePlugin.PngInfo()
         kw["pnginfo"].add_itxt("XML:com.adobe.xmp", text)
     if fmt_name == "JPEG":
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGB" if im.mode != "LA" else "L")
+        if im.mode == "P":
+            im = im.convert("RGB")
         kw["quality"] = 95
     if fmt_name == "WEBP":
         kw["lossless"] = True

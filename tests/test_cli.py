@@ -66,6 +66,22 @@ def test_psnr_of_a_16_bit_image_is_measured_at_8_bits(tmp_path, tiny_vr_weights)
     assert float(re.search(r"PSNR ([0-9.]+) dB", r.output).group(1)) == reported  # the same 8-bit samples
 
 
+def test_decoding_to_a_format_without_alpha_says_the_alpha_is_dropped(tmp_path, tiny_vr_weights):
+    a = np.dstack([natural_image(40, 56), np.tile(np.linspace(0, 255, 56).astype(np.uint8), (40, 1))])
+    Image.fromarray(a).save(tmp_path / "a.png")
+    lic = tmp_path / "a.lic"
+    assert run("encode", tmp_path / "a.png", lic, "--weights", tiny_vr_weights).exit_code == 0
+    for ext, mode, lost in ((".jpg", "RGB", "JPEG"), (".bmp", "RGB", "BMP"), (".ppm", "RGB", "PPM"), (".png", "RGBA", None),
+                            (".webp", "RGBA", None), (".tif", "RGBA", None)):
+        out = tmp_path / f"b{ext}"
+        r = run("decode", lic, out, "--weights", tiny_vr_weights)
+        assert r.exit_code == 0, r.output
+        said = f"(alpha dropped: {lost} has no alpha channel; PNG, WebP and TIFF keep it)"
+        assert (said in r.output) if lost else "alpha" not in r.output, (ext, r.output)
+        assert Image.open(out).mode == mode, ext
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png"))[..., 3], a[..., 3])  # alpha is lossless
+
+
 def test_output_format_follows_extension(tmp_path, rgb_png, tiny_vr_weights):
     lic = tmp_path / "a.lic"
     run("encode", rgb_png, lic, "--weights", tiny_vr_weights)

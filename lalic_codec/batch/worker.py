@@ -168,6 +168,9 @@ class Coder:
         h = res.header
         row.update(width=h.width, height=h.height, bytes=len(data), bpp=8.0 * len(data) / (h.width * h.height),
                    quality=h.quality or None)
+        lost = imaging.lost_in_format(res.image, fmt_name)
+        if lost:
+            row["message"] = "; ".join(lost)
 
     def _fault_hook(self, src: str, before: bool) -> None:
         """Tests only: ``job["fault"]`` = a marker path: the first actor to get here dies (no
