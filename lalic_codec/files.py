@@ -296,7 +296,10 @@ def refuse_clashes(pairs) -> None:
 
 
 def _identity(path) -> tuple[int, int] | None:
-    """(device, inode) of an existing local file (links and hard links resolve to their target)."""
+    """(device, inode) of an existing local file (links and hard links resolve to their target);
+    None for ``-``, URLs and what does not exist."""
+    if str(path) == "-" or "://" in str(path):
+        return None
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -311,16 +314,16 @@ def refuse_overwriting_inputs(pairs) -> None:
     PNG).  Files are compared by identity (``os.stat``'s device and inode), so other spellings,
     case-insensitive file systems and links to an input are refused too; ``-`` and URLs are
     passed over."""
+    src_ids = [_identity(src) for src, _ in pairs]
     inputs: dict = {}
-    for src, _ in pairs:
-        ident = None if str(src) == "-" or "://" in str(src) else _identity(src)
+    for ident, (src, _) in zip(src_ids, pairs):
         if ident is not None:
             inputs.setdefault(ident, src)
-    for src, dst in pairs:
-        ident = None if str(dst) == "-" or "://" in str(dst) else _identity(dst)
+    for src_id, (src, dst) in zip(src_ids, pairs):
+        ident = _identity(dst)
         if ident is None or ident not in inputs:
             continue
-        owner = src if _identity(src) == ident else inputs[ident]
+        owner = src if src_id == ident else inputs[ident]
         what = "both the input and the output" if str(owner) == str(dst) else f"the same file as the input {owner}"
         raise BadInputError(f"{dst} is {what}: refusing to write over an input (give another output name)")
 
