@@ -161,6 +161,19 @@ class CropDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
+#: the signals that stop a training run cleanly (the current step ends, the state is saved)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave the stop signals to the training process.  Ctrl-C reaches the whole
+    foreground process group, and ``kill -TERM -PGID`` does too: a worker killed by it would make the
+    next batch fail with "DataLoader worker ... is killed by signal" before the run could save
+    and stop; the training process shuts its workers down itself when it stops."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StepSampler(torch.utils.data.Sampler):
     """Infinite stream of (file_index, sample_seed) starting at sample ``start``; epoch e uses a
     permutation seeded by (seed, e)."""
@@ -477,7 +490,8 @@ class WeightAverage:
 
 def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None = None) -> Path:
     """Train (or resume) a run; stops after ``cfg.steps`` steps, ``max_seconds`` of wall time, or
-    SIGINT/SIGTERM, and always leaves a complete checkpoint behind."""
+    SIGINT/SIGTERM/SIGHUP, and always leaves a complete checkpoint behind.  Stopped by a signal, it
+    raises :class:`~lalic_codec.errors.Interrupted` (exit status 130) once the state is saved."""
     tune_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -557,6 +571,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=_worker_ignores_stop_signals if cfg.workers > 0 else None,
     )
     batches = iter(loader)  # draws worker seeds from the global RNG: before restoring it
     if state is not None:
@@ -569,12 +584,15 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     from .kernels._compile import set_compile
 
     set_compile(use_compile(cfg.compile, device))
-    stop = {"flag": False}
+    stop = {"flag": False, "signal": None}
 
     def on_signal(signum, frame):
+        if not stop["flag"]:
+            click.echo(f"codec: {signal.Signals(signum).name}: stopping after this step; the run's state will be saved", err=True)
         stop["flag"] = True
+        stop["signal"] = signum
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
 
     def snapshot() -> dict:
         st = {
@@ -670,6 +688,12 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         set_compile(False)
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    if stop["signal"] is not None:
+        from .errors import Interrupted
+
+        name = signal.Signals(stop["signal"]).name
+        raise Interrupted(f"{name}: training stopped at step {step}; its state is saved in {ckpt_path} "
+                          f"(continue with: codec train run --resume {ckpt_path})")
     return ckpt_path
 
 

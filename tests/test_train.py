@@ -288,3 +288,39 @@ def test_moving_average_of_the_weights(tmp_path, data_dir):
 
     with pytest.raises(ModelError, match="no moving average"):
         tr.export(first, tmp_path / "x.safetensors", ema=True)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, data_dir, sig):
+    """Ctrl-C reaches every process of the terminal's foreground group, DataLoader workers included
+    (as does ``kill -TERM -PGID``): the run still ends its step, saves its state and exits 130 with
+    one line saying how to continue, instead of failing on a worker the signal killed (exit 1)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny = tr.export(tr.train(cfg_for(tmp_path / "a", data_dir, steps=0, val_count=0)), tmp_path / "tiny.safetensors", fp16=False)
+    run = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lalic_codec.cli", "train", "run", "--init-from", str(tiny), "--data", str(data_dir), "--holdout", "1",
+         "--val-count", "0", "--batch", "2", "--crop", "64", "--workers", "1", "--threads", "1", "--compile", "off",
+         "--log-every", "1", "--ckpt-every", "100000", "--steps", "100000", "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            if (run / "log.jsonl").exists() and len((run / "log.jsonl").read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, p.communicate()[1]
+        os.killpg(p.pid, getattr(signal, sig))
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert p.returncode == 130, err
+    assert "internal error" not in err and f"{sig}: training stopped at step {saved['step']}; its state is saved in" in err
+    assert saved["step"] >= 2 and f"codec train run --resume {run / 'checkpoint.pt'}" in err
