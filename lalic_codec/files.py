@@ -81,7 +81,7 @@ def write_output(path: str, data_or_writer, force: bool) -> None:
     if not parent.is_dir():
         raise BadInputError(f"{parent}: no such folder")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(p.name, parent)}.", suffix=".tmp", dir=parent)
     except OSError as e:
         raise BadInputError(f"{path}: cannot write ({e.strerror})") from None
     try:
@@ -108,6 +108,25 @@ def write_output(path: str, data_or_writer, force: bool) -> None:
 
 #: the temporary files of :func:`write_output`: "." + output name + "." + mkstemp's 8 characters + ".tmp"
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+#: what a temporary file's name adds to its output's name
+_TEMP_EXTRA = len(".") + len(".") + 8 + len(".tmp")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name the folder's file system takes, in bytes (255 where it does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def _temp_stem(name: str, folder: Path) -> str:
+    """The output name as the temporary file's name carries it: whole, or cut (at a byte, as the file
+    system counts) so that the temporary name still fits the file system's limit when the output's
+    own name is close to it (an output of 255 bytes has a temporary name of 269)."""
+    raw = os.fsencode(name)
+    room = max(1, _name_max(folder) - _TEMP_EXTRA)
+    return name if len(raw) <= room else os.fsdecode(raw[:room])
 
 
 def _try_lock(fd: int) -> bool:
@@ -148,7 +167,7 @@ def clean_stale_temps(folder: Path, names, before: float) -> int:
     so the temporary file of a concurrent run is never touched.  Without POSIX locks nothing is
     deleted.  Leftovers are never mistaken for outputs: they do not have the output's name.
     """
-    names = set(names)
+    names = {_temp_stem(n, folder) for n in names}
     removed = 0
     try:
         entries = list(os.scandir(folder))

@@ -330,6 +330,31 @@ def test_stale_temporary_files_are_removed_only_when_dead_and_ours(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lic.fresh123.tmp", ".a.lic.tmp", ".b.lic.xyz_9876.tmp", ".c.lic.abcd1234.tmp", "a.lic"]
 
 
+def test_outputs_with_names_near_the_file_system_limit_are_written(tmp_path, rgb_png, tiny_vr_weights):
+    """An output name of up to 255 bytes is valid, but its temporary name (``.NAME.XXXXXXXX.tmp``)
+    is 14 bytes longer: it is cut to fit, and the leftovers of such a name are still recognised."""
+    import time
+
+    from lalic_codec.cli import clean_stale_temps
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "back").mkdir()
+    for stem in ("a" * 251, "x" + "\u00e9" * 125):  # 255 bytes with ".lic"; the second cut inside a character
+        src = tmp_path / f"{stem}.png"
+        src.write_bytes(Path(rgb_png).read_bytes())
+        r = run("encode", src, tmp_path / "out", "--weights", tiny_vr_weights, "--quiet")
+        assert r.exit_code == 0, r.output
+        r = run("decode", tmp_path / "out" / f"{stem}.lic", tmp_path / "back" / f"{stem}.png", "--weights", tiny_vr_weights, "--quiet")
+        assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{s}.lic" for s in ("a" * 251, "x" + "\u00e9" * 125))
+    assert sorted(len(p.name.encode()) for p in (tmp_path / "back").iterdir()) == [255, 255]
+    name = "b" * 251 + ".lic"
+    stale = tmp_path / ("." + "b" * 241 + ".abcd1234.tmp")  # what a killed writer of `name` leaves
+    stale.write_bytes(b"x")
+    os.utime(stale, (1e9, 1e9))
+    assert clean_stale_temps(tmp_path, {name}, time.time() - 60) == 1 and not stale.exists()
+
+
 def test_folder_summary_lists_every_bad_file_with_its_reason(tmp_path, tiny_vr_weights):
     src, dst, back = tmp_path / "in", tmp_path / "out", tmp_path / "back"
     src.mkdir()
