@@ -161,7 +161,12 @@ def device(args) -> None:
     run_dir = Path(f"/tmp/gpu-train-run-b{batch}")
     steps = max(args.probe_steps + 1, int(args.probe_steps + (deadline - time.time() - 60) / sec))
     print(f"training: batch {batch}, lr {lr:.3g}, {kernels}, to step {steps}", flush=True)
-    tr.train(config(steps, batch, lr, run_dir), resume=str(run_dir / "checkpoint.pt"), max_seconds=max(60.0, deadline - time.time() - 45))
+    from lalic_codec.errors import Interrupted
+
+    try:
+        tr.train(config(steps, batch, lr, run_dir), resume=str(run_dir / "checkpoint.pt"), max_seconds=max(60.0, deadline - time.time() - 45))
+    except Interrupted as e:  # SIGTERM from a time limit, say: the state is saved, export what was trained
+        print(f"interrupted: {e}", flush=True)
     tr.export(run_dir / "checkpoint.pt", out / "weights.safetensors", notes={"gpu": gpu, "kernels": attempt if gpu != "none" else "cpu"})
     shutil.copyfile(run_dir / "log.jsonl", out / "log.jsonl")
     state = tr.read_training_state(run_dir / "checkpoint.pt")
