@@ -17,6 +17,9 @@ import click
 
 from .errors import CodecError, Interrupted
 
+#: the signals that interrupt a command (exit status 130): Ctrl-C and the termination signals
+INTERRUPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
 
 def fail(err: BaseException) -> int:
     """Print ``err`` as one line on stderr and return its exit code (1 for what is no CodecError: a bug)."""
@@ -51,9 +54,8 @@ def signals_interrupt():
     """SIGTERM (and SIGHUP) raise KeyboardInterrupt like Ctrl-C does, so that the same cleanup runs
     (temporary file removed, exit status 130); the previous handlers are restored afterwards."""
     old = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is None:
+    for sig in INTERRUPT_SIGNALS:
+        if sig == signal.SIGINT:  # raises KeyboardInterrupt already
             continue
         try:
             old[sig] = signal.signal(sig, _raise_interrupt)

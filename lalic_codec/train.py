@@ -35,7 +35,8 @@ from PIL import Image
 
 from ._paths import shared_dir
 from ._runtime import tune_allocator
-from .exits import exit_codes
+from .errors import Interrupted
+from .exits import INTERRUPT_SIGNALS, exit_codes
 from .imaging import IMAGE_SUFFIXES
 
 DEFAULT_TRAIN_DIRS = (str(shared_dir() / "data" / "train"), str(shared_dir() / "data" / "train-more"))
@@ -161,16 +162,12 @@ class CropDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
-#: the signals that stop a training run cleanly (the current step ends, the state is saved)
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
-
-
 def _worker_ignores_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave the stop signals to the training process.  Ctrl-C reaches the whole
     foreground process group, and ``kill -TERM -PGID`` does too: a worker killed by it would make the
     next batch fail with "DataLoader worker ... is killed by signal" before the run could save
     and stop; the training process shuts its workers down itself when it stops."""
-    for s in STOP_SIGNALS:
+    for s in INTERRUPT_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -584,15 +581,14 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     from .kernels._compile import set_compile
 
     set_compile(use_compile(cfg.compile, device))
-    stop = {"flag": False, "signal": None}
+    stop = {"signal": None}  # the first stop signal received: the run ends its step, saves and stops
 
     def on_signal(signum, frame):
-        if not stop["flag"]:
+        if stop["signal"] is None:
             click.echo(f"codec: {signal.Signals(signum).name}: stopping after this step; the run's state will be saved", err=True)
-        stop["flag"] = True
-        stop["signal"] = signum
+            stop["signal"] = signum
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    old_handlers = {s: signal.signal(s, on_signal) for s in INTERRUPT_SIGNALS}
 
     def snapshot() -> dict:
         st = {
@@ -616,7 +612,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     t_start = time.time()
     acc = _zero_acc()
     try:
-        while step < cfg.steps and not stop["flag"]:
+        while step < cfg.steps and stop["signal"] is None:
             if max_seconds is not None and time.time() - t_start > max_seconds:
                 break
             t0, c0 = time.time(), time.process_time()
@@ -689,8 +685,6 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         for s, h in old_handlers.items():
             signal.signal(s, h)
     if stop["signal"] is not None:
-        from .errors import Interrupted
-
         name = signal.Signals(stop["signal"]).name
         raise Interrupted(f"{name}: training stopped at step {step}; its state is saved in {ckpt_path} "
                           f"(continue with: codec train run --resume {ckpt_path})")
