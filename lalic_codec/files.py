@@ -81,7 +81,7 @@ def write_output(path: str, data_or_writer, force: bool) -> None:
     if not parent.is_dir():
         raise BadInputError(f"{parent}: no such folder")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(p.name, parent)}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(p.name, _name_max(parent))}.", suffix=".tmp", dir=parent)
     except OSError as e:
         raise BadInputError(f"{path}: cannot write ({e.strerror})") from None
     try:
@@ -120,12 +120,13 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
-def _temp_stem(name: str, folder: Path) -> str:
+def _temp_stem(name: str, name_max: int) -> str:
     """The output name as the temporary file's name carries it: whole, or cut (at a byte, as the file
-    system counts) so that the temporary name still fits the file system's limit when the output's
-    own name is close to it (an output of 255 bytes has a temporary name of 269)."""
+    system counts) so that the temporary name still fits the file system's limit ``name_max``
+    (:func:`_name_max`) when the output's own name is close to it (an output of 255 bytes has a
+    temporary name of 269)."""
     raw = os.fsencode(name)
-    room = max(1, _name_max(folder) - _TEMP_EXTRA)
+    room = max(1, name_max - _TEMP_EXTRA)
     return name if len(raw) <= room else os.fsdecode(raw[:room])
 
 
@@ -167,7 +168,8 @@ def clean_stale_temps(folder: Path, names, before: float) -> int:
     so the temporary file of a concurrent run is never touched.  Without POSIX locks nothing is
     deleted.  Leftovers are never mistaken for outputs: they do not have the output's name.
     """
-    names = {_temp_stem(n, folder) for n in names}
+    name_max = _name_max(folder)
+    names = {_temp_stem(n, name_max) for n in names}
     removed = 0
     try:
         entries = list(os.scandir(folder))
