@@ -52,6 +52,18 @@ def benchmark_script(name: str) -> types.ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads, then restore the previous count.  The float parts
+    of coding (the means, the synthesis) may round differently with another thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def natural_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth image with some texture (uint8 RGB), cheap to make at any size."""
     rng = np.random.default_rng(seed)

@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import natural_image
+from conftest import natural_image, torch_threads
 from lalic_codec.batch import inputs
 from lalic_codec.cli import main
 
@@ -61,19 +60,10 @@ def ray_local(tmp_path_factory):
             os.environ[k] = v
 
 
-@contextmanager
 def one_thread():
-    """As a batch worker computes by default (--threads-per-worker 1).  The float parts of coding
-    (the means, the synthesis) may round differently with another thread count: one pixel of
-    img10 decodes 1 level apart with 1 and 2 threads (the parse is exact either way)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    """As a batch worker computes by default (--threads-per-worker 1): one pixel of img10 decodes
+    1 level apart with 1 and 2 threads (the parse is exact either way)."""
+    return torch_threads(1)
 
 
 @pytest.fixture(scope="module")

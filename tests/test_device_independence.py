@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, natural_image
+from conftest import TINY, natural_image, torch_threads
 from lalic_codec import imaging, loading, pipeline, tiling
 from lalic_codec.entropy.coder import SymbolMismatchError
 from lalic_codec.errors import DeviceMismatchError
@@ -64,13 +64,9 @@ def test_integer_scale_path_parse_survives_float_differences(int_model):
 def test_integer_scale_path_independent_of_thread_count(int_model, threads):
     x = torch.from_numpy(natural_image(128, 128, seed=1).transpose(2, 0, 1)).float().div(255).unsqueeze(0)
     q = torch.tensor([3.0])
-    old = torch.get_num_threads()
     coded = int_model.compress(x, quality=q)
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         dec = int_model.decompress(coded.streams, coded.z_shape, quality=q)
-    finally:
-        torch.set_num_threads(old)
     assert torch.allclose(dec["y_hat"], coded.y_hat, atol=1e-4)
 
 

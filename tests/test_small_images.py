@@ -7,10 +7,9 @@ network smears into the few real pixels (a flat colour came back at 7 dB).
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import KODAK
+from conftest import KODAK, torch_threads
 from lalic_codec import imaging, loading, pipeline
 
 QUALITY = pipeline.DEFAULT_QUALITY
@@ -18,10 +17,8 @@ QUALITY = pipeline.DEFAULT_QUALITY
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
