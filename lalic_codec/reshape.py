@@ -7,6 +7,10 @@ from scratch. Two changes are supported:
   trained RWKV blocks in order, and the new blocks are appended at the end of their level with
   ``gamma1 = gamma2 = 0``. A block computes ``x + gamma * f(x)``, so the new model computes exactly
   what the old one did (function preserving, as in Net2Net); training then grows the new blocks.
+* **Residual units** (``units``): convolution units (:class:`~lalic_codec.models.layers.ResidualUnit`)
+  appended at the 1/2 level of g_a and of g_s, after that level's blocks, their second
+  convolution zero: function preserving too. They add the nonlinearity that level lacks when it
+  has no RWKV block (the default model's), at about 1/14 of a block's cost.
 * **A leaner channel context** (``ctx_hidden_rate``): the channel-mix layers of the channel
   context's RWKV blocks keep the hidden units that matter most. A unit j contributes
   ``value[:, j] * relu(key_j . x)^2`` on layer-normed inputs, so its weight is taken as
@@ -49,22 +53,26 @@ _TRANSFORMS = {
 }
 
 
-def _roles(depths, levels) -> list[tuple]:
-    """Role of each index of a transform Sequential: ("conv", j) or ("block", level, b)."""
+def _roles(depths, levels, units=(0, 0), prefix="g_a.") -> list[tuple]:
+    """Role of each index of a transform Sequential: ("conv", j), ("block", level, b) or ("unit", b)
+    (the residual units after the 1/2 level's blocks: ``units`` = (g_a's, g_s's))."""
+    n_units = {"g_a.": units[0], "g_s.": units[1]}.get(prefix, 0)
     roles = [("conv", 0)]
     for j, lv in enumerate(levels):
         roles += [("block", lv, b) for b in range(depths[lv])]
+        if lv == 0:
+            roles += [("unit", b) for b in range(n_units)]
         roles.append(("conv", j + 1))
     return roles
 
 
-def _source_key(key: str, old_depths, new_depths) -> tuple[str | None, bool]:
+def _source_key(key: str, old_depths, new_depths, old_units=(0, 0), new_units=(0, 0)) -> tuple[str | None, bool]:
     """(the old model's key for this key of the reshaped model or None, whether it is a new block's)."""
     for prefix, levels in _TRANSFORMS.items():
         m = re.match(re.escape(prefix) + r"(\d+)\.(.*)", key)
         if m:
-            role = _roles(new_depths, levels)[int(m[1])]
-            old = _roles(old_depths, levels)
+            role = _roles(new_depths, levels, new_units, prefix)[int(m[1])]
+            old = _roles(old_depths, levels, old_units, prefix)
             if role in old:
                 return f"{prefix}{old.index(role)}.{m[2]}", False
             return None, True
@@ -97,7 +105,7 @@ def model_kwargs(sd: dict) -> dict:
     int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
     return dict(N=cfg.N, M=cfg.M, dims=tuple(cfg.dims), depths=tuple(cfg.depths), groups=tuple(cfg.groups),
                 ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate,
-                int_scale=int_scale)
+                units=tuple(cfg.units), int_scale=int_scale)
 
 
 def ladder(lo: float, hi: float, levels: int = 8) -> tuple[float, ...]:
@@ -163,7 +171,7 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> to
 
 
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
-            lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None) -> tuple[dict, dict]:
+            lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None, units=None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
@@ -171,7 +179,8 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     ``lambdas``: the new quality ladder (as many levels as the old one, increasing);
     ``latent``: the new latent width M, larger than the old one (one channel group is added);
     ``param_hidden_rate``: the parameter networks' new hidden width, in multiples of their output,
-    at most the old one.
+    at most the old one; ``units``: the new numbers of residual units at the 1/2 level of g_a and
+    g_s, each at least the old one.
     """
     old = model_kwargs(sd)
     new = dict(old)
@@ -181,6 +190,11 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         if len(depths) != 4 or any(n < o for n, o in zip(depths, old["depths"])):
             raise ValueError(f"depths {depths}: four levels, each at least the current {old['depths']} (blocks are only added)")
         new["depths"] = depths
+    if units is not None:
+        units = tuple(int(u) for u in units)
+        if len(units) != 2 or any(n < o for n, o in zip(units, old["units"])):
+            raise ValueError(f"units {units}: two numbers (g_a, g_s), each at least the current {old['units']} (units are only added)")
+        new["units"] = units
     if ctx_hidden_rate is not None:
         if not 1 <= ctx_hidden_rate <= old["ctx_hidden_rate"]:
             raise ValueError(f"ctx_hidden_rate {ctx_hidden_rate}: between 1 and the current {old['ctx_hidden_rate']}")
@@ -216,13 +230,13 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     out, used = {}, set()
     new_group = len(old["groups"]) if len(new["groups"]) > len(old["groups"]) else None
-    last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."])) - 1)
+    last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."], new["units"])) - 1)
     for key, fresh in template.items():
-        source, is_new_block = _source_key(key, old["depths"], new["depths"])
+        source, is_new_block = _source_key(key, old["depths"], new["depths"], old["units"], new["units"])
         if new_group is not None and source is not None:
             source = _new_group_source(source, new_group)
             is_new_block = source is None
-        if is_new_block:
+        if is_new_block:  # an RWKV block's gammas are zero, a unit's second convolution is zero already
             out[key] = torch.zeros_like(fresh) if key.endswith((".gamma1", ".gamma2")) else fresh
             continue
         if source not in src and source.startswith(("h_a.", "h_s.")):  # files keep one copy of the aliases

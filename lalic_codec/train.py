@@ -863,8 +863,9 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.option("--lambdas", default=None, metavar="LOW,HIGH", help="a new quality ladder, spaced geometrically from LOW (quality 1) to HIGH; the latent gains follow")
 @click.option("--latent", type=int, default=None, metavar="M", help="a wider latent: one channel group of M minus the current M channels is added, the reconstruction unchanged")
 @click.option("--param-hidden-rate", type=int, default=None, help="hidden width of the parameter networks' blocks, in multiples of their output: keeps the most important units")
+@click.option("--units", default=None, metavar="A,S", help="residual convolution units at the 1/2 level of g_a and g_s, each at least the current number: new ones start as identities")
 @exit_codes()
-def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate):
+def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
     what it has learnt; continue with `codec train run --init-from OUT`."""
     from .models.checkpoints import load_state_dict_file
@@ -873,6 +874,7 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(source).items()}
     try:
         d = None if depths is None else tuple(int(v) for v in depths.split(","))
+        u = None if units is None else tuple(int(v) for v in units.split(","))
         lam = None
         if lambdas is not None:
             try:
@@ -882,7 +884,7 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
             if len(ends) != 2:
                 raise ValueError(f"--lambdas {lambdas}: two numbers, LOW,HIGH")
             lam = ladder(*ends, levels=int(sd["lambdas"].numel()))
-        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate)
+        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     dest = Path(out)
@@ -890,8 +892,12 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
     before = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     after = sum(v.numel() for k, v in new_sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     was = model_kwargs(sd)
-    click.echo(f"M {was['M']} {was['depths']} x{was['ctx_hidden_rate']}/{was['param_hidden_rate']} -> "
-               f"M {arch['M']} {arch['depths']} x{arch['ctx_hidden_rate']}/{arch['param_hidden_rate']}: "
+    units = any(was["units"]) or any(arch["units"])  # shown where the transforms have residual units
+
+    def text(a: dict) -> str:
+        return f"M {a['M']} {a['depths']}{' units ' + str(a['units']) if units else ''} x{a['ctx_hidden_rate']}/{a['param_hidden_rate']}"
+
+    click.echo(f"{text(was)} -> {text(arch)}: "
                f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M values; "
                f"lambdas {', '.join(f'{v:g}' for v in new_sd['lambdas'].tolist())}; wrote {dest}")
 

@@ -34,7 +34,7 @@ from .latent_codecs import (  # noqa: F401  (packing helpers: re-exported)
     embed,
     unembed,
 )
-from .layers import CheckerboardMaskedConv2d, RwkvBlock, conv, deconv, parameter_aggregation
+from .layers import CheckerboardMaskedConv2d, ResidualUnit, RwkvBlock, conv, deconv, parameter_aggregation
 from .registry import register
 
 
@@ -84,6 +84,7 @@ class LALICConfig:
     ctx_hidden_rate: int = 8  # hidden width of the channel context's RWKV blocks, in multiples of the side width (official: 8)
     side_width: int | None = None  # width of h_s's output and of the channel context (official and default: M)
     param_hidden_rate: int = 2  # hidden width of the parameter networks' blocks, in multiples of their output (official: 2)
+    units: tuple = (0, 0)  # residual convolution units at the 1/2 level of g_a and of g_s (official: none)
 
     def resolved_groups(self) -> list[int]:
         return list(self.groups) if self.groups else [16, 16, 32, 64, self.M - 128]
@@ -96,6 +97,8 @@ class LALICConfig:
             d["side_width"] = self.side_width
         if self.param_hidden_rate != 2:
             d["param_hidden_rate"] = self.param_hidden_rate
+        if any(self.units):
+            d["units"] = list(self.units)
         return d
 
 
@@ -109,15 +112,17 @@ class LALIC(CodingModel):
     size_multiple = 64
 
     def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False, ctx_hidden_rate=8,
-                 side_width=None, param_hidden_rate=2):
+                 side_width=None, param_hidden_rate=2, units=(0, 0)):
         """``side_width``: the width of the hyper synthesis's output and of the channel context, where
         it differs from the latent width dims[3] (the official model ties them; a latent widened by
         ``codec train reshape --latent`` keeps the trained entropy model's width); ``param_hidden_rate``:
-        the parameter networks' hidden width in multiples of their output (official: 2)."""
+        the parameter networks' hidden width in multiples of their output (official: 2); ``units``:
+        how many :class:`ResidualUnit` follow the 1/2 level's blocks in g_a and in g_s (official: 0, 0)."""
         super().__init__()
         side_width = None if side_width in (None, dims[3]) else int(side_width)
+        units = tuple(int(u) for u in units)
         self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate, side_width,
-                                  int(param_hidden_rate))
+                                  int(param_hidden_rate), units)
         N1, N2, N3, N4, N5, N6 = dims
         L1, L2, L3, L4 = depths
         groups = self.config.resolved_groups()
@@ -127,12 +132,15 @@ class LALIC(CodingModel):
         M = N4  # the official model uses dims[3] as the latent width
         S = side_width or M
         blocks = lambda n, d: [RwkvBlock(d, checkpointing=checkpointing) for _ in range(n)]  # noqa: E731
+        Ua, Us = units
 
         self.g_a = nn.Sequential(
-            conv(3, N1, 5), *blocks(L1, N1), conv(N1, N2, 3), *blocks(L2, N2), conv(N2, N3, 3), *blocks(L3, N3), conv(N3, N4, 3)
+            conv(3, N1, 5), *blocks(L1, N1), *(ResidualUnit(N1) for _ in range(Ua)), conv(N1, N2, 3), *blocks(L2, N2), conv(N2, N3, 3),
+            *blocks(L3, N3), conv(N3, N4, 3)
         )
         self.g_s = nn.Sequential(
-            deconv(N4, N3, 3), *blocks(L3, N3), deconv(N3, N2, 3), *blocks(L2, N2), deconv(N2, N1, 3), *blocks(L1, N1), deconv(N1, 3, 5)
+            deconv(N4, N3, 3), *blocks(L3, N3), deconv(N3, N2, 3), *blocks(L2, N2), deconv(N2, N1, 3), *blocks(L1, N1),
+            *(ResidualUnit(N1) for _ in range(Us)), deconv(N1, 3, 5)
         )
         h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
         h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, S, 5))
@@ -232,6 +240,7 @@ class LALIC(CodingModel):
             dims.append(sd["latent_codec.hyper.h_a.0.weight"].shape[0])
             dims.append(sd["latent_codec.hyper.entropy_bottleneck.quantiles"].shape[0])
             depths.append(len(indices(r"latent_codec\.hyper\.h_a\.(\d+)\.gamma1")))
+            units = (len(indices(r"g_a\.(\d+)\.c1\.weight")), len(indices(r"g_s\.(\d+)\.c1\.weight")))
             groups = [
                 sd[f"latent_codec.y.latent_codec.y{k}.context_prediction.weight"].shape[1]
                 for k in indices(r"latent_codec\.y\.latent_codec\.y(\d+)\.context_prediction\.weight")
@@ -251,7 +260,8 @@ class LALIC(CodingModel):
         rate = sd[key].shape[0] // side if key in sd else 8
         ep = "latent_codec.y.latent_codec.y0.entropy_parameters.0."
         param_rate = sd[ep + "key.weight"].shape[0] // sd[ep + "mix.weight"].shape[0] if ep + "key.weight" in sd else 2
-        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate, None if side == dims[3] else side, param_rate)
+        return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate, None if side == dims[3] else side, param_rate,
+                           units)
 
     @classmethod
     def matches(cls, sd: dict) -> bool:
@@ -268,7 +278,7 @@ class LALIC(CodingModel):
     @classmethod
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "LALIC":
         return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width,
-                   param_hidden_rate=cfg.param_hidden_rate)
+                   param_hidden_rate=cfg.param_hidden_rate, units=cfg.units)
 
 
 #: rate-distortion trade-offs of the variable-rate model's quality ladder 1..8 (loss = R + lambda 255^2 MSE)
@@ -356,7 +366,7 @@ class VariableRateLALIC(LALIC):
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "VariableRateLALIC":
         int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
         return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale,
-                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate)
+                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate, units=cfg.units)
 
 
 #: the v2 integer scale path: signed residual contexts, two-layer channel context, three-layer head

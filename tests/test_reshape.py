@@ -60,6 +60,36 @@ def test_deeper_transforms_compute_exactly_what_the_model_computed(trained_like)
         assert not sd[new_block + ".gamma1"].any() and not sd[new_block + ".gamma2"].any()
 
 
+def test_residual_units_compute_exactly_what_the_model_computed(trained_like):
+    sd, arch = reshape(trained_like.state_dict(), units=(1, 2))
+    assert arch["units"] == (1, 2) and model_kwargs(sd)["units"] == (1, 2)
+    with_units = _load(sd)
+    assert with_units.config.to_dict()["units"] == [1, 2] and "units" not in trained_like.config.to_dict()
+    x = torch.rand(1, 3, 64, 64)
+    for q in (1.0, 3.5):
+        a, la = _run(trained_like, x, q)
+        b, lb = _run(with_units, x, q)
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+    # g_a (0, 1, 1): conv, [unit], conv, block, conv, block, conv; g_s: ..., conv, [unit, unit], conv
+    src = trained_like.state_dict()
+    assert torch.equal(sd["g_a.2.weight"], src["g_a.1.weight"]) and torch.equal(sd["g_a.6.weight"], src["g_a.5.weight"])
+    assert torch.equal(sd["g_a.3.gamma1"], src["g_a.2.gamma1"])
+    assert torch.equal(sd["g_s.7.weight"], src["g_s.5.weight"])
+    for unit in ("g_a.1", "g_s.5", "g_s.6"):
+        assert sd[unit + ".c1.weight"].abs().sum() > 0 and not sd[unit + ".c2.weight"].any() and not sd[unit + ".c2.bias"].any()
+    # a trained unit keeps its place when a block joins its level and another unit follows it
+    with torch.no_grad():
+        with_units.g_a[1].c2.weight.uniform_(-0.1, 0.1)
+    again, arch = reshape(with_units.state_dict(), depths=(1, 1, 1, 1), units=(2, 2))
+    assert arch["units"] == (2, 2) and arch["depths"] == (1, 1, 1, 1)
+    # g_a: conv, [block], unit, [unit], conv, ...
+    assert torch.equal(again["g_a.2.c2.weight"], with_units.g_a[1].c2.weight) and not again["g_a.1.gamma1"].any()
+    assert not again["g_a.3.c2.weight"].any()
+    a, _ = _run(with_units, x, 2.0)
+    b, _ = _run(_load(again), x, 2.0)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_leaner_channel_context_keeps_the_strongest_units(trained_like):
     src = trained_like.state_dict()
     sd, arch = reshape(src, ctx_hidden_rate=1)
@@ -156,7 +186,7 @@ def test_wider_latent_keeps_the_reconstruction_and_adds_one_group(trained_like):
 
 @pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0),
                                 dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1))), dict(latent=32), dict(latent=16),
-                                dict(param_hidden_rate=3), dict(param_hidden_rate=0)])
+                                dict(param_hidden_rate=3), dict(param_hidden_rate=0), dict(units=(1,)), dict(units=(1, 1, 1))])
 def test_reshape_refuses_what_would_lose_or_invent_structure(trained_like, kw):
     with pytest.raises(ValueError):
         reshape(trained_like.state_dict(), **kw)
@@ -169,6 +199,12 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(out), "--depths", "1,1,1,1", "--ctx-hidden-rate", "2"])
     assert res.exit_code == 0, res.output
     assert "M 32 (0, 1, 1, 1) x4/2 -> M 32 (1, 1, 1, 1) x2/2" in res.output
+    units = tmp_path / "units.pt"
+    res = CliRunner().invoke(tr.cli, ["reshape", str(out), str(units), "--units", "1,1"])
+    assert res.exit_code == 0 and "M 32 (1, 1, 1, 1) units (0, 0) x2/2 -> M 32 (1, 1, 1, 1) units (1, 1) x2/2" in res.output, res.output
+    for u in ("1", "a,b"):
+        bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--units", u])
+        assert bad.exit_code == 1 and not (tmp_path / "x.pt").exists(), bad.output
     bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--depths", "0,0,0,0"])
     assert bad.exit_code == 1 and "at least the current" in bad.output and not (tmp_path / "x.pt").exists()
     for lam in ("0.01", "0.1,0.01", "a,b"):
@@ -183,6 +219,13 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     assert state["config"]["arch"]["depths"] == (1, 1, 1, 1) and state["config"]["arch"]["ctx_hidden_rate"] == 2
     _, _, model = tr.model_from_checkpoint(ckpt)
     assert model.config.depths == (1, 1, 1, 1) and model.config.ctx_hidden_rate == 2
+    # residual units train and export; the weights file loads with them
+    ckpt = tr.train(cfg_for(tmp_path / "ru", data_dir, steps=1, val_count=0, arch={}, init_from=str(units)))
+    assert torch.load(ckpt, weights_only=True)["config"]["arch"]["units"] == (1, 1)
+    from lalic_codec.models.checkpoints import load_state_dict_file
+
+    trained_units = VariableRateLALIC.from_state_dict(load_state_dict_file(tr.export(ckpt, tmp_path / "units.safetensors")))
+    assert trained_units.config.units == (1, 1) and trained_units.g_s[-2].c2.weight.any()  # the step moved the new unit
     # a wider latent trains and exports too; the weights file loads with its side width
     res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "m48.pt"), "--latent", "48", "--param-hidden-rate", "1"])
     assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4/2 -> M 48 (0, 1, 1, 1) x4/1" in res.output, res.output
@@ -190,8 +233,6 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     arch = torch.load(ckpt, weights_only=True)["config"]["arch"]
     assert arch["side_width"] == 32 and arch["param_hidden_rate"] == 1
     exported = tr.export(ckpt, tmp_path / "m48.safetensors")
-    from lalic_codec.models.checkpoints import load_state_dict_file
-
     again = VariableRateLALIC.from_state_dict(load_state_dict_file(exported))
     assert again.config.dims[3] == 48 and again.config.side_width == 32 and again.groups == [4, 4, 8, 16, 16]
     assert again.config.param_hidden_rate == 1 and again.config.to_dict()["param_hidden_rate"] == 1
