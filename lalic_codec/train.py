@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -71,6 +72,7 @@ class TrainConfig:
     scale_path_lr_mult: float = 5.0  # the integer scale path learns in index units: a larger step
     scale_path_bias_lr_mult: float = 100.0  # ... and its biases (table indexes, activations 0..127) far larger
     gain_lr_mult: float = 5.0  # the latent gains (log units) set each quality's rate
+    lr_mults: tuple = ()  # (regular expression, multiplier): the parameters whose names match learn at that multiple (last match wins; 0 freezes)
     float_rate_weight: float = 0.5  # weight of the float scales' y rate (trained beside the integer path's)
     val_crop: int = 512  # validation codes the centre crop of at most this size
     bf16: str = "auto"  # bf16 autocast for the transforms and context networks: auto (CUDA, or a CPU with bf16 instructions), on, off
@@ -292,8 +294,8 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     scale path, whose biases are in table-index and activation units (a rate of 1e-4 would take
     10^4 steps to move one table index; measured at 1200 steps, the scale path chose worse
     scales than one constant per channel)."""
-    names = {"main": [], "gain": [], "scale_w": [], "scale_b": []}
-    params = {k: [] for k in names}
+    base = {"main": 1.0, "gain": cfg.gain_lr_mult, "scale_w": cfg.scale_path_lr_mult, "scale_b": cfg.scale_path_bias_lr_mult}
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad or name.endswith("quantiles"):
             continue
@@ -303,10 +305,29 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
             kind = "gain"
         else:
             kind = "main"
-        names[kind].append(name)
-        params[kind].append(p)
-    mult = {"main": 1.0, "gain": cfg.gain_lr_mult, "scale_w": cfg.scale_path_lr_mult, "scale_b": cfg.scale_path_bias_lr_mult}
-    return [{"params": params[k], "lr_mult": mult[k], "names": names[k]} for k in names if params[k]]
+        g = groups.setdefault((kind, lr_mult_of(name, cfg)), {"params": [], "names": []})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [{**g, "lr_mult": base[kind] * m} for (kind, m), g in groups.items()]
+
+
+def lr_mult_of(name: str, cfg: TrainConfig) -> float:
+    """The ``--lr-mult`` multiplier of a parameter: that of the last pattern its name matches (1 if none)."""
+    mult = 1.0
+    for pattern, m in cfg.lr_mults:
+        if re.search(pattern, name):
+            mult = float(m)
+    return mult
+
+
+def freeze_by_lr_mult(model, cfg: TrainConfig) -> int:
+    """Freeze the parameters whose ``--lr-mult`` is 0 (no gradients computed); how many values."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if not name.endswith("quantiles") and lr_mult_of(name, cfg) == 0:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
@@ -535,6 +556,10 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         raise click.ClickException(f"--init must be klt or random, not {cfg.init!r}")
     if device.type == "cpu":  # convolutions and the RWKV blocks' token views need no layout copies
         model = model.to(memory_format=torch.channels_last)
+    if cfg.lr_mults:
+        frozen = freeze_by_lr_mult(model, cfg)
+        if frozen:
+            click.echo(f"--lr-mult: {frozen / 1e6:.2f} M values frozen", err=True)
     main_p, scale_p, aux_p = split_params(model)
     groups = param_groups(model, cfg)
     opt = make_adam(groups, cfg.lr)
@@ -727,6 +752,21 @@ def cli():
     """Train the default model, resume training, fit its integer scale path, or export a checkpoint."""
 
 
+def _parse_lr_mults(ctx, param, values) -> tuple:
+    out = []
+    for v in values:
+        pattern, sep, k = v.rpartition("=")
+        try:
+            mult = float(k)
+            re.compile(pattern)
+        except (ValueError, re.error) as e:
+            raise click.BadParameter(f"{v!r}: PATTERN=K with a regular expression and a number ({e})") from None
+        if not sep or not pattern or mult < 0:
+            raise click.BadParameter(f"{v!r}: PATTERN=K with a regular expression and a number at least 0")
+        out.append((pattern, mult))
+    return tuple(out)
+
+
 @cli.command("run")
 @click.option("--data", multiple=True, default=DEFAULT_TRAIN_DIRS, show_default=True, help="folder of training images (repeat to pool several)")
 @click.option("--holdout", default=24, show_default=True, help="images of --data held out for validation (a fixed choice by name hash), never trained on")
@@ -757,6 +797,8 @@ def cli():
               help="torch.compile the CPU fast paths (BiWKV, depthwise backward; about 10 s per shape at the start): auto = CPU with a C++ compiler")
 @click.option("--ema-half-life", default=0, show_default=True, type=click.IntRange(min=0),
               help="keep a moving average of the weights with this half-life in steps (0: none); validated beside them, exported with export --ema")
+@click.option("--lr-mult", "lr_mults", multiple=True, callback=_parse_lr_mults, metavar="PATTERN=K",
+              help="the parameters whose names match the regular expression PATTERN learn at K x the rate (repeat; the last match wins; 0 freezes them), e.g. 'g_s\\.\\d+\\.c[12]\\.=10' for new residual units")
 @click.option("--max-minutes", default=None, type=click.FloatRange(min=0, min_open=True), help="stop cleanly (and checkpoint) after this much wall time")
 @exit_codes()
 def run_cmd(resume, max_minutes, **kw):

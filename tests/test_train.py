@@ -154,6 +154,28 @@ def test_param_groups_and_optimizer_state_remapped_by_name():
     assert torch.equal(opt.state[m.log_gain]["exp_avg_sq"], legacy.state[m.log_gain]["exp_avg_sq"])
 
 
+def test_lr_mult_scales_or_freezes_parameters_by_name(tmp_path, data_dir):
+    """`--lr-mult PATTERN=K`: new layers can learn faster than the trained rest, or alone (K = 0
+    freezes); the setting is saved with the run and the Adam state follows the parameters."""
+    from click.testing import CliRunner
+
+    ckpt = tr.train(cfg_for(tmp_path / "a", data_dir, steps=1, val_count=0))
+    start = torch.load(ckpt, weights_only=True)["model"]
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--steps", "3", "--lr-mult", ".=0", "--lr-mult", r"^g_s\.=10"])
+    assert res.exit_code == 0 and "M values frozen" in res.output, res.output
+    after = torch.load(ckpt, weights_only=True)
+    assert after["step"] == 3 and [tuple(v) for v in after["config"]["lr_mults"]] == [(".", 0.0), (r"^g_s\.", 10.0)]
+    for k in ("g_a.0.weight", "log_gain", "scale_path.heads.0.1.bias", "latent_codec.hyper.h_s.0.weight"):
+        assert torch.equal(start[k], after["model"][k]), k
+    assert not torch.equal(start["g_s.0.weight"], after["model"]["g_s.0.weight"])
+    groups = after["optimizer"]["param_groups"]
+    assert len(groups) == 1 and groups[0]["lr_mult"] == 10.0 and all(n.startswith("g_s.") for n in groups[0]["names"])
+    assert tr.lr_mult_of("g_s.3.c1.weight", tr.TrainConfig(lr_mults=((r"\.c[12]\.", 10.0), ("^g_s", 2.0)))) == 2.0
+    for bad in ("g_s", "(=1", "g_s=-1", "=2", "g_s=x"):
+        res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--lr-mult", bad])
+        assert res.exit_code == 2 and "PATTERN=K" in res.output, (bad, res.output)
+
+
 def test_next_round_starts_from_shipped_weights(tmp_path, data_dir):
     """`codec train run --init-from WEIGHTS`: the shipped fp16 weights are the starting point
     (not the KLT start), and training goes on from them."""
