@@ -33,6 +33,14 @@ def _run(model, x, q):
     return out["x_hat"], torch.cat([lik.flatten() for lik in out["likelihoods"].values()])
 
 
+def _assert_same_function(model, reshaped, x):
+    """The reshaped model reconstructs and prices ``x`` as the model did, at two qualities."""
+    for q in (1.0, 3.5):
+        a, la = _run(model, x, q)
+        b, lb = _run(reshaped, x, q)
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+
+
 def _load(sd):
     m = VariableRateLALIC(**model_kwargs(sd), lambdas=tuple(sd["lambdas"].tolist()))
     missing, unexpected = m.load_state_dict(sd, strict=False)
@@ -46,10 +54,7 @@ def test_deeper_transforms_compute_exactly_what_the_model_computed(trained_like)
     deeper = _load(sd)
     assert sum(p.numel() for p in deeper.parameters()) > sum(p.numel() for p in trained_like.parameters())
     x = torch.rand(1, 3, 64, 64)
-    for q in (1.0, 3.5):
-        a, la = _run(trained_like, x, q)
-        b, lb = _run(deeper, x, q)
-        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+    _assert_same_function(trained_like, deeper, x)
     # the old blocks keep their place in their level; the new ones come last, as identities
     # g_a (0, 1, 1) -> (1, 2, 1): conv, [new], conv, old, [new], conv, old, conv
     src = trained_like.state_dict()
@@ -66,10 +71,7 @@ def test_residual_units_compute_exactly_what_the_model_computed(trained_like):
     with_units = _load(sd)
     assert with_units.config.to_dict()["units"] == [1, 2] and "units" not in trained_like.config.to_dict()
     x = torch.rand(1, 3, 64, 64)
-    for q in (1.0, 3.5):
-        a, la = _run(trained_like, x, q)
-        b, lb = _run(with_units, x, q)
-        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(la, lb, atol=1e-6)
+    _assert_same_function(trained_like, with_units, x)
     # g_a (0, 1, 1): conv, [unit], conv, block, conv, block, conv; g_s: ..., conv, [unit, unit], conv
     src = trained_like.state_dict()
     assert torch.equal(sd["g_a.2.weight"], src["g_a.1.weight"]) and torch.equal(sd["g_a.6.weight"], src["g_a.5.weight"])
@@ -85,9 +87,7 @@ def test_residual_units_compute_exactly_what_the_model_computed(trained_like):
     # g_a: conv, [block], unit, [unit], conv, ...
     assert torch.equal(again["g_a.2.c2.weight"], with_units.g_a[1].c2.weight) and not again["g_a.1.gamma1"].any()
     assert not again["g_a.3.c2.weight"].any()
-    a, _ = _run(with_units, x, 2.0)
-    b, _ = _run(_load(again), x, 2.0)
-    assert torch.allclose(a, b, atol=1e-6)
+    _assert_same_function(with_units, _load(again), x)
 
 
 def test_leaner_channel_context_keeps_the_strongest_units(trained_like):
