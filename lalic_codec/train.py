@@ -684,7 +684,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             if step % cfg.log_every == 0:
                 n = acc.pop("n")
                 rec = {k: v / n for k, v in acc.items()}
-                rec.update(type="train", step=step, lr=opt.param_groups[0]["lr"], sec_per_step=(time.time() - t0), train_seconds=round(elapsed, 1), time=time.time(),
+                rec.update(type="train", step=step, lr=cfg.lr * lr_factor(step - 1, cfg), sec_per_step=(time.time() - t0), train_seconds=round(elapsed, 1), time=time.time(),
                            cpu_hours=round(totals["cpu_seconds"] / 3600, 4), pixels=totals["pixels"], total_steps=totals["steps"])
                 rec["psnr"] = -10 * math.log10(max(rec["mse"], 1e-12))
                 log.write(json.dumps(rec) + "\n")

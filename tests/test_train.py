@@ -170,6 +170,9 @@ def test_lr_mult_scales_or_freezes_parameters_by_name(tmp_path, data_dir):
     assert not torch.equal(start["g_s.0.weight"], after["model"]["g_s.0.weight"])
     groups = after["optimizer"]["param_groups"]
     assert len(groups) == 1 and groups[0]["lr_mult"] == 10.0 and all(n.startswith("g_s.") for n in groups[0]["names"])
+    cfg = tr.TrainConfig(**after["config"])  # the log shows the base rate, whichever group comes first
+    logged = [json.loads(line) for line in open(tmp_path / "a" / "run" / "log.jsonl")]
+    assert [(r["step"], r["lr"]) for r in logged if r["type"] == "train"][-1] == (3, cfg.lr * tr.lr_factor(2, cfg))
     assert tr.lr_mult_of("g_s.3.c1.weight", tr.TrainConfig(lr_mults=((r"\.c[12]\.", 10.0), ("^g_s", 2.0)))) == 2.0
     for bad in ("g_s", "(=1", "g_s=-1", "=2", "g_s=x"):
         res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--lr-mult", bad])
