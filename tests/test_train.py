@@ -1,7 +1,6 @@
 """Training pipeline: loss terms, deterministic data, exact resume, export."""
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
