@@ -53,7 +53,7 @@ _TRANSFORMS = {
 }
 
 
-def _roles(depths, levels, units=(0, 0), prefix="g_a.") -> list[tuple]:
+def _roles(depths, levels, prefix: str, units=(0, 0)) -> list[tuple]:
     """Role of each index of a transform Sequential: ("conv", j), ("block", level, b) or ("unit", b)
     (the residual units after the 1/2 level's blocks: ``units`` = (g_a's, g_s's))."""
     n_units = {"g_a.": units[0], "g_s.": units[1]}.get(prefix, 0)
@@ -71,8 +71,8 @@ def _source_key(key: str, old_depths, new_depths, old_units=(0, 0), new_units=(0
     for prefix, levels in _TRANSFORMS.items():
         m = re.match(re.escape(prefix) + r"(\d+)\.(.*)", key)
         if m:
-            role = _roles(new_depths, levels, new_units, prefix)[int(m[1])]
-            old = _roles(old_depths, levels, old_units, prefix)
+            role = _roles(new_depths, levels, prefix, new_units)[int(m[1])]
+            old = _roles(old_depths, levels, prefix, old_units)
             if role in old:
                 return f"{prefix}{old.index(role)}.{m[2]}", False
             return None, True
@@ -230,7 +230,7 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     out, used = {}, set()
     new_group = len(old["groups"]) if len(new["groups"]) > len(old["groups"]) else None
-    last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."], new["units"])) - 1)
+    last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."], "g_a.", new["units"])) - 1)
     for key, fresh in template.items():
         source, is_new_block = _source_key(key, old["depths"], new["depths"], old["units"], new["units"])
         if new_group is not None and source is not None:

@@ -934,10 +934,10 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
     before = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     after = sum(v.numel() for k, v in new_sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     was = model_kwargs(sd)
-    units = any(was["units"]) or any(arch["units"])  # shown where the transforms have residual units
+    show_units = any(was["units"]) or any(arch["units"])  # shown where the transforms have residual units
 
     def text(a: dict) -> str:
-        return f"M {a['M']} {a['depths']}{' units ' + str(a['units']) if units else ''} x{a['ctx_hidden_rate']}/{a['param_hidden_rate']}"
+        return f"M {a['M']} {a['depths']}{' units ' + str(a['units']) if show_units else ''} x{a['ctx_hidden_rate']}/{a['param_hidden_rate']}"
 
     click.echo(f"{text(was)} -> {text(arch)}: "
                f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M values; "
