@@ -232,6 +232,25 @@ def _frame_count(im: Image.Image) -> int:
         return 1
 
 
+def _float_samples(a: np.ndarray, notes: list) -> tuple[np.ndarray, float]:
+    """A floating-point image's samples and the value that stands for white.  Float TIFFs come
+    both normalised to [0, 1] and on an 8- or 16-bit scale; the scale is the smallest of 1, 255
+    and 65535 that holds every sample, and samples outside [0, 65535] are stretched to the full
+    range (with a note) rather than clipped to a blank image.  NaN becomes 0."""
+    import numpy as np
+
+    if not np.isfinite(a).all():
+        notes.append("NaN or infinite samples of a floating-point image coded as 0")
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, top = float(a.min(initial=0.0)), float(a.max(initial=0.0))
+    if lo >= 0.0:
+        for hi in (1.0, 255.0, 65535.0):
+            if top <= hi:
+                return a, hi
+    notes.append(f"floating-point samples in [{lo:.6g}, {top:.6g}] stretched to the full range")
+    return a - lo, (top - lo) or 1.0
+
+
 def prepare_image(im: Image.Image) -> PreparedImage:
     """Apply EXIF orientation and bring any Pillow mode to 8-bit RGB, remembering how to restore it.
 
@@ -278,7 +297,10 @@ def prepare_image(im: Image.Image) -> PreparedImage:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if mode.startswith("I") else 1.0
-        if mode == "I" and a.max(initial=0) <= 255:
+        if mode == "F":
+            a, hi = _float_samples(a, notes)
+            bit_depth = 16
+        elif mode == "I" and a.max(initial=0) <= 255:
             hi = 255.0
         else:
             bit_depth = 16

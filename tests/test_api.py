@@ -137,6 +137,40 @@ def test_sixteen_bit_grayscale_round_trips_as_16_bit_at_8_bit_precision(W, tmp_p
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(buf.getvalue()))), np.asarray(out) // 257)
 
 
+@pytest.mark.filterwarnings("ignore:floating-point image coded:lalic_codec.api.CodecWarning")
+def test_floating_point_images_keep_their_scale(W, tmp_path):
+    """Mode "F" (float TIFFs) comes normalised to [0, 1] or on an 8- or 16-bit scale; each is
+    coded as the same 8-bit picture, not clipped to white.  Out-of-range samples are stretched."""
+    g8 = natural_image(20, 28)[..., 0]
+    ref = enc(g8, W)
+    for scale in (1 / 255, 1.0, 257.0):
+        im = Image.fromarray((g8 * scale).astype(np.float32))
+        assert im.mode == "F"
+        with pytest.warns(lalic_codec.CodecWarning, match="floating-point image"):
+            data = enc(im, W)
+        assert fmt.read(data).tiles == fmt.read(ref).tiles, scale
+    # through a float TIFF file, as codec encode reads it
+    src = tmp_path / "f.tif"
+    Image.fromarray(g8.astype(np.float32)).save(src)
+    with pytest.warns(lalic_codec.CodecWarning, match="floating-point image"):
+        assert fmt.read(enc(src, W)).tiles == fmt.read(ref).tiles
+    # negative samples: stretched to the full range, with a note
+    signed = g8.astype(np.float32) * 2 - 300
+    lo, hi = float(signed.min()), float(signed.max())
+    stretched = np.round((signed - lo) / (hi - lo) * 255).astype(np.uint8)
+    with pytest.warns(lalic_codec.CodecWarning, match="stretched"):
+        data = enc(Image.fromarray(signed), W)
+    assert fmt.read(data).tiles == fmt.read(enc(stretched, W)).tiles
+    # NaN becomes 0, with a note
+    holed = (g8 / 255).astype(np.float32)
+    holed[3, 4] = np.nan
+    with pytest.warns(lalic_codec.CodecWarning, match="NaN"):
+        data = enc(Image.fromarray(holed), W)
+    zeroed = g8.copy()
+    zeroed[3, 4] = 0
+    assert fmt.read(data).tiles == fmt.read(enc(zeroed, W)).tiles
+
+
 def test_sixteen_bit_colour_is_coded_and_decoded_at_8_bits(W):
     rng = np.random.default_rng(2)
     rgb16 = rng.integers(0, 65536, size=(16, 24, 3), dtype=np.uint16)
