@@ -370,15 +370,19 @@ def centre_crop(path: Path, crop: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model, files: list[Path], qualities, device, crop: int = 512) -> dict:
+def validate(model, files: list[Path], qualities, device, crop: int = 512, stop=None) -> dict | None:
     """Estimated bpp and PSNR per quality on the centre crops (at most ``crop``, multiples of 64) of
     ``files``; with an integer scale path also ``y_bpp`` (coded) and ``y_bpp_float`` (what the
-    float scales would cost)."""
+    float scales would cost).  ``stop``, called before each image, abandons the validation (None)
+    when it returns true: a stopping run does not wait for it."""
     model.eval()
     res = {}
     for q in qualities:
         rows = []
         for f in files:
+            if stop is not None and stop():
+                model.train()
+                return None
             x = centre_crop(f, crop).to(device)
             out = model(x, quality=torch.tensor([q], device=device))
             bpp, _ = rd_terms(out, x)
@@ -612,6 +616,11 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         if stop["signal"] is None:
             click.echo(f"codec: {signal.Signals(signum).name}: stopping after this step; the run's state will be saved", err=True)
             stop["signal"] = signum
+        else:
+            click.echo("codec: already stopping: the run's state is being saved (kill -9 would lose the steps since the last save)", err=True)
+
+    def stopping() -> bool:
+        return stop["signal"] is not None
 
     old_handlers = {s: signal.signal(s, on_signal) for s in INTERRUPT_SIGNALS}
 
@@ -691,12 +700,14 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 log.flush()
                 acc = _zero_acc()
             if val_files and cfg.val_every and step % cfg.val_every == 0:
-                val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop)
-                log.write(json.dumps({"type": "val", "step": step, "time": time.time(), "cpu_hours": round(totals["cpu_seconds"] / 3600, 4), **val}) + "\n")
-                if average is not None:
+                val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop, stop=stopping)
+                if val is not None:
+                    log.write(json.dumps({"type": "val", "step": step, "time": time.time(), "cpu_hours": round(totals["cpu_seconds"] / 3600, 4), **val}) + "\n")
+                if val is not None and average is not None:
                     with average.swapped_in():
-                        val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop)
-                    log.write(json.dumps({"type": "val_ema", "step": step, "time": time.time(), **val}) + "\n")
+                        val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop, stop=stopping)
+                    if val is not None:
+                        log.write(json.dumps({"type": "val_ema", "step": step, "time": time.time(), **val}) + "\n")
                 log.flush()
             if step % cfg.ckpt_every == 0:
                 # the factorized prior's quantiles, solved directly (the aux loss alone is far too slow

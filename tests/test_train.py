@@ -314,6 +314,38 @@ def test_moving_average_of_the_weights(tmp_path, data_dir):
         tr.export(first, tmp_path / "x.safetensors", ema=True)
 
 
+def test_a_stop_signal_abandons_validation_and_a_second_one_is_answered(tmp_path, data_dir, monkeypatch, capsys):
+    """Ctrl-C while the run validates (the bundled model's 24 images x 3 qualities, twice with a
+    moving average, take about a minute) stops it at once: the run saves and stops without the
+    rest of the validation, and a second Ctrl-C says the state is being saved instead of nothing."""
+    import signal
+
+    from lalic_codec.errors import Interrupted
+
+    calls = []
+    real = tr.centre_crop
+
+    def crop(f, size):
+        calls.append(f)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(f, size)
+
+    monkeypatch.setattr(tr, "centre_crop", crop)
+    cfg = cfg_for(tmp_path, data_dir, steps=10, val_every=2, ema_half_life=3, val_qualities=(1, 4, 8))
+    with pytest.raises(Interrupted, match="SIGINT: training stopped at step 2;"):
+        tr.train(cfg)
+    assert len(calls) == 1  # not 3 qualities x (live + average)
+    run = tmp_path / "run"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in log] == ["train", "train"]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping after this step" in err and "already stopping" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, data_dir, sig):
     """Ctrl-C reaches every process of the terminal's foreground group, DataLoader workers included
