@@ -583,7 +583,8 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
     average = WeightAverage(model, cfg.ema_half_life, (state or {}).get("ema")) if cfg.ema_half_life > 0 else None
     if average is not None and state is not None and not average.resumed:
-        click.echo("--ema-half-life: the checkpoint holds no average of these weights; it starts at them", err=True)
+        why = "an average of other parameters" if state.get("ema") else "no average of these weights"
+        click.echo(f"--ema-half-life: the checkpoint holds {why}; it starts at them", err=True)
     model.train()
 
     files, held_out = split_data(cfg.data, cfg.holdout)

@@ -277,7 +277,7 @@ def test_cli_resume_continues_with_the_saved_settings_in_the_same_folder(tmp_pat
     assert bad.exit_code == 5 and len(bad.output.strip().splitlines()) == 1, bad.output
 
 
-def test_moving_average_of_the_weights(tmp_path, data_dir):
+def test_moving_average_of_the_weights(tmp_path, data_dir, capsys):
     """--ema-half-life H: after each step avg += (1 - d) (w - avg), d = 2^(-1/H), starting at the
     first weights; it resumes exactly, is validated beside the weights and exported with --ema."""
     first = tr.train(cfg_for(tmp_path / "a", data_dir, steps=0, val_count=0))
@@ -295,6 +295,20 @@ def test_moving_average_of_the_weights(tmp_path, data_dir):
     resumed = tr.train(cfg_for(tmp_path / "d", data_dir, steps=4, ema_half_life=3), resume=str(tmp_path / "d" / "run" / "checkpoint.pt"))
     a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
     assert a["ema"].keys() == b["ema"].keys() and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    # a checkpoint without an average, or with one of other parameters: the average starts at the
+    # weights, and the message says which
+    for name, ema in (("e", None), ("f", {"renamed.weight": torch.zeros(1)})):
+        ckpt = tmp_path / name / "run" / "checkpoint.pt"
+        tr.train(cfg_for(tmp_path / name, data_dir, steps=1, val_count=0, init_from=str(init)))
+        st = torch.load(ckpt, weights_only=True)
+        if ema is not None:
+            st["ema"] = ema
+            torch.save(st, ckpt)
+        capsys.readouterr()
+        again = torch.load(tr.train(cfg_for(tmp_path / name, data_dir, steps=2, val_count=0, ema_half_life=3), resume=str(ckpt)), weights_only=True)
+        why = "no average of these weights" if ema is None else "an average of other parameters"
+        assert f"the checkpoint holds {why}; it starts at them" in capsys.readouterr().err
+        assert "g_a.0.weight" in again["ema"] and "renamed.weight" not in again["ema"]
     log = [json.loads(line) for line in open(tmp_path / "c" / "run" / "log.jsonl")]
     val, val_ema = ([r for r in log if r["type"] == t] for t in ("val", "val_ema"))
     assert [r["step"] for r in val] == [r["step"] for r in val_ema] == [2, 4] and val[-1]["q4"] != val_ema[-1]["q4"]
