@@ -61,7 +61,8 @@ def load_state_dict_file(path: str | Path) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"cannot read {path.name}: {e}") from None
         sd = expand_aliases(sd, meta.get("aliases"), path.name)
-        return unpack_cdf_tables(sd, meta.get("packed_cdfs"), path.name)
+        sd = unpack_cdf_tables(sd, meta.get("packed_cdfs"), path.name)
+        return restore_checkerboard_masks(sd, meta.get("checkerboard_masks"), path.name)
     return normalize_keys(unwrap_checkpoint(read_checkpoint(path)))
 
 
@@ -239,6 +240,40 @@ def unpack_cdf_tables(sd: dict, packed: str | None, name: str = "the weights fil
     return out
 
 
+_MASK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def restore_checkerboard_masks(sd: dict, masks: str | None, name: str = "the weights file") -> dict:
+    """Restore the checkerboard masks ``save_weights`` left out: ``masks`` is the file's
+    ``"checkerboard_masks"`` metadata, a JSON map ``{"....mask": [[shape], "float16" | "float32"]}``;
+    each is :func:`checkerboard_taps` of that 4-D shape and dtype.  A map of another form, or one
+    naming a tensor the file holds, is refused (``WeightsFileError``)."""
+    if masks is None:
+        return sd
+    import json
+
+    from .layers import checkerboard_taps
+
+    try:
+        mmap = json.loads(masks)
+    except ValueError:
+        mmap = None
+
+    def well_formed(k, v) -> bool:
+        return (isinstance(k, str) and k.endswith(".mask") and isinstance(v, list) and len(v) == 2
+                and isinstance(v[0], list) and len(v[0]) == 4 and v[1] in _MASK_DTYPES
+                and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 4096 for n in v[0]))
+
+    if not isinstance(mmap, dict) or not all(well_formed(k, v) for k, v in mmap.items()):
+        raise WeightsFileError(f"cannot read {name}: its 'checkerboard_masks' metadata is not a JSON map of mask names to [shape, dtype]")
+    out = dict(sd)
+    for key, (shape, dtype) in mmap.items():
+        if key in sd:
+            raise WeightsFileError(f"cannot read {name}: checkerboard mask {key!r} is also stored in the file")
+        out[key] = checkerboard_taps(shape, _MASK_DTYPES[dtype])
+    return out
+
+
 #: buffers that stay float32 in fp16 weight files (they define coding tables or tiny bounds)
 _KEEP_FP32 = ("scale_table", "scale_bound", "lambdas", ".bound", "quantiles", "target")
 
@@ -255,8 +290,10 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
     once; the other names go to the ``"aliases"`` metadata (a reserved key), which
     ``load_state_dict_file`` expands.  Quantised CDF tables are written packed (each row cut to
     its ``_cdf_length``, the zero padding dropped; their widths in the reserved ``"packed_cdfs"``
-    metadata): the Gaussian table keeps about 14 % of its 64 x 3,133 entries.  The loaded state
-    dict is the one saved."""
+    metadata): the Gaussian table keeps about 14 % of its 64 x 3,133 entries.  Checkerboard masks
+    (``....mask`` buffers equal to :func:`~.layers.checkerboard_taps` of their shape, 1.3 MB of
+    the default model) are not written; their shapes and dtypes go to the reserved
+    ``"checkerboard_masks"`` metadata.  The loaded state dict is the one saved."""
     import json
     import os
 
@@ -292,14 +329,25 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
             tensors[k] = flat
     # an aliased table is packed as its stored copy is (the loader expands aliases, then unpacks)
     packed.update({dup: packed[first] for dup, first in aliases.items() if first in packed})
-    meta = {"format": "lalic-codec weights v2" if packed else "lalic-codec weights v1", "architecture": type(model).__name__}
+    from .layers import checkerboard_taps
+
+    masks: dict = {}  # checkerboard masks are a function of their shape: not written
+    for k in [k for k in tensors if k.endswith(".mask")]:
+        v = tensors[k]
+        if v.dim() == 4 and str(v.dtype).removeprefix("torch.") in _MASK_DTYPES and torch.equal(v, checkerboard_taps(v.shape, v.dtype)):
+            masks[k] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
+            del tensors[k]
+    version = 3 if masks else 2 if packed else 1
+    meta = {"format": f"lalic-codec weights v{version}", "architecture": type(model).__name__}
     if hasattr(model, "config"):
         meta["config"] = json.dumps(model.config.to_dict())
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    meta.pop("aliases", None)
-    meta.pop("packed_cdfs", None)
+    for reserved in ("aliases", "packed_cdfs", "checkerboard_masks"):
+        meta.pop(reserved, None)
     if packed:
         meta["packed_cdfs"] = json.dumps(packed)
+    if masks:
+        meta["checkerboard_masks"] = json.dumps(masks)
     if aliases:
         meta["aliases"] = json.dumps(aliases)
     path = Path(path)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .entropy_models import full_precision
+from .layers import checkerboard_taps
 
 W_MAX = 63
 A_MAX = 127
@@ -85,13 +86,6 @@ class IntConv2d(nn.Module):
         return y.reshape(B, -1, H, W).to(x.dtype)
 
 
-def _checkerboard_conv_mask(k: int) -> torch.Tensor:
-    m = torch.zeros(1, 1, k, k)
-    m[..., 0::2, 1::2] = 1
-    m[..., 1::2, 0::2] = 1
-    return m
-
-
 def _clip_int(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return x.clamp(lo, hi)
 
@@ -138,7 +132,7 @@ class IntegerScalePath(nn.Module):
             return nn.Sequential(IntConv2d(cin, head, 1), IntConv2d(head, g, 1, act=False))
 
         self.channel_ctx = nn.ModuleList([channel_ctx(k) for k in range(len(groups))])
-        self.spatial_ctx = nn.ModuleList([IntConv2d(f * g, ctx, 5, mask=_checkerboard_conv_mask(5)) for g in groups])
+        self.spatial_ctx = nn.ModuleList([IntConv2d(f * g, ctx, 5, mask=checkerboard_taps((1, 1, 5, 5))) for g in groups])
         self.heads = nn.ModuleList([head_net(k, g) for k, g in enumerate(groups)])
         # centre the output range so an untrained head lands mid-table
         for h in self.heads:

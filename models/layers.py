@@ -187,6 +187,16 @@ def parameter_aggregation(in_ch: int, out_ch: int, min_ch: int, num_layers: int 
     return nn.Sequential(*layers)
 
 
+def checkerboard_taps(shape, dtype=torch.float32) -> torch.Tensor:
+    """The mask of a checkerboard-context convolution: 1 at the kernel taps (i, j) with i + j odd
+    (the anchors around a non-anchor), 0 elsewhere, the centre included, for every (output,
+    input) channel pair.  Weights files leave such masks out and rebuild them from the shape."""
+    m = torch.zeros(shape, dtype=dtype)
+    m[..., 0::2, 1::2] = 1
+    m[..., 1::2, 0::2] = 1
+    return m
+
+
 class CheckerboardMaskedConv2d(nn.Conv2d):
     """Conv2d whose taps are masked to the checkerboard anchors: mask 1 where (i + j) is odd, centre 0.
 
@@ -196,9 +206,7 @@ class CheckerboardMaskedConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("mask", torch.zeros_like(self.weight.data))
-        self.mask[:, :, 0::2, 1::2] = 1
-        self.mask[:, :, 1::2, 0::2] = 1
+        self.register_buffer("mask", checkerboard_taps(self.weight.shape, self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight * self.mask, self.bias)

@@ -87,7 +87,8 @@ def test_equal_gaussian_tables_are_stored_once(tmp_path):
     gc = [k for k in m.state_dict() if ".gaussian_conditional." in k and k.endswith(TABLES)]
     assert len(gc) == 4 * groups and len([k for k in gc if k in stored]) == 4  # one copy of each table
     assert set(aliases) == set(gc) - stored and set(aliases.values()) <= stored
-    assert set(m.state_dict()) - stored == set(aliases) | {k for k in m.state_dict() if module_alias(k)}
+    masks = {k for k in m.state_dict() if k.endswith(".mask")}  # rebuilt from their shapes
+    assert set(m.state_dict()) - stored == set(aliases) | masks | {k for k in m.state_dict() if module_alias(k)}
     for dup, first in aliases.items():
         assert dup.rsplit(".", 1)[1] == first.rsplit(".", 1)[1]
         assert torch.equal(m.state_dict()[dup], m.state_dict()[first])
@@ -148,7 +149,7 @@ def test_cdf_tables_are_written_packed(tmp_path):
         meta, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     packed = json.loads(meta["packed_cdfs"])
     tables = {k for k in state if k.endswith("_quantized_cdf") and not module_alias(k)}
-    assert set(packed) == tables and meta["format"] == "lalic-codec weights v2"
+    assert set(packed) == tables and meta["format"] == "lalic-codec weights v3"
     saved = 0
     for k in tables & set(stored):
         lengths = state[k.replace("_quantized_cdf", "_cdf_length")]
@@ -200,3 +201,55 @@ def test_packed_tables_unpack_to_zero_padded_rows(tmp_path):
     tensors = {"a._quantized_cdf": torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32), "a._cdf_length": torch.tensor([2, 3], dtype=torch.int32)}
     save_file(tensors, str(path), metadata={"packed_cdfs": json.dumps({"a._quantized_cdf": 4})})
     assert load_state_dict_file(path)["a._quantized_cdf"].tolist() == [[1, 2, 0, 0], [3, 4, 5, 0]]
+
+
+def test_checkerboard_masks_are_rebuilt_not_stored(tmp_path):
+    """The masks of the checkerboard contexts are a function of their shape (1.3 MB of the default
+    model's file): left out, listed with shape and dtype, rebuilt bit for bit; the fingerprint of
+    the loaded model, which every .lic header holds, does not move.  A mask of another pattern is
+    stored as it is."""
+    torch.manual_seed(3)
+    m = VariableRateLALIC(**TINY, int_scale=True).eval()
+    m.update(force=True)
+    masks = {k for k in m.state_dict() if k.endswith(".mask") and not module_alias(k)}
+    assert any("context_prediction" in k for k in masks) and any("scale_path" in k for k in masks)
+    for fp16 in (False, True):
+        path = save_weights(m, tmp_path / f"w{fp16}.safetensors", fp16=fp16)
+        with safe_open(str(path), "pt") as f:
+            meta, stored = f.metadata(), set(f.keys())
+        listed = json.loads(meta["checkerboard_masks"])
+        assert set(listed) == masks and not masks & stored and meta["format"] == "lalic-codec weights v3"
+        sd = load_state_dict_file(path)
+        for k in masks:
+            assert sd[k].dtype == (torch.float16 if fp16 else torch.float32) and torch.equal(sd[k].float(), m.state_dict()[k]), k
+    assert fingerprint(reload(path.with_name("wFalse.safetensors"))) == fingerprint(m)
+    odd = next(k for k in sorted(masks) if "context_prediction" in k)
+    m.state_dict()[odd][0, 0, 0, 0] = 1  # not the checkerboard: kept in the file
+    path = save_weights(m, tmp_path / "odd.safetensors", fp16=False)
+    with safe_open(str(path), "pt") as f:
+        assert odd in f.keys() and odd not in json.loads(f.metadata()["checkerboard_masks"])
+    assert torch.equal(load_state_dict_file(path)[odd], m.state_dict()[odd])
+
+
+@pytest.mark.parametrize(
+    "masks, message",
+    [
+        ({"a.mask": [[2, 1, 3, 3], "float32"]}, "is also stored in the file"),
+        ({"b.weight": [[2, 1, 3, 3], "float32"]}, "not a JSON map"),
+        ({"b.mask": [[2, 1, 3], "float32"]}, "not a JSON map"),
+        ({"b.mask": [[2, 1, 3, 3], "int8"]}, "not a JSON map"),
+        ({"b.mask": [[2, 1, 3, 0], "float16"]}, "not a JSON map"),
+        ({"b.mask": [[2, 1, 3, 1e9], "float16"]}, "not a JSON map"),
+        ("{not json", "not a JSON map"),
+    ],
+)
+def test_broken_mask_lists_are_refused(tmp_path, masks, message):
+    path = tmp_path / "bad.safetensors"
+    meta = {"checkerboard_masks": masks if isinstance(masks, str) else json.dumps(masks)}
+    save_file({"a.mask": torch.ones(2, 1, 3, 3)}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=message) as e:
+        load_state_dict_file(path)
+    assert isinstance(e.value, ModelError) and "bad.safetensors" in str(e.value)
+    path = tmp_path / "ok.safetensors"
+    save_file({"a.weight": torch.ones(1)}, str(path), metadata={"checkerboard_masks": json.dumps({"b.mask": [[1, 1, 3, 3], "float32"]})})
+    assert load_state_dict_file(path)["b.mask"][0, 0].tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
