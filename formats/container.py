@@ -807,7 +807,9 @@ def info_lines(d: dict, file: str) -> str:
         f"image:       {d['width']}x{d['height']} {d['colour_mode']}, {d['bit_depth']}-bit",
         f"model:       {d['model_id']} (weights {d['weights_fingerprint']})",
         f"quality:     {d['quality']:g}" if d["quality"] else "quality:     fixed-rate model",
-        f"entropy:     parameters computed on {d['device_class_name']}",
+        "entropy:     device-independent (integer table indexes: decodes on any device)"
+        if d["device_class"] == DeviceClass.DEVICE_INDEPENDENT
+        else f"entropy:     parameters computed on {d['device_class_name']} (decodes on a {d['device_class_name']} device)",
         f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
         f"streams:     {d['stream_bytes_total']} bytes" + (f" ({d['tile_count']} tiles added up)" if d["tile_count"] > 1 else ""),
     ]

@@ -40,6 +40,9 @@ def test_encode_decode_info(tmp_path, rgb_png, tiny_vr_weights):
     assert info["quality"] == 3 and info["streams_per_tile"] == 9
     r = run("info", lic)
     assert "all CRCs OK" in r.output
+    entropy = {0: "device-independent (integer table indexes: decodes on any device)",
+               1: "parameters computed on cpu (decodes on a cpu device)"}[info["device_class"]]
+    assert f"entropy:     {entropy}\n" in r.output
     assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # normal permissions, not mkstemp's
 
 
