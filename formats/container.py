@@ -1,4 +1,4 @@
-"""Reader and writer for the .lic container (format version 1).
+"""Reader and writer for the .lic container (format versions 1 and 2).
 
 The byte layout is specified in ``formats/FORMAT.md``; this module is its
 reference implementation.  It deliberately depends on nothing but the standard
@@ -41,6 +41,7 @@ from lalic_codec.errors import (  # the Damaged* errors are part of this module'
 __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
     "ColourMode",
     "DeviceClass",
     "MetadataTag",
@@ -65,7 +66,10 @@ __all__ = [
 # --------------------------------------------------------------------------- constants
 
 MAGIC = b"\x89LIC\r\n\x1a\n"
+#: the version :func:`write` writes unless told otherwise
 FORMAT_VERSION = 1
+#: the versions :func:`read` accepts: 2 differs from 1 only in the tile records (FORMAT.md 7, 8)
+SUPPORTED_VERSIONS = (1, 2)
 
 FINGERPRINT_LENGTH = 16
 MAX_MODEL_ID_LENGTH = 64
@@ -92,6 +96,7 @@ _TLV = struct.Struct("<BI")
 
 _PREFIX_SIZE = len(MAGIC) + _VERSION_IDLEN.size  # magic, version, model id length
 _GEOMETRY_RECORD_SIZE = _GEOMETRY.size + _U32.size  # geometry + its CRC32
+_VARINT_MAX_BYTES = 5  # unsigned LEB128 of a value below 2**32
 
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
@@ -290,13 +295,26 @@ def _encode_metadata(md: Metadata, limits: Limits) -> bytes:
     return frame
 
 
-def write(f: LicFile, limits: Limits | None = None) -> bytes:
-    """Serialise a LicFile.
+def _varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, least significant first, the high bit set on every byte
+    but the last; the shortest such encoding."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def write(f: LicFile, limits: Limits | None = None, version: int = FORMAT_VERSION) -> bytes:
+    """Serialise a LicFile in format ``version`` (1 or 2; they differ only in the tile records).
 
     Raises ValueError for inconsistent or out-of-range fields (programmer
     errors) and LimitExceededError when the file would exceed ``limits``
     (default :class:`Limits`), i.e. when a default reader would refuse it.
     """
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"format version must be one of {SUPPORTED_VERSIONS}, not {version!r}")
     limits = limits or Limits()
     h = f.header
     raw_id, fp, quality, mode = _validate_header(h)
@@ -374,8 +392,7 @@ def write(f: LicFile, limits: Limits | None = None) -> bytes:
             raise ValueError(
                 f"{what} has {len(t.streams)} streams but header.streams_per_tile is {h.streams_per_tile}"
             )
-        geometry = _GEOMETRY.pack(x, y, w, th, pl, pr, pt, pb)
-        parts += [geometry, _U32.pack(zlib.crc32(geometry))]
+        streams = []
         for s, stream in enumerate(t.streams):
             stream = _as_bytes(stream, f"stream {s} of {what}")
             if len(stream) > min(_U32_MAX, limits.max_stream_bytes):
@@ -383,10 +400,19 @@ def write(f: LicFile, limits: Limits | None = None) -> bytes:
                     f"stream {s} of {what} is {len(stream)} bytes, more than the limit of "
                     f"{min(_U32_MAX, limits.max_stream_bytes)}"
                 )
-            parts += [_LEN_CRC.pack(len(stream), zlib.crc32(stream)), stream]
+            streams.append(stream)
+        if version == 1:
+            geometry = _GEOMETRY.pack(x, y, w, th, pl, pr, pt, pb)
+            parts += [geometry, _U32.pack(zlib.crc32(geometry))]
+            for stream in streams:
+                parts += [_LEN_CRC.pack(len(stream), zlib.crc32(stream)), stream]
+        else:  # a directory of varints with its CRC32, then the streams with one CRC32
+            directory = b"".join(_varint(v) for v in (x, y, w, th, pl, pr, pt, pb, *map(len, streams)))
+            body = b"".join(streams)
+            parts += [directory, _U32.pack(zlib.crc32(directory)), body, _U32.pack(zlib.crc32(body))]
 
     head = bytearray(MAGIC)
-    head += _VERSION_IDLEN.pack(FORMAT_VERSION, len(raw_id))
+    head += _VERSION_IDLEN.pack(version, len(raw_id))
     head += raw_id
     head += _HEADER_TAIL.pack(fp, quality, h.width, h.height, int(mode), h.bit_depth,
                               h.device_class, flags, n_tiles, h.streams_per_tile)
@@ -423,6 +449,24 @@ class _Cursor:
     def unpack(self, st: struct.Struct, what: str) -> tuple:
         return st.unpack(self.take(st.size, what))
 
+    def varint(self, what: str, bits: int = 32) -> int:
+        """An unsigned LEB128 value below ``2**bits`` in its shortest encoding."""
+        value = shift = 0
+        for i in range(_VARINT_MAX_BYTES):
+            if self.pos >= self.end:
+                raise TruncatedFileError(f"truncated file: {what} at offset {self.pos} runs past the end of the file (byte {self.end})")
+            byte = self.buf[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                if byte == 0 and i > 0:
+                    raise CorruptFileError(f"{what}: over-long varint (file is corrupt)")
+                if value >> bits:
+                    raise CorruptFileError(f"{what}: {value} does not fit in {bits} bits (file is corrupt)")
+                return value
+        raise CorruptFileError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes (file is corrupt)")
+
 
 def _as_view(data: Union[bytes, bytearray, memoryview]) -> memoryview:
     view = memoryview(data)
@@ -451,7 +495,7 @@ def _check_magic(buf: memoryview) -> None:
             hint = " (the high bit of byte 0 was cleared: was it sent over a 7-bit channel?)"
         else:
             hint = " (line endings were altered: was the file transferred in text mode?)"
-    if _bits_apart(head, MAGIC) <= 2 and _intact_v1_header(buf):
+    if _bits_apart(head, MAGIC) <= 2 and _intact_header(buf):
         raise DamagedMagicError(
             f"header: damaged magic bytes {head.hex(' ')}{hint}, but the header CRC32 matches a "
             f".lic header (file is corrupt)"
@@ -463,18 +507,22 @@ def _bits_apart(a: bytes, b: bytes) -> int:
     return sum(bin(x ^ y).count("1") for x, y in zip(a, b)) + 8 * abs(len(a) - len(b))
 
 
-def _intact_v1_header(buf: memoryview) -> bool:
-    """Whether ``buf`` starts with a version-1 header whose CRC32 matches once the magic and the
-    version are restored: then a magic or version a bit or two away from the right one is damage
-    (a bit flip), not another format or a newer version (a chance match has probability 2**-32)."""
+def _intact_header(buf: memoryview, versions=SUPPORTED_VERSIONS) -> int | None:
+    """The version of ``versions`` whose header matches the CRC32 at the start of ``buf`` once the
+    magic and that version are restored, or None: then a magic or version a bit or two away from
+    the right one is damage (a bit flip), not another format or a newer version (a chance match
+    has probability 2**-32)."""
     if len(buf) < _PREFIX_SIZE:
-        return False
+        return None
     end = _PREFIX_SIZE + buf[_PREFIX_SIZE - 1] + _HEADER_TAIL.size
     if len(buf) < end + _U32.size:
-        return False
+        return None
     head = bytearray(buf[:end])
-    head[: _PREFIX_SIZE - 1] = MAGIC + _U16.pack(FORMAT_VERSION)
-    return zlib.crc32(head) == _U32.unpack(buf[end : end + _U32.size])[0]
+    for version in versions:
+        head[: _PREFIX_SIZE - 1] = MAGIC + _U16.pack(version)
+        if zlib.crc32(head) == _U32.unpack(buf[end : end + _U32.size])[0]:
+            return version
+    return None
 
 
 @dataclass
@@ -483,6 +531,7 @@ class _RawHeader:
     flags: int
     n_tiles: int
     size: int  # bytes from the magic to the end of the header CRC
+    version: int = 1
 
 
 def _parse_header(cur: _Cursor, limits: Limits) -> _RawHeader:
@@ -490,15 +539,17 @@ def _parse_header(cur: _Cursor, limits: Limits) -> _RawHeader:
     _check_magic(cur.buf)
     cur.pos = len(MAGIC)
     (version,) = cur.unpack(_U16, "the format version")
-    if version != FORMAT_VERSION:
-        if _bits_apart(_U16.pack(version), _U16.pack(FORMAT_VERSION)) <= 2 and _intact_v1_header(cur.buf):
+    if version not in SUPPORTED_VERSIONS:
+        near = [v for v in SUPPORTED_VERSIONS if _bits_apart(_U16.pack(version), _U16.pack(v)) <= 2]
+        intact = _intact_header(cur.buf, near)
+        if intact is not None:
             raise DamagedVersionError(
                 f"header: format version {version}, but the header CRC32 matches version "
-                f"{FORMAT_VERSION}: the version field is damaged (file is corrupt)"
+                f"{intact}: the version field is damaged (file is corrupt)"
             )
         raise UnsupportedVersionError(
-            f"unsupported .lic format version {version} (this reader supports version "
-            f"{FORMAT_VERSION}; the file may need a newer lalic-codec)"
+            f"unsupported .lic format version {version} (this reader supports versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}; the file may need a newer lalic-codec)"
         )
     (id_len,) = cur.unpack(_U8, "the header (model identifier length)")
     raw_id = bytes(cur.take(id_len, "the header (model identifier)"))
@@ -558,7 +609,7 @@ def _parse_header(cur: _Cursor, limits: Limits) -> _RawHeader:
         device_class=device_class,
         streams_per_tile=spt,
     )
-    return _RawHeader(header, flags, n_tiles, cur.pos)
+    return _RawHeader(header, flags, n_tiles, cur.pos, version)
 
 
 def _read_block(cur: _Cursor, name: str, limit: int, collect: list[str] | None) -> memoryview:
@@ -687,7 +738,10 @@ def _parse(data, limits: Limits | None, info: bool):
         result["alpha"] = None
 
     # Cheap early check so that a header declaring many tiles/streams fails at once.
-    minimum = raw.n_tiles * (_GEOMETRY_RECORD_SIZE + hdr.streams_per_tile * _LEN_CRC.size)
+    if raw.version == 1:
+        minimum = raw.n_tiles * (_GEOMETRY_RECORD_SIZE + hdr.streams_per_tile * _LEN_CRC.size)
+    else:  # a one-byte varint per geometry field and per stream length, two CRC32s
+        minimum = raw.n_tiles * (8 + hdr.streams_per_tile + 2 * _U32.size)
     if minimum > cur.remaining():
         raise TruncatedFileError(
             f"truncated file: header declares {raw.n_tiles} tiles of {hdr.streams_per_tile} streams "
@@ -698,12 +752,22 @@ def _parse(data, limits: Limits | None, info: bool):
     tile_infos: list = []
     for t in range(raw.n_tiles):
         name = f"tile {t}"
-        geometry = cur.take(_GEOMETRY.size, f"the geometry of {name}")
-        (geometry_crc,) = cur.unpack(_U32, f"the geometry CRC32 of {name}")
-        x, y, w, h, pl, pr, pt, pb = _GEOMETRY.unpack(geometry)
+        if raw.version == 1:
+            geometry = cur.take(_GEOMETRY.size, f"the geometry of {name}")
+            (geometry_crc,) = cur.unpack(_U32, f"the geometry CRC32 of {name}")
+            x, y, w, h, pl, pr, pt, pb = _GEOMETRY.unpack(geometry)
+            what = "geometry"
+        else:
+            start = cur.pos
+            x, y, w, h = (cur.varint(f"{name}: {f}") for f in ("x", "y", "w", "h"))
+            pl, pr, pt, pb = (cur.varint(f"{name}: {f}", 16) for f in ("pad_left", "pad_right", "pad_top", "pad_bottom"))
+            lengths = [cur.varint(f"{name}: the length of stream {s}") for s in range(hdr.streams_per_tile)]
+            geometry = cur.buf[start : cur.pos]
+            (geometry_crc,) = cur.unpack(_U32, f"the directory CRC32 of {name}")
+            what = "directory"
         geometry_ok = zlib.crc32(geometry) == geometry_crc
         if not geometry_ok:
-            msg = f"{name}: geometry CRC32 mismatch (file is corrupt)"
+            msg = f"{name}: {what} CRC32 mismatch (file is corrupt)"
             if not info:
                 raise CrcMismatchError(msg)
             crc_errors.append(msg)
@@ -718,9 +782,30 @@ def _parse(data, limits: Limits | None, info: bool):
                     f"{limits.tile_pixel_limit()} pixels"
                 )
         streams = []
-        for s in range(hdr.streams_per_tile):
-            body = _read_block(cur, f"stream {s} of {name}", limits.max_stream_bytes, crc_errors)
-            streams.append(len(body) if info else bytes(body))
+        if raw.version == 1:
+            for s in range(hdr.streams_per_tile):
+                body = _read_block(cur, f"stream {s} of {name}", limits.max_stream_bytes, crc_errors)
+                streams.append(len(body) if info else bytes(body))
+        else:
+            for s, n in enumerate(lengths):
+                if n > limits.max_stream_bytes:
+                    raise LimitExceededError(f"stream {s} of {name}: declares {n} bytes, more than the limit of {limits.max_stream_bytes}")
+            if sum(lengths) > cur.remaining():
+                raise TruncatedFileError(
+                    f"truncated file: the streams of {name} need {sum(lengths)} bytes at offset {cur.pos} "
+                    f"but the file ends at byte {cur.end}"
+                )
+            body = cur.take(sum(lengths), f"the streams of {name}")
+            (body_crc,) = cur.unpack(_U32, f"the stream CRC32 of {name}")
+            if zlib.crc32(body) != body_crc:
+                msg = f"{name}: stream CRC32 mismatch (file is corrupt)"
+                if not info:
+                    raise CrcMismatchError(msg)
+                crc_errors.append(msg)
+            at = 0
+            for n in lengths:
+                streams.append(n if info else bytes(body[at : at + n]))
+                at += n
         if info:
             tile_infos.append({"x": x, "y": y, "w": w, "h": h, "pad": [pl, pr, pt, pb], "stream_bytes": streams})
         else:
@@ -740,7 +825,7 @@ def _parse(data, limits: Limits | None, info: bool):
         else "unknown"
     )
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": raw.version,
         "file_bytes": cur.end,
         "header_bytes": raw.size,
         "model_id": hdr.model_id,

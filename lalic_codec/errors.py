@@ -93,8 +93,8 @@ class DamagedMagicError(NotALicFileError, CrcMismatchError):
 
 
 class DamagedVersionError(UnsupportedVersionError, CrcMismatchError):
-    """A format version other than 1 on a header whose CRC32 matches version 1: a damaged
-    version field rather than a newer file (exit status 4)."""
+    """An unknown format version a bit or two away from a supported one, on a header whose CRC32
+    matches that version: a damaged version field rather than a newer file (exit status 4)."""
 
     exit_code = CrcMismatchError.exit_code
 

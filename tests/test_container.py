@@ -480,7 +480,7 @@ def test_text_mode_mangling_is_detected():
         read(b"\x09" + SAMPLE[1:])
 
 
-@pytest.mark.parametrize("version", [0, 2, 256, 65535])
+@pytest.mark.parametrize("version", [0, 3, 256, 65535])
 def test_unknown_version(version):
     data = bytearray(SAMPLE)
     data[8:10] = struct.pack("<H", version)
