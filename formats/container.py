@@ -67,7 +67,7 @@ __all__ = [
 
 MAGIC = b"\x89LIC\r\n\x1a\n"
 #: the version :func:`write` writes unless told otherwise
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: the versions :func:`read` accepts: 2 differs from 1 only in the tile records (FORMAT.md 7, 8)
 SUPPORTED_VERSIONS = (1, 2)
 

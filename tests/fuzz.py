@@ -77,8 +77,9 @@ class RawStream:
 @dataclass
 class RawTile:
     geometry: list  # x, y, w, h, pad left, right, top, bottom
-    streams: list  # RawStream
-    crc: int | None = None
+    streams: list  # RawStream (version 2: their lengths go to the directory, their crc is unused)
+    crc: int | None = None  # the geometry CRC32 (version 2: the directory's)
+    body_crc: int | None = None  # version 2: the CRC32 of the tile's streams
 
 
 @dataclass
@@ -127,9 +128,31 @@ def parse_raw(data: bytes) -> RawLic:
         pos += n
         return RawStream(body)
 
+    def varint():
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
     blocks = [stream() for bit in (fmt.FLAG_METADATA, fmt.FLAG_ALPHA) if flags & bit]
     tiles = []
     for _ in range(n_tiles):
+        if version == 2:
+            geometry = [varint() for _ in range(8)]
+            lengths = [varint() for _ in range(spt)]
+            pos += _U32.size
+            streams = []
+            for n in lengths:
+                streams.append(RawStream(data[pos : pos + n]))
+                pos += n
+            pos += _U32.size
+            tiles.append(RawTile(geometry, streams))
+            continue
         geometry = list(_GEOMETRY.unpack_from(data, pos))
         pos += _GEOMETRY.size + _U32.size
         tiles.append(RawTile(geometry, [stream() for _ in range(spt)]))
@@ -159,6 +182,14 @@ def pack_raw(r: RawLic) -> bytes:
     for b in r.blocks:
         put(b)
     for t in r.tiles:
+        if _u(r.version, 16) == 2:
+            lengths = [len(s.body) if s.length is None else s.length for s in t.streams]
+            d = b"".join(fmt._varint(_u(v, 32 if i < 4 else 16)) for i, v in enumerate(t.geometry[:8]))
+            d += b"".join(fmt._varint(_u(n, 32)) for n in lengths)
+            body = b"".join(s.body for s in t.streams)
+            parts += [d, _U32.pack(zlib.crc32(d) if t.crc is None else _u(t.crc, 32)),
+                      body, _U32.pack(zlib.crc32(body) if t.body_crc is None else _u(t.body_crc, 32))]
+            continue
         g = _GEOMETRY.pack(*[_u(v, 32) for v in t.geometry[:4]], *[_u(v, 16) for v in t.geometry[4:8]])
         parts.append(g + _U32.pack(zlib.crc32(g) if t.crc is None else _u(t.crc, 32)))
         for s in t.streams:
@@ -184,6 +215,14 @@ def crc_layout(data: bytes) -> list[tuple[int, int, int]]:
     for b in r.blocks:
         stream(b)
     for t in r.tiles:
+        if r.version == 2:
+            d = len(b"".join(fmt._varint(v) for v in (*t.geometry, *(len(s.body) for s in t.streams))))
+            out.append((pos + d, pos, pos + d))
+            pos += d + _U32.size
+            n = sum(len(s.body) for s in t.streams)
+            out.append((pos + n, pos, pos + n))
+            pos += n + _U32.size
+            continue
         out.append((pos + _GEOMETRY.size, pos, pos + _GEOMETRY.size))
         pos += _GEOMETRY.size + _U32.size
         for s in t.streams:
@@ -415,14 +454,14 @@ def _mutate_header(rng, r: RawLic, seeds):
     elif which == "fingerprint":
         r.fingerprint = rng.choice([bytes(16), rng.randbytes(16), rng.choice(seeds).data[20:36]])
     else:
-        r.version = rng.choice([0, 2, 65535])
+        r.version = rng.choice([0, 1, 2, 3, 65535])  # 1 <-> 2: the same file in the other layout
 
 
 def _mutate_tile(rng, r: RawLic, seeds):
     if not r.tiles:
         return
     t = rng.choice(r.tiles)
-    which = rng.choice(["x", "y", "w", "h", "pad", "pads", "outside", "zero", "geometry_of_other", "crc"])
+    which = rng.choice(["x", "y", "w", "h", "pad", "pads", "outside", "zero", "geometry_of_other", "crc", "body_crc"])
     g = t.geometry
     if which in ("x", "y", "w", "h"):
         i = "xywh".index(which)
@@ -443,8 +482,10 @@ def _mutate_tile(rng, r: RawLic, seeds):
     elif which == "geometry_of_other":
         src = rng.choice(r.tiles)
         t.geometry = list(src.geometry)
-    else:
+    elif which == "crc":
         t.crc = rng.getrandbits(32)
+    else:
+        t.body_crc = rng.getrandbits(32)
 
 
 def _mutate_tiles_list(rng, r: RawLic, seeds):

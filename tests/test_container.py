@@ -81,7 +81,7 @@ def sample_file() -> LicFile:
     )
 
 
-SAMPLE = write(sample_file())
+SAMPLE = write(sample_file(), version=1)  # the layout() below is version 1's; test_container_v2 has version 2's
 
 
 def layout(data: bytes) -> dict:
@@ -195,7 +195,7 @@ def only_codec_errors(data, *, info=False) -> None:
 
 def test_constants():
     assert MAGIC == bytes([0x89, 0x4C, 0x49, 0x43, 0x0D, 0x0A, 0x1A, 0x0A])
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2 and C.SUPPORTED_VERSIONS == (1, 2)
     assert [m.name for m in ColourMode] == ["RGB", "L", "RGBA", "LA", "P"]
     assert [int(m) for m in ColourMode] == [0, 1, 2, 3, 4]
 
@@ -226,16 +226,17 @@ def test_sample_layout_is_as_specified():
 
 
 def roundtrip(f: LicFile) -> LicFile:
-    data = write(f)
-    g = read(data)
-    assert g == f
-    assert read(bytearray(data)) == f
-    assert read(memoryview(data)) == f
-    assert write(g) == data  # deterministic
-    info = read_info(data)
-    json.dumps(info)
-    assert info["crc_ok"] and info["file_bytes"] == len(data)
-    assert read_header_from_file(io.BytesIO(data)) == f.header
+    for version in C.SUPPORTED_VERSIONS:
+        data = write(f, version=version)
+        g = read(data)
+        assert g == f
+        assert read(bytearray(data)) == f
+        assert read(memoryview(data)) == f
+        assert write(g, version=version) == data  # deterministic
+        info = read_info(data)
+        json.dumps(info)
+        assert info["crc_ok"] and info["file_bytes"] == len(data) and info["format_version"] == version
+        assert read_header_from_file(io.BytesIO(data)) == f.header
     return g
 
 
@@ -249,7 +250,8 @@ def test_roundtrip_sample():
 def test_roundtrip_minimal():
     f = LicFile(make_header(width=1, height=1, streams_per_tile=1), tiles=[Tile(0, 0, 1, 1, (0, 0, 0, 0), [b""])])
     roundtrip(f)
-    assert len(write(f)) == 8 + 2 + 1 + 5 + 36 + 4 + 28 + 8
+    assert len(write(f, version=1)) == 8 + 2 + 1 + 5 + 36 + 4 + 28 + 8
+    assert len(write(f)) == 8 + 2 + 1 + 5 + 36 + 4 + 8 + 1 + 4 + 4  # 8 one-byte varints, one length, two CRCs
 
 
 @pytest.mark.parametrize("model_id", ["lalic", "mambaic", "default-v1", "a", "x" * 64, "m.b_c-1.0", "0"])
@@ -337,7 +339,7 @@ def test_write_accepts_bytes_like():
     f.alpha = memoryview(bytes(range(24)))
     f.tiles[0].streams = [bytearray(b"hyper"), memoryview(b""), b"non-anchor bytes"]
     f.tiles[1].pad = [3, 3, 2, 2]
-    assert write(f) == SAMPLE
+    assert write(f, version=1) == SAMPLE
 
 
 def test_large_stream_roundtrip():
@@ -1008,3 +1010,18 @@ def test_format_md_worked_example_decodes():
     info = read_info(data)
     assert info["file_bytes"] == len(data) and info["crc_ok"]
     assert f.header.model_id == "lalic" and f.header.colour_mode is ColourMode.LA
+    # the same file in version 2: the version field, the header CRC and the tile records
+    match = re.search(r"<!-- example-v2-hex-begin -->\s*```[a-z]*\n(.*?)```\s*<!-- example-v2-hex-end -->", text, re.S)
+    assert match, "FORMAT.md must show the worked example in version 2"
+    v2 = bytearray(data)
+    rows = [line.split("|")[0].split(":", 1) for line in match.group(1).splitlines() if ":" in line]
+    tiles_at = int(rows[2][0], 16)
+    del v2[tiles_at:]
+    for offset, hexbytes in rows:
+        at, chunk = int(offset, 16), bytes.fromhex(hexbytes)
+        if at >= tiles_at:
+            assert at == len(v2), offset  # the tile records follow each other without gaps
+            v2 += chunk
+        else:
+            v2[at : at + len(chunk)] = chunk
+    assert read(bytes(v2)) == f and write(f) == bytes(v2) and read_info(bytes(v2))["format_version"] == 2
