@@ -208,7 +208,9 @@ def test_save_weights_writes_aliases_once(tmp_path):
     with safe_open(str(path), "pt") as f:
         saved = set(f.keys())
         tables = set(json.loads(f.metadata().get("aliases", "{}")))  # equal CDF tables, written once
-    dropped = set(m.state_dict()) - saved - tables
+        masks = set(json.loads(f.metadata().get("checkerboard_masks", "{}")))  # rebuilt from their shapes
+    assert masks and all(k.endswith("context_prediction.mask") for k in masks)
+    dropped = set(m.state_dict()) - saved - tables - masks
     assert dropped == {k for k in m.state_dict() if k.startswith(("h_a.", "h_s."))}  # only the aliases
     lm = loading.load_model("lalic", path, "cpu")
     from lalic_codec.models.checkpoints import fingerprint
