@@ -128,24 +128,14 @@ def parse_raw(data: bytes) -> RawLic:
         pos += n
         return RawStream(body)
 
-    def varint():
-        nonlocal pos
-        value = shift = 0
-        while True:
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
     blocks = [stream() for bit in (fmt.FLAG_METADATA, fmt.FLAG_ALPHA) if flags & bit]
     tiles = []
     for _ in range(n_tiles):
-        if version == 2:
-            geometry = [varint() for _ in range(8)]
-            lengths = [varint() for _ in range(spt)]
-            pos += _U32.size
+        if version == 2:  # the reader's own varint parser
+            cur = fmt._Cursor(memoryview(data), pos)
+            geometry = [cur.varint("geometry", 32 if i < 4 else 16) for i in range(8)]
+            lengths = [cur.varint("stream length") for _ in range(spt)]
+            pos = cur.pos + _U32.size
             streams = []
             for n in lengths:
                 streams.append(RawStream(data[pos : pos + n]))
