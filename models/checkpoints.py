@@ -334,8 +334,9 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
     masks: dict = {}  # checkerboard masks are a function of their shape: not written
     for k in [k for k in tensors if k.endswith(".mask")]:
         v = tensors[k]
-        if v.dim() == 4 and str(v.dtype).removeprefix("torch.") in _MASK_DTYPES and torch.equal(v, checkerboard_taps(v.shape, v.dtype)):
-            masks[k] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
+        dtype = str(v.dtype).removeprefix("torch.")
+        if v.dim() == 4 and dtype in _MASK_DTYPES and torch.equal(v, checkerboard_taps(v.shape, v.dtype)):
+            masks[k] = [list(v.shape), dtype]
             del tensors[k]
     version = 3 if masks else 2 if packed else 1
     meta = {"format": f"lalic-codec weights v{version}", "architecture": type(model).__name__}
