@@ -702,13 +702,13 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 acc = _zero_acc()
             if val_files and cfg.val_every and step % cfg.val_every == 0:
                 val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop, stop=stopping)
-                if val is not None:
+                if val is not None:  # None: abandoned by a stop signal
                     log.write(json.dumps({"type": "val", "step": step, "time": time.time(), "cpu_hours": round(totals["cpu_seconds"] / 3600, 4), **val}) + "\n")
-                if val is not None and average is not None:
-                    with average.swapped_in():
-                        val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop, stop=stopping)
-                    if val is not None:
-                        log.write(json.dumps({"type": "val_ema", "step": step, "time": time.time(), **val}) + "\n")
+                    if average is not None:
+                        with average.swapped_in():
+                            val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop, stop=stopping)
+                        if val is not None:
+                            log.write(json.dumps({"type": "val_ema", "step": step, "time": time.time(), **val}) + "\n")
                 log.flush()
             if step % cfg.ckpt_every == 0:
                 # the factorized prior's quantiles, solved directly (the aux loss alone is far too slow
