@@ -60,6 +60,8 @@ def load_state_dict_file(path: str | Path) -> dict:
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"cannot read {path.name}: {e}") from None
+        _check_format(meta.get("format"), path.name)
+        sd = dequantize_int8_rows(sd, meta.get("int8_rows"), path.name)
         sd = expand_aliases(sd, meta.get("aliases"), path.name)
         sd = unpack_cdf_tables(sd, meta.get("packed_cdfs"), path.name)
         return restore_checkerboard_masks(sd, meta.get("checkerboard_masks"), path.name)
@@ -160,6 +162,58 @@ def fingerprint(model: torch.nn.Module) -> bytes:
 def _raw_bytes(t: torch.Tensor) -> bytes:
     """The bytes of a contiguous CPU tensor (bfloat16, which numpy lacks, as int16)."""
     return t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+
+
+#: the newest ``"format"`` of our weights files this version reads (``save_weights``)
+WEIGHTS_FORMAT = 4
+
+
+def _check_format(fmt: str | None, name: str) -> None:
+    """Refuse a weights file of a newer format than this version reads, with a clear message
+    (instead of an error about tensors it would misread)."""
+    m = re.fullmatch(r"lalic-codec weights v(\d+)", fmt or "")
+    if m and int(m[1]) > WEIGHTS_FORMAT:
+        raise WeightsFileError(f"cannot read {name}: it is a weights file of format v{m[1]}, from a newer lalic-codec "
+                               f"(this one reads up to v{WEIGHTS_FORMAT}); upgrade lalic-codec")
+
+
+def _int8_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float tensor as int8 values and one float32 scale per row (per output channel): the
+    row's largest magnitude over 127, so the row's values are ``q * scale`` to within half a
+    scale; an all-zero row has scale 0."""
+    rows = v.detach().float().reshape(v.shape[0], -1)
+    scale = rows.abs().amax(dim=1) / 127
+    q = torch.round(rows / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(v.shape).contiguous(), scale.contiguous()
+
+
+def dequantize_int8_rows(sd: dict, rows: str | None, name: str = "the weights file") -> dict:
+    """Restore the tensors ``save_weights`` wrote as int8: ``rows`` is the file's ``"int8_rows"``
+    metadata, a JSON map ``{"name": "scale name"}``; the tensor ``name`` (int8, at least 2-D) times
+    the float32 vector ``scale name`` (one finite value >= 0 per row: per index of dimension 0),
+    computed in float32, is the float32 tensor loaded; the scale tensors are dropped.  Maps of
+    another form, or tensors that do not fit them, are refused (``WeightsFileError``)."""
+    if rows is None:
+        return sd
+    import json
+
+    try:
+        rmap = json.loads(rows)
+    except ValueError:
+        rmap = None
+    if not isinstance(rmap, dict) or not all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in rmap.items()):
+        raise WeightsFileError(f"cannot read {name}: its 'int8_rows' metadata is not a JSON map of tensor names to scale names")
+    out = dict(sd)
+    for key, scale_key in rmap.items():
+        q, scale = sd.get(key), sd.get(scale_key)
+        if q is None or scale is None:
+            raise WeightsFileError(f"cannot read {name}: int8 tensor {key!r} or its scales {scale_key!r} are missing")
+        if (q.dtype != torch.int8 or q.dim() < 2 or scale.dtype != torch.float32 or scale.shape != (q.shape[0],)
+                or not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()) or scale_key in rmap):
+            raise WeightsFileError(f"cannot read {name}: int8 tensor {key!r} does not match its scales {scale_key!r}")
+        out[key] = (q.float().reshape(q.shape[0], -1) * scale[:, None]).reshape(q.shape)
+        out.pop(scale_key)
+    return out
 
 
 def expand_aliases(sd: dict, aliases: str | None, name: str = "the weights file") -> dict:
@@ -282,7 +336,14 @@ _KEEP_FP32 = ("scale_table", "scale_bound", "lambdas", ".bound", "quantiles", "t
 _SHARED_TABLES = ("_quantized_cdf", "_cdf_length", "_offset", "scale_table")
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, metadata: dict | None = None) -> Path:
+#: how large a float tensor ``save_weights`` writes as int8 when its name matches ``int8``
+_INT8_MIN_SIZE = 4096
+#: the scales of an int8 tensor are stored under its name and this suffix
+_INT8_SCALE = ":int8_row_scale"
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, metadata: dict | None = None,
+                 int8: str | None = None) -> Path:
     """Write a model as safetensors: CDF tables computed if missing (int32), floats in fp16 unless
     ``fp16=False``; a module registered under two names (LALIC's top-level ``h_a``/``h_s``) is
     written once, under its first name, and the loaders restore the alias.  Bit-identical table
@@ -293,7 +354,10 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
     metadata): the Gaussian table keeps about 14 % of its 64 x 3,133 entries.  Checkerboard masks
     (``....mask`` buffers equal to :func:`~.layers.checkerboard_taps` of their shape, 1.3 MB of
     the default model) are not written; their shapes and dtypes go to the reserved
-    ``"checkerboard_masks"`` metadata.  The loaded state dict is the one saved."""
+    ``"checkerboard_masks"`` metadata.  ``int8``: a regular expression; the float tensors whose
+    names it matches (``re.match``), with at least 2 dimensions and ``_INT8_MIN_SIZE`` values, are
+    written as int8 with a float32 scale per row (:func:`_int8_rows`; listed in the reserved
+    ``"int8_rows"`` metadata), half the size of fp16.  The loaded state dict is the one saved."""
     import json
     import os
 
@@ -304,12 +368,18 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
     seen: set = set()
     tables: dict = {}  # (dtype, shape, sha256) -> the first table buffer written with them
     aliases: dict = {}
+    int8_rows: dict = {}
     for k, v in model.state_dict(keep_vars=True).items():
         key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
         if v.numel() and key in seen:
             continue  # an alias of a tensor already written
         seen.add(key)
         v = v.detach().cpu().contiguous()
+        if (int8 is not None and v.is_floating_point() and v.dim() >= 2 and v.numel() >= _INT8_MIN_SIZE
+                and not k.endswith((".mask", *_KEEP_FP32)) and re.match(int8, k)):
+            tensors[k], tensors[k + _INT8_SCALE] = _int8_rows(v)
+            int8_rows[k] = k + _INT8_SCALE
+            continue
         if fp16 and v.is_floating_point() and not k.endswith(_KEEP_FP32):
             v = v.half()
         if k.endswith(_SHARED_TABLES):
@@ -338,12 +408,12 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
         if v.dim() == 4 and dtype in _MASK_DTYPES and torch.equal(v, checkerboard_taps(v.shape, v.dtype)):
             masks[k] = [list(v.shape), dtype]
             del tensors[k]
-    version = 3 if masks else 2 if packed else 1
+    version = 4 if int8_rows else 3 if masks else 2 if packed else 1
     meta = {"format": f"lalic-codec weights v{version}", "architecture": type(model).__name__}
     if hasattr(model, "config"):
         meta["config"] = json.dumps(model.config.to_dict())
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    for reserved in ("aliases", "packed_cdfs", "checkerboard_masks"):
+    for reserved in ("aliases", "packed_cdfs", "checkerboard_masks", "int8_rows"):
         meta.pop(reserved, None)
     if packed:
         meta["packed_cdfs"] = json.dumps(packed)
@@ -351,6 +421,8 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
         meta["checkerboard_masks"] = json.dumps(masks)
     if aliases:
         meta["aliases"] = json.dumps(aliases)
+    if int8_rows:
+        meta["int8_rows"] = json.dumps(int8_rows)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)

@@ -1,6 +1,7 @@
 """Training pipeline: loss terms, deterministic data, exact resume, export."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -98,7 +99,13 @@ def test_export_and_load_in_pipeline(tmp_path, data_dir):
         meta = f.metadata()
         assert f.get_tensor("g_a.0.weight").dtype == torch.float16
         assert f.get_tensor("latent_codec.hyper.entropy_bottleneck._quantized_cdf").dtype == torch.int32
+        int8 = json.loads(meta["int8_rows"])  # the entropy model's large weights: int8, a scale per row
+        assert int8 and all(re.match(tr.INT8_TENSORS, k) and f.get_tensor(k).dtype == torch.int8 for k in int8)
     assert meta["train_steps"] == "1" and json.loads(meta["config"])["groups"] == [4, 4, 8, 16]
+    for kw, fmt in (({"int8": False}, "v3"), ({"fp16": False}, "v3")):  # fp16 (or float32) everywhere
+        with safe_open(str(tr.export(ckpt, tmp_path / "other.safetensors", **kw)), "pt") as f:
+            assert "int8_rows" not in f.metadata() and f.metadata()["format"] == f"lalic-codec weights {fmt}"
+            assert f.get_tensor(next(iter(int8))).dtype == (torch.float16 if "int8" in kw else torch.float32)
     lm = loading.load_model("x", out, "cpu")
     assert lm.variable_rate and lm.model.scale_path is not None
     res = pipeline.encode_image(Image.fromarray(natural_image(64, 64)), lm, 3)

@@ -253,3 +253,101 @@ def test_broken_mask_lists_are_refused(tmp_path, masks, message):
     path = tmp_path / "ok.safetensors"
     save_file({"a.weight": torch.ones(1)}, str(path), metadata={"checkerboard_masks": json.dumps({"b.mask": [[1, 1, 3, 3], "float32"]})})
     assert load_state_dict_file(path)["b.mask"][0, 0].tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
+
+
+def int8_candidates(m) -> set:
+    """What ``save_weights(..., int8=INT8_TENSORS)`` must write as int8: the entropy model's and
+    the scale path's float tensors of at least 2 dimensions and 4096 values, masks aside."""
+    return {k for k, v in m.state_dict().items()
+            if k.startswith(("latent_codec.", "scale_path.")) and v.is_floating_point() and v.dim() >= 2
+            and v.numel() >= 4096 and not k.endswith(".mask")}
+
+
+def test_entropy_weights_are_written_as_int8_rows(tmp_path):
+    """The entropy model's large weights are stored as int8 with a float32 scale per row: each
+    loads as q * scale, within half a scale of the model's value (the row's largest magnitude
+    maps to 127); everything else is stored as before, the file is smaller, the loaded model's
+    fingerprint is the same on every load, and saving the loaded model again changes nothing
+    beyond float32 rounding."""
+    from lalic_codec.train import INT8_TENSORS
+
+    torch.manual_seed(3)
+    m = VariableRateLALIC(**TINY, int_scale=True).eval()
+    m.update(force=True)
+    expected = int8_candidates(m)
+    assert any(k.startswith("scale_path.") for k in expected) and any(".channel_context." in k for k in expected)
+    plain = save_weights(m, tmp_path / "plain.safetensors")
+    path = save_weights(m, tmp_path / "int8.safetensors", int8=INT8_TENSORS)
+    with safe_open(str(path), "pt") as f:
+        meta, stored = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    rows = json.loads(meta["int8_rows"])
+    assert set(rows) == expected and meta["format"] == "lalic-codec weights v4"
+    state = m.state_dict()
+    for k, scale_key in rows.items():
+        q, scale = stored[k], stored[scale_key]
+        assert q.dtype == torch.int8 and q.shape == state[k].shape and scale.dtype == torch.float32 and scale.shape == (q.shape[0],)
+        rowmax = state[k].reshape(q.shape[0], -1).abs().amax(1)
+        assert torch.equal(scale, rowmax / 127) and int(q.abs().max()) == 127
+    sd, before = load_state_dict_file(path), load_state_dict_file(plain)
+    assert sd.keys() == before.keys()  # the scales are not part of the state dict
+    for k, v in sd.items():
+        if k in rows:
+            s = stored[rows[k]].reshape(-1, *[1] * (v.dim() - 1))
+            assert v.dtype == torch.float32 and torch.equal(v, stored[k].float() * s), k
+            assert bool(((v - state[k]).abs() <= s / 2 + 1e-7).all()), k
+        else:
+            assert torch.equal(v, before[k]), k
+    assert path.stat().st_size < 0.8 * plain.stat().st_size
+    assert fingerprint(reload(path)) == fingerprint(reload(path)) != fingerprint(reload(plain))
+    again = load_state_dict_file(save_weights(reload(path), tmp_path / "again.safetensors", int8=INT8_TENSORS))
+    for k in rows:
+        assert torch.allclose(again[k], sd[k], rtol=1e-6, atol=0), k
+
+
+def test_an_all_zero_row_gets_scale_zero():
+    """No division by zero; the other rows are within half a scale."""
+    from lalic_codec.models.checkpoints import _int8_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, 3, 3)
+    w[1] = 0
+    q, scale = _int8_rows(w)
+    assert scale[1] == 0 and not q[1].any() and bool(torch.isfinite(scale).all())
+    assert bool(((q.float() * scale[:, None, None, None] - w).abs() <= scale[:, None, None, None] / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize(
+    "rows, tensors, message",
+    [
+        ({"a.weight": "s"}, {"a.weight": torch.ones(2, 3, dtype=torch.int8)}, "or its scales 's' are missing"),
+        ({"a.weight": "s"}, {"a.weight": torch.ones(2, 3), "s": torch.ones(2)}, "does not match its scales"),  # not int8
+        ({"a.weight": "s"}, {"a.weight": torch.ones(2, 3, dtype=torch.int8), "s": torch.ones(3)}, "does not match"),
+        ({"a.weight": "s"}, {"a.weight": torch.ones(2, 3, dtype=torch.int8), "s": torch.ones(2, dtype=torch.float16)}, "does not match"),
+        ({"a.weight": "s"}, {"a.weight": torch.ones(2, 3, dtype=torch.int8), "s": torch.tensor([1.0, float("nan")])}, "does not match"),
+        ({"a.weight": "s"}, {"a.weight": torch.ones(2, 3, dtype=torch.int8), "s": torch.tensor([1.0, -1.0])}, "does not match"),
+        ({"a.weight": "s"}, {"a.weight": torch.ones(6, dtype=torch.int8), "s": torch.ones(6)}, "does not match"),
+        ({"a.weight": "a.weight"}, {"a.weight": torch.ones(2, 3, dtype=torch.int8)}, "not a JSON map"),
+        ({"a.weight": 3}, {"a.weight": torch.ones(2, 3, dtype=torch.int8)}, "not a JSON map"),
+        ("{not json", {"a.weight": torch.ones(2, 3, dtype=torch.int8)}, "not a JSON map"),
+    ],
+)
+def test_broken_int8_rows_are_refused(tmp_path, rows, tensors, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata={"int8_rows": rows if isinstance(rows, str) else json.dumps(rows)})
+    with pytest.raises(ValueError, match=message) as e:
+        load_state_dict_file(path)
+    assert isinstance(e.value, ModelError) and "bad.safetensors" in str(e.value)
+    ok = tmp_path / "ok.safetensors"
+    save_file({"a.weight": torch.tensor([[1, -127], [0, 5]], dtype=torch.int8), "s": torch.tensor([0.5, 2.0])}, str(ok),
+              metadata={"int8_rows": json.dumps({"a.weight": "s"})})
+    assert load_state_dict_file(ok).keys() == {"a.weight"}
+    assert load_state_dict_file(ok)["a.weight"].tolist() == [[0.5, -63.5], [0.0, 10.0]]
+
+
+def test_weights_files_of_a_newer_format_are_refused_clearly(tmp_path):
+    path = tmp_path / "future.safetensors"
+    save_file({"a.weight": torch.ones(2)}, str(path), metadata={"format": "lalic-codec weights v9"})
+    with pytest.raises(ModelError, match=r"format v9, from a newer lalic-codec \(this one reads up to v4\); upgrade"):
+        load_state_dict_file(path)
+    save_file({"a.weight": torch.ones(2)}, str(path), metadata={"format": "lalic-codec weights v4"})
+    assert load_state_dict_file(path)["a.weight"].tolist() == [1.0, 1.0]
