@@ -143,18 +143,22 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def crop_shape(self, idx: int) -> tuple[int, int]:
+        """(height, width) of the crops of image ``idx`` (its header only is read)."""
+        with Image.open(self.files[idx]) as im:
+            W, H = im.size
+        return _crop_shape(max(W, 64), max(H, 64), self.crop)
+
     def __getitem__(self, item):
         idx, seed = item
         rng = np.random.default_rng(seed)
         with Image.open(self.files[idx]) as im:
             img = im.convert("RGB")
         W, H = img.size
-        ch = min(self.crop, H // 64 * 64)
-        cw = min(self.crop, W // 64 * 64)
-        if ch < 64 or cw < 64:
+        if W < 64 or H < 64:  # enlarged to one block
             img = img.resize((max(W, 64), max(H, 64)), Image.BICUBIC)
             W, H = img.size
-            ch, cw = min(self.crop, H // 64 * 64), min(self.crop, W // 64 * 64)
+        ch, cw = _crop_shape(W, H, self.crop)
         top = int(rng.integers(0, H - ch + 1))
         left = int(rng.integers(0, W - cw + 1))
         a = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) / 255.0
@@ -163,6 +167,20 @@ class CropDataset(torch.utils.data.Dataset):
         if rng.random() < 0.5:
             a = a[::-1]
         return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def _crop_shape(W: int, H: int, crop: int) -> tuple[int, int]:
+    """(height, width) of the crops of a W x H image (at least 64 x 64): at most ``crop`` and
+    the image, in multiples of 64."""
+    return min(crop, H // 64 * 64), min(crop, W // 64 * 64)
+
+
+def collate_crops(items: list[torch.Tensor]) -> torch.Tensor:
+    """A batch of crops, each cut to the smallest height and width among them: crops of images
+    smaller than ``--crop`` (e.g. a 512 fine-tune on photos of 320 x 448) differ in shape."""
+    h = min(t.shape[1] for t in items)
+    w = min(t.shape[2] for t in items)
+    return torch.stack([t[:, :h, :w] for t in items])
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
@@ -596,6 +614,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         CropDataset(files, cfg.crop),
         batch_size=cfg.batch,
         sampler=StepSampler(len(files), cfg.seed, start=samples),
+        collate_fn=collate_crops,
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers > 0 else None,
@@ -611,7 +630,14 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     bf16 = use_bf16(cfg.bf16, device)
     from .kernels._compile import set_compile
 
-    set_compile(use_compile(cfg.compile, device))
+    compile_on = use_compile(cfg.compile, device)
+    if compile_on and cfg.compile == "auto":
+        shapes = len({loader.dataset.crop_shape(i) for i in range(len(files))})
+        if shapes > 1:  # each new shape compiles for seconds to minutes, over and over at the start
+            compile_on = False
+            click.echo(f"--compile auto: off for this run: crops of at most {cfg.crop} pixels of these images come in "
+                       f"{shapes} shapes, and compiling each would stall it for minutes (--compile on compiles anyway)", err=True)
+    set_compile(compile_on)
     stop = {"signal": None}  # the first stop signal received: the run ends its step, saves and stops
 
     def on_signal(signum, frame):
@@ -656,8 +682,10 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
             q = quality_levels(cfg.seed, step, per_step, levels).to(device)
             opt.zero_grad(set_to_none=True)
+            pixels = 0
             for a in range(cfg.accum):
                 x = next(batches).to(device, non_blocking=True)
+                pixels += x.shape[0] * x.shape[2] * x.shape[3]
                 if device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 qa = q[a * cfg.batch : (a + 1) * cfg.batch]
@@ -690,7 +718,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             samples += per_step
             elapsed += time.time() - t0
             totals["cpu_seconds"] += time.process_time() - c0
-            totals["pixels"] += per_step * x.shape[2] * x.shape[3]
+            totals["pixels"] += pixels
             totals["steps"] += 1
             if step % cfg.log_every == 0:
                 n = acc.pop("n")
