@@ -187,6 +187,21 @@ def _int8_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).reshape(v.shape).contiguous(), scale.contiguous()
 
 
+def _metadata_map(text: str, entry: str, well_formed, what: str, name: str) -> dict:
+    """The JSON map a reserved metadata entry holds, each item checked by ``well_formed(key,
+    value)``; anything else is refused (``WeightsFileError``) naming the entry and ``what`` the
+    map should hold."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(well_formed(k, v) for k, v in value.items()):
+        raise WeightsFileError(f"cannot read {name}: its '{entry}' metadata is not a JSON map of {what}")
+    return value
+
+
 def dequantize_int8_rows(sd: dict, rows: str | None, name: str = "the weights file") -> dict:
     """Restore the tensors ``save_weights`` wrote as int8: ``rows`` is the file's ``"int8_rows"``
     metadata, a JSON map ``{"name": "scale name"}``; the tensor ``name`` (int8, at least 2-D) times
@@ -195,14 +210,8 @@ def dequantize_int8_rows(sd: dict, rows: str | None, name: str = "the weights fi
     another form, or tensors that do not fit them, are refused (``WeightsFileError``)."""
     if rows is None:
         return sd
-    import json
-
-    try:
-        rmap = json.loads(rows)
-    except ValueError:
-        rmap = None
-    if not isinstance(rmap, dict) or not all(isinstance(k, str) and isinstance(v, str) and k != v for k, v in rmap.items()):
-        raise WeightsFileError(f"cannot read {name}: its 'int8_rows' metadata is not a JSON map of tensor names to scale names")
+    rmap = _metadata_map(rows, "int8_rows", lambda k, v: isinstance(k, str) and isinstance(v, str) and k != v,
+                         "tensor names to scale names", name)
     out = dict(sd)
     for key, scale_key in rmap.items():
         q, scale = sd.get(key), sd.get(scale_key)
@@ -223,14 +232,7 @@ def expand_aliases(sd: dict, aliases: str | None, name: str = "the weights file"
     holds is refused (``ModelError``, also a ``ValueError``)."""
     if aliases is None:
         return sd
-    import json
-
-    try:
-        amap = json.loads(aliases)
-    except ValueError:
-        amap = None
-    if not isinstance(amap, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in amap.items()):
-        raise WeightsFileError(f"cannot read {name}: its 'aliases' metadata is not a JSON map of names to names")
+    amap = _metadata_map(aliases, "aliases", lambda k, v: isinstance(k, str) and isinstance(v, str), "names to names", name)
     out = dict(sd)
     for dup, first in amap.items():
         if first not in sd:
@@ -263,17 +265,10 @@ def unpack_cdf_tables(sd: dict, packed: str | None, name: str = "the weights fil
     sizes are refused (``WeightsFileError``)."""
     if packed is None:
         return sd
-    import json
-
-    try:
-        pmap = json.loads(packed)
-    except ValueError:
-        pmap = None
-    if not isinstance(pmap, dict) or not all(
-        isinstance(k, str) and k.endswith("_quantized_cdf") and isinstance(w, int) and not isinstance(w, bool) and w >= 0
-        for k, w in pmap.items()
-    ):
-        raise WeightsFileError(f"cannot read {name}: its 'packed_cdfs' metadata is not a JSON map of CDF table names to widths")
+    pmap = _metadata_map(
+        packed, "packed_cdfs",
+        lambda k, w: isinstance(k, str) and k.endswith("_quantized_cdf") and isinstance(w, int) and not isinstance(w, bool) and w >= 0,
+        "CDF table names to widths", name)
     out = dict(sd)
     for key, width in pmap.items():
         flat, lengths = sd.get(key), sd.get(key[: -len("_quantized_cdf")] + "_cdf_length")
@@ -304,22 +299,14 @@ def restore_checkerboard_masks(sd: dict, masks: str | None, name: str = "the wei
     naming a tensor the file holds, is refused (``WeightsFileError``)."""
     if masks is None:
         return sd
-    import json
-
     from .layers import checkerboard_taps
-
-    try:
-        mmap = json.loads(masks)
-    except ValueError:
-        mmap = None
 
     def well_formed(k, v) -> bool:
         return (isinstance(k, str) and k.endswith(".mask") and isinstance(v, list) and len(v) == 2
                 and isinstance(v[0], list) and len(v[0]) == 4 and v[1] in _MASK_DTYPES
                 and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 4096 for n in v[0]))
 
-    if not isinstance(mmap, dict) or not all(well_formed(k, v) for k, v in mmap.items()):
-        raise WeightsFileError(f"cannot read {name}: its 'checkerboard_masks' metadata is not a JSON map of mask names to [shape, dtype]")
+    mmap = _metadata_map(masks, "checkerboard_masks", well_formed, "mask names to [shape, dtype]", name)
     out = dict(sd)
     for key, (shape, dtype) in mmap.items():
         if key in sd:
