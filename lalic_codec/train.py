@@ -143,12 +143,6 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def crop_shape(self, idx: int) -> tuple[int, int]:
-        """(height, width) of the crops of image ``idx`` (its header only is read)."""
-        with Image.open(self.files[idx]) as im:
-            W, H = im.size
-        return _crop_shape(max(W, 64), max(H, 64), self.crop)
-
     def __getitem__(self, item):
         idx, seed = item
         rng = np.random.default_rng(seed)
@@ -630,14 +624,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     bf16 = use_bf16(cfg.bf16, device)
     from .kernels._compile import set_compile
 
-    compile_on = use_compile(cfg.compile, device)
-    if compile_on and cfg.compile == "auto":
-        shapes = len({loader.dataset.crop_shape(i) for i in range(len(files))})
-        if shapes > 1:  # each new shape compiles for seconds to minutes, over and over at the start
-            compile_on = False
-            click.echo(f"--compile auto: off for this run: crops of at most {cfg.crop} pixels of these images come in "
-                       f"{shapes} shapes, and compiling each would stall it for minutes (--compile on compiles anyway)", err=True)
-    set_compile(compile_on)
+    set_compile(use_compile(cfg.compile, device))
     stop = {"signal": None}  # the first stop signal received: the run ends its step, saves and stops
 
     def on_signal(signum, frame):
@@ -845,7 +832,7 @@ def _parse_lr_mults(ctx, param, values) -> tuple:
 @click.option("--bf16", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="bf16 autocast (rates stay float32): auto = CUDA, or a CPU with bf16 instructions")
 @click.option("--compile", "compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="torch.compile the CPU fast paths (BiWKV, depthwise backward; about 10 s per shape at the start): auto = CPU with a C++ compiler")
+              help="torch.compile the CPU fast paths (BiWKV, depthwise backward; a minute or two at the start, again at the first crop of another shape): auto = CPU with a C++ compiler")
 @click.option("--ema-half-life", default=0, show_default=True, type=click.IntRange(min=0),
               help="keep a moving average of the weights with this half-life in steps (0: none); validated beside them, exported with export --ema")
 @click.option("--lr-mult", "lr_mults", multiple=True, callback=_parse_lr_mults, metavar="PATTERN=K",
