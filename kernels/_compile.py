@@ -16,8 +16,10 @@ first shape, and once more, with symbolic sizes, when a second shape reaches it.
 crop size pays one compile per call site (about a minute in all on 2 cores); a run whose crops
 come in many shapes (``--crop 512`` on photos of 320 x 448 and 448 x 512) pays two, instead of
 one per shape.  Measured: batch 1, five crop shapes from 320 x 448 to 512 x 512 in turn, one
-thread, default-v8: eager 9.2 s per round, compiled 6.8 s (1.35x) after a first round of 99 s.  If compiling fails (no C++ compiler, an unsupported platform), the failure is
-reported once and the eager function is used from then on.
+thread, default-v8: eager 9.2 s per round, compiled 6.8 s (1.35x) after a first round of 99 s.
+
+If compiling fails (no C++ compiler, an unsupported platform), the failure is reported once and
+the eager function is used from then on.
 """
 
 from __future__ import annotations
