@@ -185,24 +185,17 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     old = model_kwargs(sd)
     new = dict(old)
     side = old["side_width"] or old["M"]  # the entropy model's width (h_s output, channel context)
-    if depths is not None:
-        depths = tuple(int(d) for d in depths)
-        if len(depths) != 4 or any(n < o for n, o in zip(depths, old["depths"])):
-            raise ValueError(f"depths {depths}: four levels, each at least the current {old['depths']} (blocks are only added)")
-        new["depths"] = depths
-    if units is not None:
-        units = tuple(int(u) for u in units)
-        if len(units) != 2 or any(n < o for n, o in zip(units, old["units"])):
-            raise ValueError(f"units {units}: two numbers (g_a, g_s), each at least the current {old['units']} (units are only added)")
-        new["units"] = units
-    if ctx_hidden_rate is not None:
-        if not 1 <= ctx_hidden_rate <= old["ctx_hidden_rate"]:
-            raise ValueError(f"ctx_hidden_rate {ctx_hidden_rate}: between 1 and the current {old['ctx_hidden_rate']}")
-        new["ctx_hidden_rate"] = int(ctx_hidden_rate)
-    if param_hidden_rate is not None:
-        if not 1 <= param_hidden_rate <= old["param_hidden_rate"]:
-            raise ValueError(f"param_hidden_rate {param_hidden_rate}: between 1 and the current {old['param_hidden_rate']}")
-        new["param_hidden_rate"] = int(param_hidden_rate)
+    for key, value, what, noun in (("depths", depths, "four levels", "blocks"), ("units", units, "two numbers (g_a, g_s)", "units")):
+        if value is not None:
+            value = tuple(int(v) for v in value)
+            if len(value) != len(old[key]) or any(n < o for n, o in zip(value, old[key])):
+                raise ValueError(f"{key} {value}: {what}, each at least the current {old[key]} ({noun} are only added)")
+            new[key] = value
+    for key, value in (("ctx_hidden_rate", ctx_hidden_rate), ("param_hidden_rate", param_hidden_rate)):
+        if value is not None:  # hidden widths are only narrowed
+            if not 1 <= value <= old[key]:
+                raise ValueError(f"{key} {value}: between 1 and the current {old[key]}")
+            new[key] = int(value)
     if latent is not None:
         if int(latent) <= old["M"]:
             raise ValueError(f"latent {latent}: more than the current M = {old['M']} (channels are only added)")
