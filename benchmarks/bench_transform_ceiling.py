@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from lalic_codec import loading
+from lalic_codec.imaging import IMAGE_SUFFIXES
 
 HERE = Path(__file__).resolve().parent
 KODAK = HERE.parent.parent / "shared" / "data" / "kodak"
@@ -86,11 +87,15 @@ def main(argv=None) -> None:
     m = lm.model
     if not lm.variable_rate:
         raise SystemExit("the model has no quality levels")
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() == ".png")[: args.count]
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: args.count]
+    if not files:
+        raise SystemExit(f"no images in {args.images}")
     print(f"{len(files)} images from {args.images}; model {lm.model_id}; PSNR of g_s(g_a(x)) in dB")
     print(f"{'image':>12} {'quality':>7} {'unquantised':>11} {'rounded':>8} {'gap':>6}")
     sums: dict[float, list[float]] = {q: [0.0, 0.0] for q in args.quality}
-    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]  # read once (the KLT reuses them)
+    # read once (the KLT reuses them); cut to whole multiples of 64 pixels, which the transforms need
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    images = [rgb[: rgb.shape[0] // 64 * 64, : rgb.shape[1] // 64 * 64] for rgb in images]
     for f, rgb in zip(files, images):
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
         with torch.inference_mode():

@@ -253,3 +253,24 @@ def test_block_klt_reference_of_the_ceiling_benchmark(tmp_path):
     assert vectors.shape == (768, 768)
     few, more, every = (bench.klt_psnr(img, mean, vectors, k) for k in (4, 24, 768))
     assert few < more and every > 90
+
+
+def test_ceiling_benchmark_reads_any_image_size_and_refuses_an_empty_folder(tmp_path, capsys):
+    """bench_transform_ceiling on training photos (JPEG, sizes not multiples of 64): cut to whole
+    multiples of 64, one row per image and quality plus the mean; an empty folder is a clear error."""
+    from conftest import benchmark_script
+
+    bench = benchmark_script("bench_transform_ceiling")
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, size=(70, 135, 3), dtype=np.uint8)).save(tmp_path / "odd.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    bench.main(["--images", str(tmp_path), "--quality", "8", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"1 images from {tmp_path}")
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["odd"])
+    ceiling, rounded = float(row[2]), float(row[3])
+    assert 5 < rounded <= ceiling + 0.5 and ceiling < 60
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no images in"):
+        bench.main(["--images", str(empty)])
