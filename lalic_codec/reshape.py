@@ -1,7 +1,7 @@
 """Change a trained model's architecture while keeping what it has learnt (``codec train reshape``).
 
 Training compute is scarce, so an architecture candidate should start from the trained model, not
-from scratch. Two changes are supported:
+from scratch. These changes are supported:
 
 * **Deeper transforms** (``depths``): every level of g_a, g_s and the hyper transforms keeps its
   trained RWKV blocks in order, and the new blocks are appended at the end of their level with
@@ -11,6 +11,11 @@ from scratch. Two changes are supported:
   appended at the 1/2 level of g_a and of g_s, after that level's blocks, their second
   convolution zero: function preserving too. They add the nonlinearity that level lacks when it
   has no RWKV block (the default model's), at about 1/14 of a block's cost.
+* **Latent residual prediction** (``lrp``): after each channel group, a small network predicts the
+  group's quantisation residual from the support its parameters came from
+  (:class:`~lalic_codec.models.layers.LatentResidualPrediction`, Minnen and Singh 2020), its last
+  convolution zero: function preserving. It gives the dequantised latent, and so g_s and the later
+  groups' context, what the hyper side information knows.
 * **A leaner channel context** (``ctx_hidden_rate``): the channel-mix layers of the channel
   context's RWKV blocks keep the hidden units that matter most. A unit j contributes
   ``value[:, j] * relu(key_j . x)^2`` on layer-normed inputs, so its weight is taken as
@@ -105,7 +110,7 @@ def model_kwargs(sd: dict) -> dict:
     int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
     return dict(N=cfg.N, M=cfg.M, dims=tuple(cfg.dims), depths=tuple(cfg.depths), groups=tuple(cfg.groups),
                 ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate,
-                units=tuple(cfg.units), int_scale=int_scale)
+                units=tuple(cfg.units), lrp=cfg.lrp, int_scale=int_scale)
 
 
 def ladder(lo: float, hi: float, levels: int = 8) -> tuple[float, ...]:
@@ -147,7 +152,7 @@ NEW_LATENT_SCALE = 0.5
 def _new_group_source(key: str, k: int) -> str | None:
     """For a tensor of the new channel group ``k``: the key it copies (the shared CDF tables of
     group 0), or None where it starts fresh; the key itself where it is not the new group's."""
-    for pattern in (rf"latent_codec\.y\.(latent_codec|channel_context)\.y{k}\.", rf"scale_path\.(channel_ctx|spatial_ctx|heads)\.{k}\."):
+    for pattern in (rf"latent_codec\.y\.(latent_codec|channel_context|residual_prediction)\.y{k}\.", rf"scale_path\.(channel_ctx|spatial_ctx|heads)\.{k}\."):
         if re.match(pattern, key):
             if ".gaussian_conditional." in key:
                 return key.replace(f".y{k}.", ".y0.", 1)
@@ -171,7 +176,8 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> to
 
 
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
-            lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None, units=None) -> tuple[dict, dict]:
+            lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None, units=None,
+            lrp: int | None = None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
@@ -180,7 +186,8 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     ``latent``: the new latent width M, larger than the old one (one channel group is added);
     ``param_hidden_rate``: the parameter networks' new hidden width, in multiples of their output,
     at most the old one; ``units``: the new numbers of residual units at the 1/2 level of g_a and
-    g_s, each at least the old one.
+    g_s, each at least the old one; ``lrp``: the hidden width of a latent residual prediction added
+    after each channel group (the model must have none yet).
     """
     old = model_kwargs(sd)
     new = dict(old)
@@ -196,6 +203,12 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
             if not 1 <= value <= old[key]:
                 raise ValueError(f"{key} {value}: between 1 and the current {old[key]}")
             new[key] = int(value)
+    if lrp is not None:
+        if old["lrp"]:
+            raise ValueError(f"lrp {lrp}: the model has a latent residual prediction already (hidden width {old['lrp']})")
+        if int(lrp) < 1:
+            raise ValueError(f"lrp {lrp}: a hidden width of at least 1")
+        new["lrp"] = int(lrp)
     if latent is not None:
         if int(latent) <= old["M"]:
             raise ValueError(f"latent {latent}: more than the current M = {old['M']} (channels are only added)")
@@ -229,6 +242,8 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         if new_group is not None and source is not None:
             source = _new_group_source(source, new_group)
             is_new_block = source is None
+        if source is not None and source.startswith("latent_codec.y.residual_prediction.") and not old["lrp"]:
+            is_new_block = True  # a new residual prediction: its second convolution is zero already
         if is_new_block:  # an RWKV block's gammas are zero, a unit's second convolution is zero already
             out[key] = torch.zeros_like(fresh) if key.endswith((".gamma1", ".gamma2")) else fresh
             continue

@@ -751,8 +751,9 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
 #: the tensors ``export`` writes as int8 with a scale per row: the entropy model's (hyper
 #: transforms, channel context, parameter networks) and the integer scale path's.  On default-v8,
 #: 14.57 -> 9.12 MB, held-out BD-rate +0.05 % (``benchmarks/compare_checkpoints.py``, 12 images);
-#: g_a's in int8 as well cost +3.4 %, all of g_a and g_s +12 %: the transforms stay fp16.
-INT8_TENSORS = r"(latent_codec|scale_path)\."
+#: g_a's in int8 as well cost +3.4 %, all of g_a and g_s +12 %: the transforms stay fp16, and so
+#: does the latent residual prediction, whose output the synthesis sees as it is.
+INT8_TENSORS = r"(latent_codec\.(?!y\.residual_prediction\.)|scale_path\.)"
 
 
 def export(checkpoint: str | Path, out: str | Path, fp16: bool = True, notes: dict | None = None, ema: bool = False,
@@ -944,8 +945,10 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.option("--latent", type=int, default=None, metavar="M", help="a wider latent: one channel group of M minus the current M channels is added, the reconstruction unchanged")
 @click.option("--param-hidden-rate", type=int, default=None, help="hidden width of the parameter networks' blocks, in multiples of their output: keeps the most important units")
 @click.option("--units", default=None, metavar="A,S", help="residual convolution units at the 1/2 level of g_a and g_s, each at least the current number: new ones start as identities")
+@click.option("--lrp", type=int, default=None, metavar="H",
+              help="add a latent residual prediction of hidden width H after each channel group (starts as the identity)")
 @exit_codes()
-def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units):
+def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units, lrp):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
     what it has learnt; continue with `codec train run --init-from OUT`."""
     from .models.checkpoints import load_state_dict_file
@@ -964,7 +967,7 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
             if len(ends) != 2:
                 raise ValueError(f"--lambdas {lambdas}: two numbers, LOW,HIGH")
             lam = ladder(*ends, levels=int(sd["lambdas"].numel()))
-        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u)
+        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u, lrp=lrp)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     dest = Path(out)
@@ -975,7 +978,8 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
     show_units = any(was["units"]) or any(arch["units"])  # shown where the transforms have residual units
 
     def text(a: dict) -> str:
-        return f"M {a['M']} {a['depths']}{' units ' + str(a['units']) if show_units else ''} x{a['ctx_hidden_rate']}/{a['param_hidden_rate']}"
+        return (f"M {a['M']} {a['depths']}{' units ' + str(a['units']) if show_units else ''} x{a['ctx_hidden_rate']}/{a['param_hidden_rate']}"
+                f"{' lrp ' + str(a['lrp']) if a['lrp'] else ''}")
 
     click.echo(f"{text(was)} -> {text(arch)}: "
                f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M values; "

@@ -34,13 +34,14 @@ from .latent_codecs import (  # noqa: F401  (packing helpers: re-exported)
     embed,
     unembed,
 )
-from .layers import CheckerboardMaskedConv2d, ResidualUnit, RwkvBlock, conv, deconv, parameter_aggregation
+from .layers import CheckerboardMaskedConv2d, LatentResidualPrediction, ResidualUnit, RwkvBlock, conv, deconv, parameter_aggregation
 from .registry import register
 
 
-def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int, param_hidden_rate: int = 2) -> ChannelGroupsLatentCodec:
+def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int, param_hidden_rate: int = 2, lrp: int = 0) -> ChannelGroupsLatentCodec:
     """ELIC's channel groups with RWKV channel context (official module names and creation order);
-    ``side``: the width of the hyper side information and of the channel context (official: M)."""
+    ``side``: the width of the hyper side information and of the channel context (official: M);
+    ``lrp``: the hidden width of a latent residual prediction per group (official: none, 0)."""
     channel_context = nn.ModuleDict(
         {
             f"y{k}": nn.Sequential(
@@ -62,7 +63,12 @@ def _channel_groups(groups: list[int], side: int, N: int, hidden_rate: int, para
             for k, g in enumerate(groups)
         }
     )
-    return ChannelGroupsLatentCodec(groups, latent_codec, channel_context)
+    residual_prediction = None
+    if lrp:  # the support of group k: its channel context (2 g_k wide) and the side parameters
+        residual_prediction = nn.ModuleDict(
+            {f"y{k}": LatentResidualPrediction((k > 0) * 2 * g + side, g, int(lrp)) for k, g in enumerate(groups)}
+        )
+    return ChannelGroupsLatentCodec(groups, latent_codec, channel_context, residual_prediction)
 
 
 def with_hyper_aliases(sd: dict) -> dict:
@@ -85,6 +91,7 @@ class LALICConfig:
     side_width: int | None = None  # width of h_s's output and of the channel context (official and default: M)
     param_hidden_rate: int = 2  # hidden width of the parameter networks' blocks, in multiples of their output (official: 2)
     units: tuple = (0, 0)  # residual convolution units at the 1/2 level of g_a and of g_s (official: none)
+    lrp: int = 0  # hidden width of each channel group's latent residual prediction (official: none, 0)
 
     def resolved_groups(self) -> list[int]:
         return list(self.groups) if self.groups else [16, 16, 32, 64, self.M - 128]
@@ -99,6 +106,8 @@ class LALICConfig:
             d["param_hidden_rate"] = self.param_hidden_rate
         if any(self.units):
             d["units"] = list(self.units)
+        if self.lrp:
+            d["lrp"] = self.lrp
         return d
 
 
@@ -112,17 +121,19 @@ class LALIC(CodingModel):
     size_multiple = 64
 
     def __init__(self, N=128, M=320, dims=(96, 144, 256, 320, 256, 192), depths=(2, 4, 6, 6), groups=None, checkpointing=False, ctx_hidden_rate=8,
-                 side_width=None, param_hidden_rate=2, units=(0, 0)):
+                 side_width=None, param_hidden_rate=2, units=(0, 0), lrp=0):
         """``side_width``: the width of the hyper synthesis's output and of the channel context, where
         it differs from the latent width dims[3] (the official model ties them; a latent widened by
         ``codec train reshape --latent`` keeps the trained entropy model's width); ``param_hidden_rate``:
         the parameter networks' hidden width in multiples of their output (official: 2); ``units``:
-        how many :class:`ResidualUnit` follow the 1/2 level's blocks in g_a and in g_s (official: 0, 0)."""
+        how many :class:`ResidualUnit` follow the 1/2 level's blocks in g_a and in g_s (official: 0, 0);
+        ``lrp``: the hidden width of a :class:`LatentResidualPrediction` after each channel group
+        (official: none, 0)."""
         super().__init__()
         side_width = None if side_width in (None, dims[3]) else int(side_width)
         units = tuple(int(u) for u in units)
         self.config = LALICConfig(N, M, tuple(dims), tuple(depths), tuple(groups) if groups else None, ctx_hidden_rate, side_width,
-                                  int(param_hidden_rate), units)
+                                  int(param_hidden_rate), units, int(lrp))
         N1, N2, N3, N4, N5, N6 = dims
         L1, L2, L3, L4 = depths
         groups = self.config.resolved_groups()
@@ -144,7 +155,7 @@ class LALIC(CodingModel):
         )
         h_a = nn.Sequential(conv(N4, N5, 5), *blocks(L4, N5), conv(N5, N6, 5))
         h_s = nn.Sequential(deconv(N6, N5, 5), *blocks(L4, N5), deconv(N5, S, 5))
-        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, S, N, ctx_hidden_rate, int(param_hidden_rate)), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
+        self.latent_codec = HyperpriorLatentCodec(_channel_groups(groups, S, N, ctx_hidden_rate, int(param_hidden_rate), int(lrp)), HyperLatentCodec(EntropyBottleneck(N6), h_a, h_s))
         # the official model also registers the hyper transforms at the top level (aliased keys)
         self.h_a = h_a
         self.h_s = h_s
@@ -260,8 +271,10 @@ class LALIC(CodingModel):
         rate = sd[key].shape[0] // side if key in sd else 8
         ep = "latent_codec.y.latent_codec.y0.entropy_parameters.0."
         param_rate = sd[ep + "key.weight"].shape[0] // sd[ep + "mix.weight"].shape[0] if ep + "key.weight" in sd else 2
+        lrp_key = "latent_codec.y.residual_prediction.y0.c1.weight"
+        lrp = sd[lrp_key].shape[0] if lrp_key in sd else 0
         return LALICConfig(min(mids) // 2, dims[3], tuple(dims), tuple(depths), tuple(groups), rate, None if side == dims[3] else side, param_rate,
-                           units)
+                           units, lrp)
 
     @classmethod
     def matches(cls, sd: dict) -> bool:
@@ -278,7 +291,7 @@ class LALIC(CodingModel):
     @classmethod
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "LALIC":
         return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width,
-                   param_hidden_rate=cfg.param_hidden_rate, units=cfg.units)
+                   param_hidden_rate=cfg.param_hidden_rate, units=cfg.units, lrp=cfg.lrp)
 
 
 #: rate-distortion trade-offs of the variable-rate model's quality ladder 1..8 (loss = R + lambda 255^2 MSE)
@@ -366,7 +379,7 @@ class VariableRateLALIC(LALIC):
     def _from_config(cls, cfg: LALICConfig, sd: dict) -> "VariableRateLALIC":
         int_scale = IntegerScalePath.config_from_state_dict(sd) if any(k.startswith("scale_path.") for k in sd) else False
         return cls(cfg.N, cfg.M, cfg.dims, cfg.depths, cfg.groups, lambdas=tuple(sd["lambdas"].tolist()), int_scale=int_scale,
-                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate, units=cfg.units)
+                   ctx_hidden_rate=cfg.ctx_hidden_rate, side_width=cfg.side_width, param_hidden_rate=cfg.param_hidden_rate, units=cfg.units, lrp=cfg.lrp)
 
 
 #: the v2 integer scale path: signed residual contexts, two-layer channel context, three-layer head

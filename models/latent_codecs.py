@@ -265,14 +265,21 @@ class ChannelGroupsLatentCodec(LatentCodec):
     the channel context of groups 0 .. k-1 (``channel_context["y<k>"]``) beside the hyper
     parameters.  Groups are ``latent_codec["y<k>"]``; their streams are named ``g<k>/...``.
 
+    ``residual_prediction`` (optional, ``residual_prediction["y<k>"]``: a module called as
+    ``f(support, y_q)``) refines each decoded group from the support its parameters were computed
+    from; the refined group is what later groups' channel context and the synthesis see.  It changes
+    no symbol and no table index, only the dequantised values.
+
     :meth:`side_params` and :meth:`finish` are where a model with other supports (MambaIC's
     attention supports and latent residual prediction) plugs in."""
 
-    def __init__(self, groups: list[int], latent_codec: nn.ModuleDict, channel_context: nn.ModuleDict | None = None):
+    def __init__(self, groups: list[int], latent_codec: nn.ModuleDict, channel_context: nn.ModuleDict | None = None,
+                 residual_prediction: nn.ModuleDict | None = None):
         super().__init__()
         self.groups = list(groups)
         self.channel_context = channel_context
         self.latent_codec = latent_codec
+        self.residual_prediction = residual_prediction
 
     def group(self, k: int) -> CheckerboardLatentCodec:
         return self.latent_codec[f"y{k}"]
@@ -283,14 +290,17 @@ class ChannelGroupsLatentCodec(LatentCodec):
     def side_params(self, k: int, side, y_hats: list[torch.Tensor]):
         """(side input of group k's node, what :meth:`finish` needs) from the parent's side input
         and the decoded groups 0 .. k-1."""
-        if k == 0:
-            return side, None
-        ctx = self.channel_context[f"y{k}"](torch.cat(y_hats, dim=1))
-        return torch.cat([ctx, side], dim=1), None
+        if k > 0:
+            ctx = self.channel_context[f"y{k}"](torch.cat(y_hats, dim=1))
+            side = torch.cat([ctx, side], dim=1)
+        return side, (side if self.residual_prediction is not None else None)
 
     def finish(self, k: int, y_q: torch.Tensor, extra, io: StreamCoder | None) -> torch.Tensor:
-        """The decoded group k from its dequantised values (identity here)."""
-        return y_q
+        """The decoded group k from its dequantised values: refined by the residual prediction where
+        there is one (``extra``: its support), else as they are."""
+        if self.residual_prediction is None:
+            return y_q
+        return self.residual_prediction[f"y{k}"](extra, y_q)
 
     def code(self, io: StreamCoder, y: torch.Tensor | None, side, scale_indexes: ScaleIndexes | None = None) -> torch.Tensor:
         ys = y.split(self.groups, dim=1) if io.encoding else [None] * len(self.groups)

@@ -149,6 +149,25 @@ class ResidualUnit(nn.Module):
         return x + self.c2(F.gelu(self.c1(x)))
 
 
+class LatentResidualPrediction(nn.Module):
+    """Latent residual prediction (Minnen and Singh, ICIP 2020) for one channel group:
+    ``y_q + 0.5 tanh(c2(GELU(c1([support, y_q]))))``, 3x3 convolutions, where ``support`` is what the
+    group's parameters were computed from (hyper side parameters, and the channel context of the
+    earlier groups).  It predicts the quantisation residual ``y - y_q`` (in quantisation steps, hence
+    the bound of 0.5) from information the decoder has; the second convolution starts at zero, so a
+    new one computes the identity."""
+
+    def __init__(self, support: int, dim: int, hidden: int, kernel_size: int = 3):
+        super().__init__()
+        self.c1 = nn.Conv2d(support + dim, hidden, kernel_size, padding=kernel_size // 2)
+        self.c2 = nn.Conv2d(hidden, dim, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.c2.weight)
+        nn.init.zeros_(self.c2.bias)
+
+    def forward(self, support: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
+        return y_q + 0.5 * torch.tanh(self.c2(F.gelu(self.c1(torch.cat([support, y_q], dim=1)))))
+
+
 class EntropyParametersBlock(nn.Module):
     """Parameter-aggregation layer: 1x1 mix, then x + sigmoid(r(LN x)) * value(relu(key(LN x))^2)."""
 

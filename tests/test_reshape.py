@@ -90,6 +90,44 @@ def test_residual_units_compute_exactly_what_the_model_computed(trained_like):
     _assert_same_function(with_units, _load(again), x)
 
 
+def test_latent_residual_prediction_starts_as_the_identity_and_decodes_what_the_encoder_reconstructed(trained_like):
+    sd, arch = reshape(trained_like.state_dict(), lrp=16)
+    assert arch["lrp"] == 16 and model_kwargs(sd)["lrp"] == 16
+    with_lrp = _load(sd)
+    assert with_lrp.config.to_dict()["lrp"] == 16 and "lrp" not in trained_like.config.to_dict()
+    groups = TINY["groups"]
+    for k, g in enumerate(groups):  # the support: channel context (2 g) after group 0, then the side parameters
+        c1 = sd[f"latent_codec.y.residual_prediction.y{k}.c1.weight"]
+        assert c1.shape == (16, (k > 0) * 2 * g + TINY["M"] + g, 3, 3) and c1.abs().sum() > 0
+        assert not sd[f"latent_codec.y.residual_prediction.y{k}.c2.weight"].any()
+    x = torch.rand(1, 3, 64, 64)
+    _assert_same_function(trained_like, with_lrp, x)
+    # trained (non-zero) predictions: they move the latent by less than half a step, the symbols'
+    # tables do not move (integer scale path), and the decoder gets the encoder's reconstruction
+    with torch.no_grad():
+        for k in range(len(groups)):
+            with_lrp.latent_codec.y.residual_prediction[f"y{k}"].c2.weight.uniform_(-0.2, 0.2)
+    with_lrp.eval()
+    trained_like.eval()
+    plain, refined = trained_like.compress(x, quality=2.0), with_lrp.compress(x, quality=2.0)
+    assert len(refined.streams) == len(plain.streams) and refined.streams[:3] == plain.streams[:3]  # z, then group 0
+    assert float((refined.y_hat - plain.y_hat).abs().max()) > 0
+    lrp3 = with_lrp.latent_codec.y.residual_prediction["y3"]
+    with torch.no_grad():
+        support, y_q = torch.randn(1, lrp3.c1.in_channels - 16, 4, 4) * 50, torch.randn(1, 16, 4, 4)
+        moved = (lrp3(support, y_q) - y_q).abs()
+    assert 0.4 < float(moved.max()) <= 0.5 + 1e-6  # at most half a quantisation step, even for large inputs
+    out = with_lrp.decompress(refined.streams, refined.z_shape, quality=2.0)
+    assert torch.equal(out["y_hat"], refined.y_hat)
+    # a wider latent keeps the trained predictions, and the new group's starts as the identity
+    wide, arch = reshape(with_lrp.state_dict(), latent=TINY["M"] + 16)
+    k = len(groups)
+    assert arch["lrp"] == 16 and not wide[f"latent_codec.y.residual_prediction.y{k}.c2.weight"].any()
+    assert torch.equal(wide["latent_codec.y.residual_prediction.y1.c2.weight"], with_lrp.latent_codec.y.residual_prediction["y1"].c2.weight)
+    with pytest.raises(ValueError, match="already"):
+        reshape(with_lrp.state_dict(), lrp=8)
+
+
 def test_leaner_channel_context_keeps_the_strongest_units(trained_like):
     src = trained_like.state_dict()
     sd, arch = reshape(src, ctx_hidden_rate=1)
@@ -186,7 +224,8 @@ def test_wider_latent_keeps_the_reconstruction_and_adds_one_group(trained_like):
 
 @pytest.mark.parametrize("kw", [dict(depths=(0, 0, 1, 1)), dict(depths=(1, 1, 1)), dict(ctx_hidden_rate=5), dict(ctx_hidden_rate=0),
                                 dict(lambdas=(0.1, 0.2)), dict(lambdas=tuple(range(8, 0, -1))), dict(latent=32), dict(latent=16),
-                                dict(param_hidden_rate=3), dict(param_hidden_rate=0), dict(units=(1,)), dict(units=(1, 1, 1))])
+                                dict(param_hidden_rate=3), dict(param_hidden_rate=0), dict(units=(1,)), dict(units=(1, 1, 1)),
+                                dict(lrp=0)])
 def test_reshape_refuses_what_would_lose_or_invent_structure(trained_like, kw):
     with pytest.raises(ValueError):
         reshape(trained_like.state_dict(), **kw)
@@ -226,6 +265,21 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
 
     trained_units = VariableRateLALIC.from_state_dict(load_state_dict_file(tr.export(ckpt, tmp_path / "units.safetensors")))
     assert trained_units.config.units == (1, 1) and trained_units.g_s[-2].c2.weight.any()  # the step moved the new unit
+    # a latent residual prediction trains and exports, in fp16 like the transforms (not int8)
+    res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "lrp.pt"), "--lrp", "16"])
+    assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4/2 -> M 32 (0, 1, 1, 1) x4/2 lrp 16" in res.output, res.output
+    ckpt = tr.train(cfg_for(tmp_path / "rl", data_dir, steps=1, val_count=0, arch={}, init_from=str(tmp_path / "lrp.pt"),
+                            lr_mults=((r"residual_prediction\.", 10.0),)))
+    assert torch.load(ckpt, weights_only=True)["config"]["arch"]["lrp"] == 16
+    exported = tr.export(ckpt, tmp_path / "lrp.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(exported, "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("latent_codec.y.latent_codec.") and k.endswith(":int8_row_scale") for k in keys)
+    assert not any(k.startswith("latent_codec.y.residual_prediction.") and k.endswith(":int8_row_scale") for k in keys)
+    trained_lrp = VariableRateLALIC.from_state_dict(load_state_dict_file(exported))
+    assert trained_lrp.config.lrp == 16 and trained_lrp.latent_codec.y.residual_prediction["y3"].c2.weight.any()  # the step moved it
     # a wider latent trains and exports too; the weights file loads with its side width
     res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "m48.pt"), "--latent", "48", "--param-hidden-rate", "1"])
     assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4/2 -> M 48 (0, 1, 1, 1) x4/1" in res.output, res.output
