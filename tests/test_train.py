@@ -3,6 +3,7 @@
 import json
 import re
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -110,6 +111,14 @@ def test_loss_terms_and_lambda_interpolation():
     assert lam[1] == pytest.approx((0.0018 * m.lambdas[1].item()) ** 0.5)  # log-linear between levels
     with pytest.raises(ValueError):
         m.lambda_for(torch.tensor([0.5]))
+
+
+def test_bf16_autocast_is_automatic_on_cuda_only_and_asked_for_elsewhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tr.use_bf16("auto", cuda) and not tr.use_bf16("auto", cpu)  # float32 trained better on CPU
+    assert tr.use_bf16("on", cpu) and not tr.use_bf16("off", cuda)
+    with pytest.raises(click.ClickException, match="must be auto, on or off"):
+        tr.use_bf16("yes", cpu)
 
 
 def test_lr_schedule():
