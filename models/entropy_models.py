@@ -31,7 +31,7 @@ def full_precision(fn):
     """Run a method outside autocast, with half-precision tensor arguments cast to float32.
 
     Rates are logarithms of small probability differences: mixed-precision training (bf16
-    autocast, on CUDA and on CPUs with bf16 instructions) keeps them in float32.  Without
+    autocast: by default on CUDA, on a CPU with ``--bf16 on``) keeps them in float32.  Without
     autocast and with float32/float64 inputs the method runs unchanged."""
 
     @functools.wraps(fn)
