@@ -22,7 +22,11 @@ INTERRUPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIG
 
 
 def fail(err: BaseException) -> int:
-    """Print ``err`` as one line on stderr and return its exit code (1 for what is no CodecError: a bug)."""
+    """Print ``err`` as one line on stderr and return its exit code (1 for what is no CodecError: a bug).
+    An :class:`~lalic_codec.errors.Interrupted` is a stop that was asked for: ``codec: interrupted: ...``."""
+    if isinstance(err, Interrupted):  # a requested stop (Ctrl-C, kill), worded as one, not as a failure
+        click.echo(f"codec: interrupted: {err}", err=True)
+        return err.exit_code
     if isinstance(err, CodecError):
         click.echo(f"codec: error: {err}", err=True)
         return err.exit_code

@@ -440,5 +440,6 @@ def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, dat
             os.killpg(p.pid, signal.SIGKILL)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert p.returncode == 130, err
-    assert "internal error" not in err and f"{sig}: training stopped at step {saved['step']}; its state is saved in" in err
+    assert "internal error" not in err and "codec: error" not in err
+    assert f"codec: interrupted: {sig}: training stopped at step {saved['step']}; its state is saved in" in err
     assert saved["step"] >= 2 and f"codec train run --resume {run / 'checkpoint.pt'}" in err
