@@ -77,7 +77,10 @@ PALETTE_LENGTH = 768
 
 FLAG_METADATA = 0x01
 FLAG_ALPHA = 0x02
-_KNOWN_FLAGS = FLAG_METADATA | FLAG_ALPHA
+FLAG_POSTFILTER = 0x04
+_KNOWN_FLAGS = FLAG_METADATA | FLAG_ALPHA | FLAG_POSTFILTER
+#: largest post-filter block (section 7.3): the content of a 7 x 7 filter stays under 1 KiB
+MAX_POSTFILTER_BYTES = 1024
 
 _MODEL_ID_RE = re.compile(rb"[a-z0-9._-]{1,64}")
 
@@ -178,6 +181,8 @@ class LicFile:
     metadata: Metadata = field(default_factory=Metadata)
     alpha: bytes | None = None
     tiles: list[Tile] = field(default_factory=list)
+    #: the post-filter block's content (section 7.3), opaque to the container; None: no block
+    postfilter: bytes | None = None
 
 
 @dataclass
@@ -368,6 +373,12 @@ def write(f: LicFile, limits: Limits | None = None, version: int = FORMAT_VERSIO
                 f"compressed alpha plane is {len(frame)} bytes, more than the limit of {limits.max_stream_bytes}"
             )
         parts += [_LEN_CRC.pack(len(frame), zlib.crc32(frame)), frame]
+    if f.postfilter is not None:
+        block = _as_bytes(f.postfilter, "postfilter")
+        if not 1 <= len(block) <= MAX_POSTFILTER_BYTES:
+            raise ValueError(f"a post-filter block holds 1..{MAX_POSTFILTER_BYTES} bytes, got {len(block)}")
+        flags |= FLAG_POSTFILTER
+        parts += [_LEN_CRC.pack(len(block), zlib.crc32(block)), block]
 
     for i, t in enumerate(f.tiles):
         what = f"tile {i}"
@@ -737,6 +748,13 @@ def _parse(data, limits: Limits | None, info: bool):
     elif info:
         result["alpha"] = None
 
+    postfilter = None
+    if raw.flags & FLAG_POSTFILTER:
+        block = _read_block(cur, "post-filter block", MAX_POSTFILTER_BYTES, crc_errors)
+        if not block:
+            raise CorruptFileError("post-filter block: empty")
+        postfilter = bytes(block)
+
     # Cheap early check so that a header declaring many tiles/streams fails at once.
     if raw.version == 1:
         minimum = raw.n_tiles * (_GEOMETRY_RECORD_SIZE + hdr.streams_per_tile * _LEN_CRC.size)
@@ -817,7 +835,7 @@ def _parse(data, limits: Limits | None, info: bool):
         )
 
     if not info:
-        return LicFile(header=hdr, metadata=metadata, alpha=alpha, tiles=tiles)
+        return LicFile(header=hdr, metadata=metadata, alpha=alpha, tiles=tiles, postfilter=postfilter)
 
     device_name = (
         DeviceClass(hdr.device_class).name.lower().replace("_", "-")
@@ -841,6 +859,7 @@ def _parse(data, limits: Limits | None, info: bool):
         "tile_count": raw.n_tiles,
         "metadata": result["metadata"],
         "alpha": result["alpha"],
+        "postfilter": None if postfilter is None else {"bytes": len(postfilter), "kernel": postfilter[0]},
         "tiles": tile_infos,
         "stream_bytes_total": sum(sum(t["stream_bytes"]) for t in tile_infos),
         "crc_ok": not crc_errors,
@@ -907,6 +926,9 @@ def info_lines(d: dict, file: str) -> str:
         lines.append(f"metadata:    {d['metadata']['content_bytes']} bytes ({d['metadata']['compressed_bytes']} compressed)")
     if d.get("alpha"):
         lines.append(f"alpha:       {d['alpha']['content_bytes']} bytes ({d['alpha']['compressed_bytes']} compressed)")
+    if d.get("postfilter"):
+        k = d["postfilter"]["kernel"]
+        lines.append(f"post-filter: {k}x{k}, {d['postfilter']['bytes']} bytes")
     lines.append("integrity:   all CRCs OK" if d["crc_ok"] else "integrity:   CORRUPT: " + "; ".join(d["crc_errors"]))
     return "\n".join(lines)
 

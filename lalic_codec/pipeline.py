@@ -2,10 +2,12 @@
 
 encode: image -> :func:`.imaging.prepare_image` (orientation, colour mode, metadata -> 8-bit RGB)
 -> :func:`.tiling.tile_plan` -> each tile: :func:`.tiling.centred_padding` (edges replicated)
--> model.compress -> streams -> :mod:`.formats.container`.  decode: container -> the memory
+-> model.compress -> streams -> the post-filter fitted to the decoded tiles (:mod:`.postfilter`)
+-> :mod:`.formats.container`.  decode: container -> the memory
 budget (:func:`check_memory`) -> :func:`model_for_file` (:func:`.loading.load_model`, checked
 against the header's weights fingerprint) -> :func:`check_tiles` -> each tile: model.decompress
--> crop, overlaps cross-faded (:func:`.tiling.tile_weights`) -> :func:`.imaging.restore_image`
+-> crop, overlaps cross-faded (:func:`.tiling.tile_weights`) -> the post-filter, if the file has
+one -> :func:`.imaging.restore_image`
 (mode, alpha, metadata).
 
 Where each concern lives:
@@ -31,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import imaging, loading, memory, tiling
-from .errors import BadInputError, CodecError, LimitExceededError, MissingWeightsError, WeightsMismatchError
+from . import imaging, loading, memory, postfilter, tiling
+from .errors import BadInputError, CodecError, CorruptFileError, LimitExceededError, MissingWeightsError, WeightsMismatchError
 from .entropy.coder import SymbolMismatchError
 from .formats import container as fmt
 
@@ -97,6 +99,9 @@ SMALL_TILE_SEARCH = True
 #: the encoder's rate-distortion-optimised rounding of y (``rdo_lagrangian`` of the model; the
 #: official models round plainly); False rounds plainly with every model (tests, bench_rdo.py)
 RDO = True
+#: whether :func:`encode_image` fits a post-filter to the image and keeps it where it pays
+#: (FORMAT.md 7.3; models with a rate-distortion trade-off, the variable-rate ones); False: never
+POSTFILTER = True
 #: where :func:`_small_tile_search` tries the image on its canvas: these fractions of the free room
 #: on each axis (0.5 is the centred padding), so 9 placements
 PLACEMENTS = (0.25, 0.5, 0.75)
@@ -257,7 +262,13 @@ def encode_image(
     alpha = prep.alpha.tobytes() if prep.alpha is not None else None
     if alpha is not None and header.bit_depth == 16:
         alpha = (prep.alpha.astype("<u2") * 257).tobytes()
-    data = fmt.write(fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=tiles))
+    lic = fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=tiles)
+    if POSTFILTER and lm.variable_rate:
+        # the encoder decodes its own tiles, as any decoder will, and fits the filter to them
+        pf, _ = postfilter.fit(prep.rgb, reconstruct(lic, lm, qt, rounded=False), float(lm.model.lambda_for(qt)))
+        if pf is not None:
+            lic.postfilter = pf.to_bytes()
+    data = fmt.write(lic)
     return EncodeResult(data, W, H, q, prep.notes)
 
 
@@ -419,7 +430,22 @@ def decode_bytes(
     if lm.variable_rate and not (1.0 <= h.quality <= lm.model.num_levels):
         raise fmt_corrupt(f"header: quality {h.quality:g} is outside the model's range 1..{lm.model.num_levels}")
     q = torch.tensor([h.quality], device=lm.device) if lm.variable_rate else None
-    single = len(lic.tiles) == 1
+    if lic.postfilter is None:
+        canvas = reconstruct(lic, lm, q)
+    else:
+        try:
+            pf = postfilter.PostFilter.from_bytes(lic.postfilter)
+        except ValueError as e:
+            raise CorruptFileError(f"post-filter block: {e}") from None
+        canvas = postfilter.apply(reconstruct(lic, lm, q, rounded=False), pf)
+    return DecodeResult(imaging.restore_image(canvas, lic, high_bit_depth), h, [])
+
+
+def reconstruct(lic: fmt.LicFile, lm: loading.LoadedModel, q: torch.Tensor | None, rounded: bool = True) -> np.ndarray:
+    """The image the tiles decode to (FORMAT.md 7.2): (H, W, 3) uint8, or with ``rounded=False`` the
+    float32 code values before the rounding, which the post-filter (FORMAT.md 7.3) works on."""
+    h = lic.header
+    single = len(lic.tiles) == 1 and rounded
     if single:
         canvas = np.zeros((h.height, h.width, 3), dtype=np.uint8)
     else:  # weighted sums of overlapping tiles (FORMAT.md 7.2)
@@ -439,14 +465,16 @@ def decode_bytes(
             acc[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt * vals
             wsum[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt
         del x_hat
-    if not single:  # check_tiles proved that every pixel lies in a tile, so has a positive weight
-        np.divide(acc, wsum, out=acc)  # in place: no image-sized temporaries (the same float32 values)
-        del wsum
-        acc += 0.5
-        np.floor(acc, out=acc)
-        canvas = np.clip(acc, 0, 255, out=acc).astype(np.uint8)
-        del acc
-    return DecodeResult(imaging.restore_image(canvas, lic, high_bit_depth), h, [])
+    if single:
+        return canvas
+    # check_tiles proved that every pixel lies in a tile, so has a positive weight
+    np.divide(acc, wsum, out=acc)  # in place: no image-sized temporaries (the same float32 values)
+    del wsum
+    if not rounded:
+        return acc
+    acc += 0.5
+    np.floor(acc, out=acc)
+    return np.clip(acc, 0, 255, out=acc).astype(np.uint8)
 
 
 def device_mismatch(h: fmt.Header, lm: loading.LoadedModel, tile: fmt.Tile) -> CodecError:

@@ -128,7 +128,7 @@ def parse_raw(data: bytes) -> RawLic:
         pos += n
         return RawStream(body)
 
-    blocks = [stream() for bit in (fmt.FLAG_METADATA, fmt.FLAG_ALPHA) if flags & bit]
+    blocks = [stream() for bit in (fmt.FLAG_METADATA, fmt.FLAG_ALPHA, fmt.FLAG_POSTFILTER) if flags & bit]
     tiles = []
     for _ in range(n_tiles):
         if version == 2:  # the reader's own varint parser
@@ -607,7 +607,7 @@ def _mutate_blocks(rng, r: RawLic, seeds):
             r.flags |= fmt.FLAG_ALPHA
             r.blocks.append(RawStream(frame))
     elif which == "toggle":
-        r.flags ^= rng.choice([fmt.FLAG_METADATA, fmt.FLAG_ALPHA])
+        r.flags ^= rng.choice([fmt.FLAG_METADATA, fmt.FLAG_ALPHA, fmt.FLAG_POSTFILTER])
     elif which == "remove" and r.blocks:
         r.blocks.pop(rng.randrange(len(r.blocks)))
     else:

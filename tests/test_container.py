@@ -496,7 +496,7 @@ def test_unknown_version(version):
         read(bytes(data[:10]))
 
 
-@pytest.mark.parametrize("flags", [0x04, 0x80, 0xFF, 0x07])
+@pytest.mark.parametrize("flags", [0x08, 0x80, 0xFF, 0x0F])
 def test_unknown_flags(flags):
     data = raw_file(flags=flags)
     with pytest.raises(UnsupportedVersionError, match="unknown flags"):

@@ -35,6 +35,7 @@ def encoder_reconstruction(lm, rgb: np.ndarray, quality: float) -> np.ndarray:
 @pytest.mark.parametrize("h,w", [(97, 203), (1, 1), (64, 64), (65, 130), (3, 200)])
 def test_decode_equals_encoder_reconstruction(vr, h, w, monkeypatch):
     monkeypatch.setattr(pipeline, "SMALL_TILE_SEARCH", False)  # small images: code the pixels themselves
+    monkeypatch.setattr(pipeline, "POSTFILTER", False)  # the network's own output (test_postfilter.py: with one)
     rgb = natural_image(h, w, seed=h * w)
     res = pipeline.encode_image(Image.fromarray(rgb), vr, quality=5)
     dec = pipeline.decode_bytes(res.data, vr_path(vr), "cpu")

@@ -1,0 +1,230 @@
+"""The post-filter: a linear filter fitted by the encoder to each image and applied by the decoder
+to the reconstruction before its final rounding (FORMAT.md 7.3).
+
+A learned decoder's error is not white: a small Wiener filter, fitted by least squares to the
+very image being coded (the encoder has the original), removes part of it.  The filter is point
+symmetric (the taps at ``d`` and ``-d`` are equal), K x K for K in 1, 3, 5, 7, and mixes the three
+colour channels; its coefficients are integers in units of ``2^-P`` and cost 12 to about 230 bytes,
+so the encoder keeps it only where the distortion it removes is worth its bytes at the quality's
+rate-distortion trade-off (``lambda``, the one the model was trained for).
+
+The block's content (all integers are zigzag LEB128 varints, FORMAT.md section 2 and 7.3)::
+
+    u8 K, u8 P, then for each output channel o = R, G, B: for each input channel i = R, G, B
+    the T = (K^2 + 1) / 2 taps of ``offsets(K)`` in order, then o's bias
+
+and the output is ``O_o = R_o + (b_o + sum_i sum_t c[o][i][t] (R_i(p + d_t) + R_i(p - d_t))) / 2^P``
+(the centre tap ``d_0 = (0, 0)`` counted once), with edge pixels repeated outside the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: the kernel sizes a file may use, and those the encoder tries
+KERNEL_SIZES = (1, 3, 5, 7)
+ENCODER_KERNEL_SIZES = (1, 3, 5)
+#: the precisions (fraction bits) the encoder tries for each kernel size: coarser costs fewer bytes
+ENCODER_FRACTION_BITS = (6, 8, 10)
+#: largest magnitude of a coefficient and of a bias (integers, in units of 2^-P)
+MAX_COEF = 2**15
+MAX_BIAS = 2**23
+#: the largest block a reader accepts (K = 7 needs at most 3 * (3 * 25 + 1) * 4 + 2 bytes)
+MAX_BLOCK_BYTES = 1024
+#: rows per band when applying, and when fitting (bounds the temporary memory on large images)
+BAND_ROWS = 256
+FIT_BAND_ROWS = 32
+
+
+def offsets(k: int) -> list[tuple[int, int]]:
+    """The taps of a K x K point-symmetric filter: the centre, then one offset ``(dy, dx)`` of each
+    pair ``+-(dy, dx)``, those with ``(dy, dx) > (0, 0)`` in lexicographic order."""
+    r = k // 2
+    return [(0, 0)] + [(dy, dx) for dy in range(0, r + 1) for dx in range(-r, r + 1) if (dy, dx) > (0, 0)]
+
+
+@dataclass
+class PostFilter:
+    """``coefs[o, i, t]`` multiplies input channel i at the tap pair ``offsets(k)[t]`` for output
+    channel o; ``bias[o]`` is added; both in units of ``2^-fraction_bits``."""
+
+    k: int
+    fraction_bits: int
+    coefs: np.ndarray  # (3, 3, T) int64
+    bias: np.ndarray  # (3,) int64
+
+    def to_bytes(self) -> bytes:
+        out = bytearray([self.k, self.fraction_bits])
+        for o in range(3):
+            for v in [*self.coefs[o].reshape(-1).tolist(), int(self.bias[o])]:
+                out += _varint(2 * v if v >= 0 else -2 * v - 1)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PostFilter:
+        """Parse a block's content; raises ValueError with what is wrong (the caller names the block)."""
+        if len(data) < 2:
+            raise ValueError("shorter than its 2-byte head")
+        k, p = data[0], data[1]
+        if k not in KERNEL_SIZES:
+            raise ValueError(f"kernel size {k} (expected one of {', '.join(map(str, KERNEL_SIZES))})")
+        if not 1 <= p <= 15:
+            raise ValueError(f"{p} fraction bits (expected 1..15)")
+        t = len(offsets(k))
+        pos, values = 2, []
+        for _ in range(3 * (3 * t + 1)):
+            v, pos = _read_varint(data, pos)
+            values.append(v // 2 if v % 2 == 0 else -(v + 1) // 2)
+        if pos != len(data):
+            raise ValueError(f"{len(data) - pos} bytes after the last coefficient")
+        a = np.array(values, dtype=np.int64).reshape(3, 3 * t + 1)
+        coefs, bias = a[:, :-1].reshape(3, 3, t), a[:, -1]
+        if np.abs(coefs).max() >= MAX_COEF or np.abs(bias).max() >= MAX_BIAS:
+            raise ValueError("a coefficient out of range")
+        return cls(k, p, coefs, bias)
+
+    def kernel(self):
+        """The filter as a (3, 3, K, K) float32 correlation kernel in code values (the identity included)."""
+        import torch
+
+        r = self.k // 2
+        w = np.zeros((3, 3, self.k, self.k), dtype=np.float64)
+        for t, (dy, dx) in enumerate(offsets(self.k)):
+            w[:, :, r + dy, r + dx] += self.coefs[:, :, t]
+            if t:
+                w[:, :, r - dy, r - dx] += self.coefs[:, :, t]
+        w /= 2.0**self.fraction_bits
+        w[np.arange(3), np.arange(3), r, r] += 1.0
+        return torch.from_numpy(w.astype(np.float32))
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, v = v & 0x7F, v >> 7
+        out.append(byte | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for n in range(4):
+        if pos >= len(data):
+            raise ValueError("ends inside a coefficient")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << (7 * n)
+        if not byte & 0x80:
+            if byte == 0 and n:
+                raise ValueError("a varint that is not the shortest encoding")
+            return value, pos
+    raise ValueError("a varint longer than 4 bytes")
+
+
+def _bands(h: int, r: int, rows: int = BAND_ROWS):
+    """(rows of the band, rows read with the band's halo, top and bottom rows repeated at the image edge)."""
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        a, b = max(0, y0 - r), min(h, y1 + r)
+        yield y0, y1, a, b, r - (y0 - a), r - (b - y1)
+
+
+def apply(recon: np.ndarray, pf: PostFilter) -> np.ndarray:
+    """The filtered image: ``recon`` (H, W, 3) float32 code values before rounding -> (H, W, 3) uint8,
+    rounded half up and clamped to [0, 255] (FORMAT.md 7.3)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w, _ = recon.shape
+    r = pf.k // 2
+    weight = pf.kernel()
+    bias = torch.from_numpy((pf.bias / 2.0**pf.fraction_bits).astype(np.float32))
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    src = torch.from_numpy(np.ascontiguousarray(recon, dtype=np.float32))
+    with torch.inference_mode():
+        for y0, y1, a, b, top, bottom in _bands(h, r):
+            x = src[a:b].permute(2, 0, 1).unsqueeze(0)
+            if r:
+                x = F.pad(x, (r, r, top, bottom), mode="replicate")
+            y = F.conv2d(x, weight, bias)[0].permute(1, 2, 0)
+            out[y0:y1] = y.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def _features(band: np.ndarray, k: int, top: int, bottom: int) -> np.ndarray:
+    """(rows x W, 3 T + 1) float64: per input channel the centre and the sums of each tap pair, then 1."""
+    r = k // 2
+    p = np.pad(band, ((top, bottom), (r, r), (0, 0)), mode="edge") if r else band
+    hh, ww = p.shape[0] - 2 * r, p.shape[1] - 2 * r
+    cols = []
+    for i in range(3):
+        for t, (dy, dx) in enumerate(offsets(k)):
+            a = p[r + dy : r + dy + hh, r + dx : r + dx + ww, i]
+            cols.append(a if not t else a + p[r - dy : r - dy + hh, r - dx : r - dx + ww, i])
+    cols.append(np.ones((hh, ww), dtype=p.dtype))
+    return np.stack(cols, -1).reshape(hh * ww, -1).astype(np.float64)
+
+
+def _columns(k: int, kmax: int) -> list[int]:
+    """Columns of the K x K features within the ``kmax`` x ``kmax`` ones."""
+    small, big = offsets(k), offsets(kmax)
+    t = len(big)
+    return [i * t + big.index(o) for i in range(3) for o in small] + [3 * t]
+
+
+def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODER_KERNEL_SIZES,
+        fraction_bits=ENCODER_FRACTION_BITS, row_step: int = 2) -> tuple[PostFilter | None, dict]:
+    """The filter the encoder keeps for this image, or None when none pays for its bytes.
+
+    ``original`` (H, W, 3) uint8, ``recon`` (H, W, 3) float32 code values before rounding (what the
+    decoder reconstructs), ``lam``: the rate-distortion trade-off of the training loss
+    ``bpp + lam * 255^2 * MSE``, so a change of the squared error by ``dSSE`` (code values, summed
+    over the 3 channels) is worth ``lam * dSSE / 3`` bits.  The normal equations are gathered on every
+    ``row_step``-th row; each candidate is then judged on the whole image, quantised and applied
+    exactly as a decoder applies it, against its block's bytes (content, length and CRC32).
+    Each kernel size is tried at each precision of ``fraction_bits``.  Returns (filter or None,
+    {(K, P): (SSE, bytes)} of the candidates, and "none": the SSE without a filter)."""
+    h, w, _ = recon.shape
+    kmax = max(kernel_sizes)
+    r = kmax // 2
+    n = 3 * len(offsets(kmax)) + 1
+    gram = np.zeros((n, n))
+    rhs = np.zeros((n, 3))
+    orig = original.astype(np.float64)
+    for y0, y1, a, b, top, bottom in _bands(h, r, FIT_BAND_ROWS):
+        rows = np.arange(y0, y1)
+        rows = rows[rows % row_step == 0]
+        if not len(rows):
+            continue
+        feats = _features(recon[a:b].astype(np.float64), kmax, top, bottom).reshape(y1 - y0, w, n)[rows - y0].reshape(-1, n)
+        target = (orig[rows] - recon[rows]).reshape(-1, 3)
+        gram += feats.T @ feats
+        rhs += feats.T @ target
+    base = _sse(original, np.clip(np.floor(recon + 0.5), 0, 255))
+    report: dict = {"none": base}
+    best, best_gain = None, 0.0
+    for k in kernel_sizes:
+        cols = _columns(k, kmax)
+        g = gram[np.ix_(cols, cols)]
+        g = g + 1e-6 * np.trace(g) / len(cols) * np.eye(len(cols))
+        sol = np.linalg.solve(g, rhs[cols]).T  # (3, 3 T + 1)
+        t = len(offsets(k))
+        for p in fraction_bits:
+            q = np.round(sol * 2.0**p).astype(np.int64)
+            pf = PostFilter(k, p, np.clip(q[:, :-1], 1 - MAX_COEF, MAX_COEF - 1).reshape(3, 3, t),
+                            np.clip(q[:, -1], 1 - MAX_BIAS, MAX_BIAS - 1))
+            sse = _sse(original, apply(recon, pf))
+            nbytes = len(pf.to_bytes()) + 8
+            report[(k, p)] = (sse, nbytes)
+            gain = lam * (base - sse) / 3.0 - 8 * nbytes
+            if gain > best_gain:
+                best, best_gain = pf, gain
+    return best, report
+
+
+def _sse(a: np.ndarray, b: np.ndarray) -> float:
+    d = a.astype(np.float64) - b
+    return float(np.vdot(d, d))

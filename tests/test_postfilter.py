@@ -1,0 +1,205 @@
+"""The post-filter (FORMAT.md 7.3): its block in the container, its bytes, the filter against a
+per-pixel oracle, the encoder's fit and choice, and whole files through the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from conftest import natural_image
+from lalic_codec import loading, pipeline, postfilter
+from lalic_codec.errors import CorruptFileError, CrcMismatchError, LimitExceededError
+from lalic_codec.formats import container as fmt
+from lalic_codec.imaging import psnr
+
+
+def random_filter(k: int, p: int = 8, seed: int = 0) -> postfilter.PostFilter:
+    rng = np.random.default_rng(seed)
+    t = len(postfilter.offsets(k))
+    return postfilter.PostFilter(k, p, rng.integers(-300, 300, size=(3, 3, t)), rng.integers(-5000, 5000, size=3))
+
+
+def oracle(recon: np.ndarray, pf: postfilter.PostFilter) -> np.ndarray:
+    """FORMAT.md 7.3 pixel by pixel, in float64: edges repeated, each tap pair summed."""
+    h, w, _ = recon.shape
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    at = lambda i, y, x: float(recon[min(max(y, 0), h - 1), min(max(x, 0), w - 1), i])  # noqa: E731
+    for y in range(h):
+        for x in range(w):
+            for o in range(3):
+                acc = float(pf.bias[o])
+                for i in range(3):
+                    for t, (dy, dx) in enumerate(postfilter.offsets(pf.k)):
+                        v = at(i, y, x) if t == 0 else at(i, y + dy, x + dx) + at(i, y - dy, x - dx)
+                        acc += float(pf.coefs[o, i, t]) * v
+                out[y, x, o] = min(max(np.floor(recon[y, x, o] + acc / 2.0**pf.fraction_bits + 0.5), 0), 255)
+    return out
+
+
+def test_taps_are_the_centre_then_one_of_each_symmetric_pair():
+    assert postfilter.offsets(1) == [(0, 0)]
+    assert postfilter.offsets(3) == [(0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]
+    for k in postfilter.KERNEL_SIZES:
+        taps = postfilter.offsets(k)
+        assert len(taps) == (k * k + 1) // 2
+        both = {o for dy, dx in taps for o in ((dy, dx), (-dy, -dx))}
+        assert len(both) == k * k  # every position of the K x K window, once
+
+
+@pytest.mark.parametrize("k", postfilter.KERNEL_SIZES)
+def test_bytes_round_trip(k):
+    pf = random_filter(k, p=10, seed=k)
+    data = pf.to_bytes()
+    back = postfilter.PostFilter.from_bytes(data)
+    assert (back.k, back.fraction_bits) == (k, 10)
+    assert np.array_equal(back.coefs, pf.coefs) and np.array_equal(back.bias, pf.bias)
+    assert len(data) <= fmt.MAX_POSTFILTER_BYTES
+
+
+def test_zigzag_varints_as_specified():
+    pf = postfilter.PostFilter(1, 8, np.array([0, -1, 1, -2, 2, 63, -64, 64, 300]).reshape(3, 3, 1), np.array([0, -1, 2**22]))
+    assert pf.to_bytes() == bytes([1, 8, 0, 1, 2, 0, 3, 4, 126, 1, 127, 128, 1, 216, 4, 0x80, 0x80, 0x80, 0x04])
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b"", "shorter than"),
+    (b"\x02\x08", "kernel size 2"),
+    (b"\x01\x00" + bytes(12), "0 fraction bits"),
+    (b"\x01\x10" + bytes(12), "16 fraction bits"),
+    (b"\x01\x08" + bytes(11), "ends inside"),
+    (b"\x01\x08" + bytes(13), "1 bytes after"),
+    (b"\x01\x08\x80\x00" + bytes(11), "shortest"),
+    (b"\x01\x08\x80\x80\x80\x80\x01" + bytes(11), "longer than 4 bytes"),
+    (b"\x01\x08\x80\x80\x04" + bytes(11), "out of range"),  # 2^15 (zigzag 2^16)
+])
+def test_malformed_contents_are_refused(data, msg):
+    with pytest.raises(ValueError, match=msg):
+        postfilter.PostFilter.from_bytes(data)
+
+
+@pytest.mark.parametrize("k", postfilter.KERNEL_SIZES)
+def test_apply_matches_the_specification(k, monkeypatch):
+    monkeypatch.setattr(postfilter, "BAND_ROWS", 5)  # bands, and their halos, inside the image
+    rng = np.random.default_rng(k)
+    recon = rng.uniform(-3, 258, size=(13, 9, 3)).astype(np.float32)
+    pf = random_filter(k, seed=k)
+    assert np.array_equal(postfilter.apply(recon, pf), oracle(recon, pf))
+
+
+def test_a_zero_filter_is_the_plain_rounding():
+    recon = np.random.default_rng(1).uniform(0, 255, size=(40, 30, 3)).astype(np.float32)
+    zero = postfilter.PostFilter(5, 8, np.zeros((3, 3, 13), dtype=np.int64), np.zeros(3, dtype=np.int64))
+    assert np.array_equal(postfilter.apply(recon, zero), np.clip(np.floor(recon + 0.5), 0, 255))
+
+
+def blurred(seed: int = 0):
+    x = natural_image(96, 128, seed=seed)
+    recon = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(0.7))).astype(np.float32)
+    return x, recon + np.random.default_rng(seed).normal(0, 0.2, size=recon.shape).astype(np.float32)
+
+
+def test_fit_undoes_a_blur_and_pays_for_its_bytes():
+    x, recon = blurred()
+    pf, report = postfilter.fit(x, recon, lam=0.01)
+    assert pf is not None and pf.k > 1
+    sse, nbytes = report[(pf.k, pf.fraction_bits)]
+    assert nbytes == len(pf.to_bytes()) + 8
+    assert 0.01 * (report["none"] - sse) / 3 > 8 * nbytes  # the choice's rule
+    assert sse == pytest.approx(np.sum((x - postfilter.apply(recon, pf).astype(np.float64)) ** 2))
+    assert psnr(x, postfilter.apply(recon, pf)) > psnr(x, np.clip(np.floor(recon + 0.5), 0, 255).astype(np.uint8)) + 1.0
+    # the best candidate by the rule, among every kernel size and precision tried
+    gains = {c: 0.01 * (report["none"] - v[0]) / 3 - 8 * v[1] for c, v in report.items() if c != "none"}
+    assert max(gains, key=gains.get) == (pf.k, pf.fraction_bits)
+
+
+def test_fit_keeps_no_filter_that_is_not_worth_its_bytes():
+    x, recon = blurred(1)
+    assert postfilter.fit(x, recon, lam=1e-7)[0] is None  # nearly free distortion: no bytes pay
+    exact = x.astype(np.float32)
+    assert postfilter.fit(x, exact, lam=0.01)[0] is None  # nothing to remove
+
+
+# ----------------------------------------------------------------------------- the container block
+
+
+def sample(postfilter_block: bytes | None = b"\x01\x08" + bytes(12)) -> fmt.LicFile:
+    h = fmt.Header("default-v9", bytes(16), 4.0, 3, 2, fmt.ColourMode.RGB, 8, 0, 1)
+    return fmt.LicFile(h, tiles=[fmt.Tile(0, 0, 3, 2, (0, 0, 0, 0), [b"\x01\x02"])], postfilter=postfilter_block)
+
+
+@pytest.mark.parametrize("version", fmt.SUPPORTED_VERSIONS)
+def test_container_round_trip_and_layout(version):
+    f = sample()
+    data = fmt.write(f, version=version)
+    assert fmt.read(data) == f
+    plain = fmt.write(sample(None), version=version)
+    assert fmt.read(plain).postfilter is None
+    head = 51 + len("default-v9")
+    assert data[head - 9] == fmt.FLAG_POSTFILTER and plain[head - 9] == 0  # flags
+    block = data[head : head + 8 + 14]
+    assert block[:4] == (14).to_bytes(4, "little") and block[8:] == f.postfilter
+    assert len(data) == len(plain) + 8 + 14
+    info = fmt.read_info(data)
+    assert info["postfilter"] == {"bytes": 14, "kernel": 1} and info["crc_ok"]
+    assert "post-filter: 1x1, 14 bytes" in fmt.info_lines(info, "x.lic")
+
+
+def test_container_block_damage_is_reported():
+    data = bytearray(fmt.write(sample()))
+    head = 51 + len("default-v9")
+    bad = bytes(data[: head + 9]) + bytes([data[head + 9] ^ 1]) + bytes(data[head + 10 :])
+    with pytest.raises(CrcMismatchError, match="post-filter block: CRC32 mismatch"):
+        fmt.read(bad)
+    assert fmt.read_info(bad)["crc_errors"] == ["post-filter block: CRC32 mismatch (file is corrupt)"]
+    long = bytes(data[:head]) + (2000).to_bytes(4, "little") + bytes(data[head + 4 :])
+    with pytest.raises(LimitExceededError, match="post-filter block: declares 2000 bytes"):
+        fmt.read(long)
+    with pytest.raises(ValueError, match="1..1024 bytes"):
+        fmt.write(sample(b""))
+    with pytest.raises(ValueError, match="1..1024 bytes"):
+        fmt.write(sample(bytes(1025)))
+
+
+# ----------------------------------------------------------------------------- whole files
+
+
+@pytest.fixture(scope="module")
+def vr(tiny_vr_weights):
+    return loading.load_model("x", tiny_vr_weights, "cpu")
+
+
+def test_the_encoder_keeps_a_filter_that_improves_the_decoded_image(vr, tiny_vr_weights, monkeypatch):
+    """The tiny random network reconstructs badly, so a filter always pays: the file carries it,
+    the decoder applies it to the float reconstruction, and the image is closer to the original
+    than the same file decoded without the block."""
+    rgb = natural_image(96, 160, seed=5)
+    data = pipeline.encode_image(Image.fromarray(rgb), vr, quality=8).data
+    lic = fmt.read(data)
+    assert lic.postfilter is not None
+    out = np.asarray(pipeline.decode_bytes(data, tiny_vr_weights, "cpu").image)
+    q = torch.tensor([8.0])
+    pf = postfilter.PostFilter.from_bytes(lic.postfilter)
+    assert np.array_equal(out, postfilter.apply(pipeline.reconstruct(lic, vr, q, rounded=False), pf))
+    lic.postfilter = None
+    plain = np.asarray(pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu").image)
+    assert np.array_equal(plain, pipeline.reconstruct(lic, vr, q))
+    assert psnr(rgb, out) > psnr(rgb, plain)
+    monkeypatch.setattr(pipeline, "POSTFILTER", False)
+    off = pipeline.encode_image(Image.fromarray(rgb), vr, quality=8).data
+    assert fmt.read(off).postfilter is None and fmt.read(off).tiles == fmt.read(data).tiles
+
+
+def test_the_filter_spans_tiles_and_a_damaged_block_is_refused(vr, tiny_vr_weights):
+    rgb = natural_image(200, 150, seed=6)
+    data = pipeline.encode_image(Image.fromarray(rgb), vr, quality=6, tile=128).data
+    lic = fmt.read(data)
+    assert len(lic.tiles) > 1 and lic.postfilter is not None
+    out = np.asarray(pipeline.decode_bytes(data, tiny_vr_weights, "cpu").image)
+    lic.postfilter = None
+    plain = np.asarray(pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu").image)
+    assert psnr(rgb, out) > psnr(rgb, plain)
+    lic.postfilter = b"\x09\x08"  # a kernel size no file may use, under a valid CRC
+    with pytest.raises(CorruptFileError, match="post-filter block: kernel size 9"):
+        pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu")
