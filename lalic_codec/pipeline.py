@@ -111,12 +111,12 @@ SEARCH_ROUNDS = 4
 SEARCH_SIZE_SLACK = 0.10
 
 
-def _compress(lm: loading.LoadedModel, x: torch.Tensor, qt, rdo: bool | None = None) -> list[bytes]:
-    """Streams of one padded tile; ``rdo``: the model's rate-distortion-optimised rounding (default
-    :data:`RDO`) or plain rounding."""
+def _compress(lm: loading.LoadedModel, x: torch.Tensor, qt, rdo: bool | None = None):
+    """One padded tile coded (``.streams``, ``.y_hat``); ``rdo``: the model's rate-distortion-optimised
+    rounding (default :data:`RDO`) or plain rounding."""
     if rdo is None:
         rdo = RDO
-    return lm.model.compress(x, quality=qt, rdo=None if rdo else 0.0).streams  # None: the model's Lagrangian
+    return lm.model.compress(x, quality=qt, rdo=None if rdo else 0.0)  # None: the model's Lagrangian
 
 
 def _placements(pad) -> list[tuple[int, int, int, int]]:
@@ -168,7 +168,7 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
     def code(inp):
         # plain rounding: the search wants the least error within its byte budget, and a tiny
         # image's bytes are mostly headers, so trading error for rate does not pay here
-        streams = _compress(lm, inp, qt, rdo=False)
+        streams = _compress(lm, inp, qt, rdo=False).streams
         canvas = lm.model.decompress(streams, z_shape, quality=qt)["x_hat"]
         return streams, canvas
 
@@ -237,6 +237,8 @@ def encode_image(
                 f"tiles of {tw + l + r}x{th + t + b} pixels are more than the limit of {lim.tile_pixel_limit()} "
                 "pixels per tile (use a smaller --tile)"
             )
+    # the post-filter is fitted to what any decoder will reconstruct (FORMAT.md 7.3)
+    canvas = Canvas(W, H, len(plan), rounded=False) if POSTFILTER and lm.variable_rate else None
     tiles = []
     for tx, ty, tw, th in plan:
         pad = tiling.centred_padding(th, tw, lm.model.pad_multiple, tiling.MIN_CANVAS)
@@ -244,10 +246,19 @@ def encode_image(
         with torch.inference_mode():
             if SMALL_TILE_SEARCH and len(plan) == 1 and (tw + pad[0] + pad[1]) * (th + pad[2] + pad[3]) <= tiling.MIN_CANVAS**2:
                 pad, streams = _small_tile_search(lm, rgb, pad, qt)
+                y_hat = None
             else:
-                streams = _compress(lm, tiling._to_tensor(rgb, pad, lm.device), qt)
-        tiles.append(fmt.Tile(tx, ty, tw, th, pad, streams))
-        del streams
+                coded = _compress(lm, tiling._to_tensor(rgb, pad, lm.device), qt)
+                streams, y_hat = coded.streams, coded.y_hat
+                del coded
+            tile = fmt.Tile(tx, ty, tw, th, pad, streams)
+            if canvas is not None:  # the decoder's output from the coded latent (decode_tile, without the entropy decoding)
+                x_hat = (decode_tile(lm, streams, pad, th, tw, qt) if y_hat is None
+                         else crop_tile(lm.model.synthesis(y_hat, qt).clamp_(0, 1), pad, th, tw))
+                canvas.add(tile, x_hat)
+                del x_hat
+        tiles.append(tile)
+        del streams, y_hat
     header = fmt.Header(
         model_id=lm.model_id,
         weights_fingerprint=lm.fingerprint,
@@ -263,9 +274,8 @@ def encode_image(
     if alpha is not None and header.bit_depth == 16:
         alpha = (prep.alpha.astype("<u2") * 257).tobytes()
     lic = fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=tiles)
-    if POSTFILTER and lm.variable_rate:
-        # the encoder decodes its own tiles, as any decoder will, and fits the filter to them
-        pf, _ = postfilter.fit(prep.rgb, reconstruct(lic, lm, qt, rounded=False), float(lm.model.lambda_for(qt)))
+    if canvas is not None:
+        pf, _ = postfilter.fit(prep.rgb, canvas.result(), float(lm.model.lambda_for(qt)))
         if pf is not None:
             lic.postfilter = pf.to_bytes()
     data = fmt.write(lic)
@@ -441,40 +451,58 @@ def decode_bytes(
     return DecodeResult(imaging.restore_image(canvas, lic, high_bit_depth), h, [])
 
 
+class Canvas:
+    """The image that tiles of the width x height image reconstruct (FORMAT.md 7.2), tile by tile:
+    :meth:`add` each tile's decoded values, :meth:`result` the image, (H, W, 3) uint8, or with
+    ``rounded=False`` the float32 code values before the rounding, which the post-filter (FORMAT.md
+    7.3) works on.  A single tile is rounded directly; several are cross-faded in float32."""
+
+    def __init__(self, width: int, height: int, tiles: int, rounded: bool = True):
+        self.width, self.height, self.rounded = width, height, rounded
+        self.single = tiles == 1 and rounded
+        if self.single:
+            self.canvas = np.zeros((height, width, 3), dtype=np.uint8)
+        else:  # weighted sums of overlapping tiles
+            self.acc = np.zeros((height, width, 3), dtype=np.float32)
+            self.wsum = np.zeros((height, width, 1), dtype=np.float32)
+
+    def add(self, tile: fmt.Tile, x_hat: torch.Tensor) -> None:
+        """``x_hat``: the tile as decoded, (3, h, w) in [0, 1] (:func:`decode_tile`)."""
+        rows, cols = slice(tile.y, tile.y + tile.h), slice(tile.x, tile.x + tile.w)
+        if self.single:
+            self.canvas[rows, cols] = imaging.to_uint8(x_hat)
+            return
+        wgt = tiling.tile_weights(tile, self.width, self.height)[..., None]
+        self.acc[rows, cols] += wgt * x_hat.float().mul(255.0).permute(1, 2, 0).cpu().numpy()
+        self.wsum[rows, cols] += wgt
+
+    def result(self) -> np.ndarray:
+        if self.single:
+            return self.canvas
+        # every pixel lies in a tile (check_tiles; the encoder's plans), so has a positive weight
+        acc = self.acc
+        np.divide(acc, self.wsum, out=acc)  # in place: no image-sized temporaries (the same float32 values)
+        del self.acc, self.wsum
+        if not self.rounded:
+            return acc
+        acc += 0.5
+        np.floor(acc, out=acc)
+        return np.clip(acc, 0, 255, out=acc).astype(np.uint8)
+
+
 def reconstruct(lic: fmt.LicFile, lm: loading.LoadedModel, q: torch.Tensor | None, rounded: bool = True) -> np.ndarray:
-    """The image the tiles decode to (FORMAT.md 7.2): (H, W, 3) uint8, or with ``rounded=False`` the
-    float32 code values before the rounding, which the post-filter (FORMAT.md 7.3) works on."""
+    """The image the tiles of ``lic`` decode to (:class:`Canvas`)."""
     h = lic.header
-    single = len(lic.tiles) == 1 and rounded
-    if single:
-        canvas = np.zeros((h.height, h.width, 3), dtype=np.uint8)
-    else:  # weighted sums of overlapping tiles (FORMAT.md 7.2)
-        acc = np.zeros((h.height, h.width, 3), dtype=np.float32)
-        wsum = np.zeros((h.height, h.width, 1), dtype=np.float32)
+    canvas = Canvas(h.width, h.height, len(lic.tiles), rounded)
     for tile in lic.tiles:
         try:
             with torch.inference_mode():
                 x_hat = decode_tile(lm, tile.streams, tile.pad, tile.h, tile.w, q)
         except SymbolMismatchError:
             raise device_mismatch(h, lm, tile) from None
-        if single:
-            canvas[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] = imaging.to_uint8(x_hat)
-        else:
-            wgt = tiling.tile_weights(tile, h.width, h.height)[..., None]
-            vals = x_hat.float().mul(255.0).permute(1, 2, 0).cpu().numpy()
-            acc[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt * vals
-            wsum[tile.y : tile.y + tile.h, tile.x : tile.x + tile.w] += wgt
+        canvas.add(tile, x_hat)
         del x_hat
-    if single:
-        return canvas
-    # check_tiles proved that every pixel lies in a tile, so has a positive weight
-    np.divide(acc, wsum, out=acc)  # in place: no image-sized temporaries (the same float32 values)
-    del wsum
-    if not rounded:
-        return acc
-    acc += 0.5
-    np.floor(acc, out=acc)
-    return np.clip(acc, 0, 255, out=acc).astype(np.uint8)
+    return canvas.result()
 
 
 def device_mismatch(h: fmt.Header, lm: loading.LoadedModel, tile: fmt.Tile) -> CodecError:

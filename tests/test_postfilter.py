@@ -203,3 +203,22 @@ def test_the_filter_spans_tiles_and_a_damaged_block_is_refused(vr, tiny_vr_weigh
     lic.postfilter = b"\x09\x08"  # a kernel size no file may use, under a valid CRC
     with pytest.raises(CorruptFileError, match="post-filter block: kernel size 9"):
         pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu")
+
+
+@pytest.mark.parametrize("shape,tile", [((96, 160), None), ((200, 150), 128)])
+def test_the_encoder_fits_to_exactly_what_the_decoder_reconstructs(vr, shape, tile, monkeypatch):
+    """The encoder takes the reconstruction from its own latent (no entropy decoding); it must be the
+    decoder's, bit for bit, one tile or several cross-faded."""
+    seen = {}
+    real = postfilter.fit
+
+    def spy(original, recon, lam, **kw):
+        seen["recon"], seen["lam"] = recon.copy(), lam
+        return real(original, recon, lam, **kw)
+
+    monkeypatch.setattr(postfilter, "fit", spy)
+    data = pipeline.encode_image(Image.fromarray(natural_image(*shape, seed=7)), vr, quality=3, tile=tile).data
+    lic = fmt.read(data)
+    assert (len(lic.tiles) > 1) == (tile is not None)
+    assert np.array_equal(seen["recon"], pipeline.reconstruct(lic, vr, torch.tensor([3.0]), rounded=False))
+    assert seen["lam"] == pytest.approx(float(vr.model.lambda_for(torch.tensor([3.0]))))
