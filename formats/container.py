@@ -750,7 +750,10 @@ def _parse(data, limits: Limits | None, info: bool):
 
     postfilter = None
     if raw.flags & FLAG_POSTFILTER:
-        block = _read_block(cur, "post-filter block", MAX_POSTFILTER_BYTES, crc_errors)
+        try:
+            block = _read_block(cur, "post-filter block", MAX_POSTFILTER_BYTES, crc_errors)
+        except LimitExceededError as e:  # a limit of the format, not of the reader: a damaged length
+            raise CorruptFileError(f"{e} (file is corrupt)") from None
         if not block:
             raise CorruptFileError("post-filter block: empty")
         postfilter = bytes(block)

@@ -573,8 +573,14 @@ def _tlv(tag: int, value: bytes, length: int | None = None) -> bytes:
     return _TLV.pack(tag, len(value) if length is None else length) + value
 
 
+def block_index(r: RawLic, flag: int) -> int | None:
+    """Where the block of ``flag`` is in ``r.blocks`` (they follow the flags' order), or None."""
+    present = [f for f in (fmt.FLAG_METADATA, fmt.FLAG_ALPHA, fmt.FLAG_POSTFILTER) if r.flags & f]
+    return present.index(flag) if flag in present and present.index(flag) < len(r.blocks) else None
+
+
 def _mutate_blocks(rng, r: RawLic, seeds):
-    which = rng.choice(["metadata", "alpha", "toggle", "remove", "add"])
+    which = rng.choice(["metadata", "alpha", "postfilter", "toggle", "remove", "add"])
     has_md, has_alpha = bool(r.flags & fmt.FLAG_METADATA), bool(r.flags & fmt.FLAG_ALPHA)
     if which == "metadata":
         content = rng.choice([
@@ -601,11 +607,22 @@ def _mutate_blocks(rng, r: RawLic, seeds):
         content = rng.choice([bytes(n), bytes(max(0, n - 1)), bytes(n + 1), bytes(2 * n), b""])
         frame = rng.choice([_zstd(content), _zstd(b"\x00" * 64, declared=n), _zstd(content, declared=2**40),
                             rng.randbytes(rng.randrange(0, 40))])
-        if has_alpha and r.blocks:
-            r.blocks[-1] = RawStream(frame)
+        at = block_index(r, fmt.FLAG_ALPHA)
+        if has_alpha and at is not None:
+            r.blocks[at] = RawStream(frame)
         else:
             r.flags |= fmt.FLAG_ALPHA
-            r.blocks.append(RawStream(frame))
+            r.blocks.insert(1 if has_md and r.blocks else 0, RawStream(frame))
+    elif which == "postfilter":
+        k = rng.choice([1, 3, 5, 7, 0, 2, 9, 255])
+        content = rng.choice([bytes([k, rng.randrange(0, 17)]) + rng.randbytes(rng.randrange(0, 300)), b"",
+                              bytes([k, 8]) + bytes(3 * (3 * ((k * k + 1) // 2) + 1))])
+        at = block_index(r, fmt.FLAG_POSTFILTER)
+        if at is not None:
+            r.blocks[at] = RawStream(content)
+        else:
+            r.flags |= fmt.FLAG_POSTFILTER
+            r.blocks.append(RawStream(content))
     elif which == "toggle":
         r.flags ^= rng.choice([fmt.FLAG_METADATA, fmt.FLAG_ALPHA, fmt.FLAG_POSTFILTER])
     elif which == "remove" and r.blocks:

@@ -131,7 +131,7 @@ def test_bad_decode_inputs(tmp_path, rgb_png, tiny_vr_weights, tiny_lalic_weight
     data = lic.read_bytes()
     cases = {
         "notlic.lic": (b"hello world, not a lic file", 3, "not a .lic file"),
-        "flipped.lic": (data[:100] + bytes([data[100] ^ 1]) + data[101:], 4, "CRC32 mismatch"),
+        "flipped.lic": (data[:-10] + bytes([data[-10] ^ 1]) + data[-9:], 4, "CRC32 mismatch"),  # in the streams
         "short.lic": (data[: len(data) // 2], 4, "truncated"),
     }
     for name, (content, code, words) in cases.items():
@@ -375,7 +375,7 @@ def test_folder_summary_lists_every_bad_file_with_its_reason(tmp_path, tiny_vr_w
     assert "not a readable image" in reasons[str(src / "text.jpg")]
     assert "not a readable image" in reasons[str(src / "cut.png")]
     data = (dst / "good.lic").read_bytes()
-    (dst / "flipped.lic").write_bytes(data[:60] + bytes([data[60] ^ 4]) + data[61:])
+    (dst / "flipped.lic").write_bytes(data[:-10] + bytes([data[-10] ^ 4]) + data[-9:])  # in the streams
     (dst / "short.lic").write_bytes(data[:-9])
     (dst / "other.lic").write_bytes(b"GIF89a")
     r = run("decode", dst, back, "--weights", tiny_vr_weights, "--quiet")

@@ -185,7 +185,8 @@ def test_tile_plan_covers_with_overlap():
     assert sizes == {(896, 1024), (832, 1024)}
 
 
-def test_tiled_file_decodes_seamlessly(tiny_vr_weights):
+def test_tiled_file_decodes_seamlessly(tiny_vr_weights, monkeypatch):
+    monkeypatch.setattr(pipeline, "POSTFILTER", False)  # the tiles' own pixels (test_postfilter.py: a filter across tiles)
     lm = loading.load_model("x", tiny_vr_weights, "cpu")
     rgb = natural_image(200, 330, seed=11)
     res = pipeline.encode_image(Image.fromarray(rgb), lm, 6.0, tile=192)

@@ -288,7 +288,7 @@ def test_every_declared_length_is_checked_before_allocation(corpus):
         with pytest.raises((LimitExceededError, CorruptFileError)):
             pipeline.decode_bytes(fuzz.pack_raw(r), weights["vr"], "cpu")
         r = raw_of(corpus, "rgba-33x47")
-        r.blocks[-1].length = length  # alpha block
+        r.blocks[fuzz.block_index(r, fmt.FLAG_ALPHA)].length = length
         with pytest.raises((LimitExceededError, CorruptFileError)):
             pipeline.decode_bytes(fuzz.pack_raw(r), weights["vr"], "cpu")
     r = raw_of(corpus, "rgb-41x70-metadata")
@@ -296,7 +296,7 @@ def test_every_declared_length_is_checked_before_allocation(corpus):
     with pytest.raises(LimitExceededError, match="metadata block: declares 1099511627776 uncompressed bytes"):
         pipeline.decode_bytes(fuzz.pack_raw(r), weights["vr"], "cpu")
     r = raw_of(corpus, "rgba-33x47")
-    r.blocks[-1] = fuzz.RawStream(fuzz._zstd(b"\0" * 100, declared=33 * 47))  # lies about its content
+    r.blocks[fuzz.block_index(r, fmt.FLAG_ALPHA)] = fuzz.RawStream(fuzz._zstd(b"\0" * 100, declared=33 * 47))  # lies about its content
     with pytest.raises(CorruptFileError, match="alpha block"):
         pipeline.decode_bytes(fuzz.pack_raw(r), weights["vr"], "cpu")
     assert fuzz.max_rss_mib() - before < 50
