@@ -208,6 +208,17 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
     return pad, best
 
 
+def _postfilter_fits(plan, h: int, w: int, lm: loading.LoadedModel, max_memory: int | None) -> bool:
+    """Whether the encoder's budget (``max_memory``, default :func:`.memory.default_budget`) holds the
+    post-filter's image-sized buffers besides the tiles of ``plan``."""
+    budget = memory.default_budget("encode", lm.device) if max_memory is None else max_memory
+    biggest = 0
+    for _, _, tw, th in plan:
+        l, r, t, b = tiling.centred_padding(th, tw, lm.model.pad_multiple, tiling.MIN_CANVAS)
+        biggest = max(biggest, (tw + l + r) * (th + t + b))
+    return memory.memory_needed(biggest, h * w, "encode") + memory.POSTFILTER_PER_IMAGE_PIXEL * h * w <= budget
+
+
 def encode_image(
     im: Image.Image, lm: loading.LoadedModel, quality: float | None = None, tile: int | None = None, max_memory: int | None = None,
     plan: list[tuple[int, int, int, int]] | None = None,
@@ -238,7 +249,12 @@ def encode_image(
                 "pixels per tile (use a smaller --tile)"
             )
     # the post-filter is fitted to what any decoder will reconstruct (FORMAT.md 7.3)
-    canvas = Canvas(W, H, len(plan), rounded=False) if POSTFILTER and lm.variable_rate else None
+    canvas = None
+    if POSTFILTER and lm.variable_rate:
+        if _postfilter_fits(plan, H, W, lm, max_memory):
+            canvas = Canvas(W, H, len(plan), rounded=False)
+        else:
+            prep.notes.append("no post-filter: the memory budget (--max-memory) has no room for it")
     tiles = []
     for tx, ty, tw, th in plan:
         pad = tiling.centred_padding(th, tw, lm.model.pad_multiple, tiling.MIN_CANVAS)

@@ -193,17 +193,16 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODE
     n = 3 * len(offsets(kmax)) + 1
     gram = np.zeros((n, n))
     rhs = np.zeros((n, 3))
-    orig = original.astype(np.float64)
     for y0, y1, a, b, top, bottom in _bands(h, r, FIT_BAND_ROWS):
         rows = np.arange(y0, y1)
         rows = rows[rows % row_step == 0]
         if not len(rows):
             continue
         feats = _features(recon[a:b].astype(np.float64), kmax, top, bottom).reshape(y1 - y0, w, n)[rows - y0].reshape(-1, n)
-        target = (orig[rows] - recon[rows]).reshape(-1, 3)
+        target = (original[rows].astype(np.float64) - recon[rows]).reshape(-1, 3)
         gram += feats.T @ feats
         rhs += feats.T @ target
-    base = _sse(original, np.clip(np.floor(recon + 0.5), 0, 255))
+    base = _sse(original, recon, rounded=True)
     report: dict = {"none": base}
     best, best_gain = None, 0.0
     for k in kernel_sizes:
@@ -225,6 +224,14 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODE
     return best, report
 
 
-def _sse(a: np.ndarray, b: np.ndarray) -> float:
-    d = a.astype(np.float64) - b
-    return float(np.vdot(d, d))
+def _sse(a: np.ndarray, b: np.ndarray, rounded: bool = False) -> float:
+    """Squared error of ``b`` (with ``rounded``: of ``b`` rounded half up and clamped) against ``a``,
+    band by band (no image-sized float64 temporaries)."""
+    total = 0.0
+    for y0 in range(0, a.shape[0], BAND_ROWS):
+        bb = b[y0 : y0 + BAND_ROWS].astype(np.float64)
+        if rounded:
+            bb = np.clip(np.floor(bb + 0.5), 0, 255)
+        d = a[y0 : y0 + BAND_ROWS].astype(np.float64) - bb
+        total += float(np.vdot(d, d))
+    return total

@@ -222,3 +222,19 @@ def test_the_encoder_fits_to_exactly_what_the_decoder_reconstructs(vr, shape, ti
     assert (len(lic.tiles) > 1) == (tile is not None)
     assert np.array_equal(seen["recon"], pipeline.reconstruct(lic, vr, torch.tensor([3.0]), rounded=False))
     assert seen["lam"] == pytest.approx(float(vr.model.lambda_for(torch.tensor([3.0]))))
+
+
+def test_no_filter_where_the_memory_budget_has_no_room_for_it(vr):
+    """The filter's image-sized buffers count in --max-memory: a budget that holds the tiles and not
+    them codes without the filter, and says so."""
+    from lalic_codec import memory, tiling
+
+    im = Image.fromarray(natural_image(150, 200, seed=8))
+    plan = tiling.tile_plan(150, 200, vr, 128)
+    padded = max((tw + l + r) * (th + t + b) for _, _, tw, th in plan
+                 for l, r, t, b in [tiling.centred_padding(th, tw, vr.model.pad_multiple, tiling.MIN_CANVAS)])
+    tight = memory.memory_needed(padded, 150 * 200, "encode") + 100
+    res = pipeline.encode_image(im, vr, quality=6, tile=128, max_memory=tight)
+    assert fmt.read(res.data).postfilter is None and any("no post-filter" in n for n in res.notes)
+    roomy = pipeline.encode_image(im, vr, quality=6, tile=128, max_memory=tight + memory.POSTFILTER_PER_IMAGE_PIXEL * 150 * 200)
+    assert fmt.read(roomy.data).postfilter is not None and not roomy.notes
