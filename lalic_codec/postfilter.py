@@ -154,18 +154,19 @@ def apply(recon: np.ndarray, pf: PostFilter) -> np.ndarray:
     return out
 
 
-def _features(band: np.ndarray, k: int, top: int, bottom: int) -> np.ndarray:
-    """(rows x W, 3 T + 1) float64: per input channel the centre and the sums of each tap pair, then 1."""
+def _features(band: np.ndarray, k: int, top: int, bottom: int, step: int = 1) -> np.ndarray:
+    """(rows x W, 3 T + 1) float64 for every ``step``-th row of the band (from its first): per input
+    channel the centre and the sums of each tap pair, then 1."""
     r = k // 2
     p = np.pad(band, ((top, bottom), (r, r), (0, 0)), mode="edge") if r else band
     hh, ww = p.shape[0] - 2 * r, p.shape[1] - 2 * r
     cols = []
     for i in range(3):
         for t, (dy, dx) in enumerate(offsets(k)):
-            a = p[r + dy : r + dy + hh, r + dx : r + dx + ww, i]
-            cols.append(a if not t else a + p[r - dy : r - dy + hh, r - dx : r - dx + ww, i])
-    cols.append(np.ones((hh, ww), dtype=p.dtype))
-    return np.stack(cols, -1).reshape(hh * ww, -1).astype(np.float64)
+            a = p[r + dy : r + dy + hh : step, r + dx : r + dx + ww, i]
+            cols.append(a if not t else a + p[r - dy : r - dy + hh : step, r - dx : r - dx + ww, i])
+    cols.append(np.ones(cols[0].shape, dtype=p.dtype))
+    return np.stack(cols, -1).reshape(-1, len(cols)).astype(np.float64, copy=False)
 
 
 def _columns(k: int, kmax: int) -> list[int]:
@@ -193,12 +194,9 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODE
     n = 3 * len(offsets(kmax)) + 1
     gram = np.zeros((n, n))
     rhs = np.zeros((n, 3))
-    for y0, y1, a, b, top, bottom in _bands(h, r, FIT_BAND_ROWS):
-        rows = np.arange(y0, y1)
-        rows = rows[rows % row_step == 0]
-        if not len(rows):
-            continue
-        feats = _features(recon[a:b].astype(np.float64), kmax, top, bottom).reshape(y1 - y0, w, n)[rows - y0].reshape(-1, n)
+    for y0, y1, a, b, top, bottom in _bands(h, r, FIT_BAND_ROWS * row_step):  # bands start on a used row
+        rows = np.arange(y0, y1, row_step)
+        feats = _features(recon[a:b].astype(np.float64), kmax, top, bottom, row_step)
         target = (original[rows].astype(np.float64) - recon[rows]).reshape(-1, 3)
         gram += feats.T @ feats
         rhs += feats.T @ target

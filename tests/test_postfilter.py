@@ -238,3 +238,10 @@ def test_no_filter_where_the_memory_budget_has_no_room_for_it(vr):
     assert fmt.read(res.data).postfilter is None and any("no post-filter" in n for n in res.notes)
     roomy = pipeline.encode_image(im, vr, quality=6, tile=128, max_memory=tight + memory.POSTFILTER_PER_IMAGE_PIXEL * 150 * 200)
     assert fmt.read(roomy.data).postfilter is not None and not roomy.notes
+
+
+def test_features_of_every_other_row_are_those_rows_of_all():
+    band = np.random.default_rng(3).uniform(0, 255, size=(9, 7, 3))
+    for k in (1, 5):
+        every = postfilter._features(band, k, k // 2, k // 2)
+        assert np.array_equal(postfilter._features(band, k, k // 2, k // 2, step=2), every.reshape(9, 7, -1)[::2].reshape(-1, every.shape[1]))
