@@ -208,14 +208,10 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
     return pad, best
 
 
-def _postfilter_fits(plan, h: int, w: int, lm: loading.LoadedModel, max_memory: int | None) -> bool:
+def _postfilter_fits(biggest: int, h: int, w: int, lm: loading.LoadedModel, max_memory: int | None) -> bool:
     """Whether the encoder's budget (``max_memory``, default :func:`.memory.default_budget`) holds the
-    post-filter's image-sized buffers besides the tiles of ``plan``."""
+    post-filter's image-sized buffers besides tiles of at most ``biggest`` padded pixels."""
     budget = memory.default_budget("encode", lm.device) if max_memory is None else max_memory
-    biggest = 0
-    for _, _, tw, th in plan:
-        l, r, t, b = tiling.centred_padding(th, tw, lm.model.pad_multiple, tiling.MIN_CANVAS)
-        biggest = max(biggest, (tw + l + r) * (th + t + b))
     return memory.memory_needed(biggest, h * w, "encode") + memory.POSTFILTER_PER_IMAGE_PIXEL * h * w <= budget
 
 
@@ -241,8 +237,10 @@ def encode_image(
     if plan is None:
         plan = tiling.tile_plan(H, W, lm, tile, max_memory)
     lim = fmt.Limits()
+    biggest = 0  # padded pixels of the largest tile
     for tx, ty, tw, th in plan:  # refuse before coding what the writer (and a reader) would refuse
         l, r, t, b = tiling.centred_padding(th, tw, lm.model.pad_multiple, tiling.MIN_CANVAS)
+        biggest = max(biggest, (tw + l + r) * (th + t + b))
         if (tw + l + r) * (th + t + b) > lim.tile_pixel_limit():
             raise LimitExceededError(
                 f"tiles of {tw + l + r}x{th + t + b} pixels are more than the limit of {lim.tile_pixel_limit()} "
@@ -251,7 +249,7 @@ def encode_image(
     # the post-filter is fitted to what any decoder will reconstruct (FORMAT.md 7.3)
     canvas = None
     if POSTFILTER and lm.variable_rate:
-        if _postfilter_fits(plan, H, W, lm, max_memory):
+        if _postfilter_fits(biggest, H, W, lm, max_memory):
             canvas = Canvas(W, H, len(plan), rounded=False)
         else:
             prep.notes.append("no post-filter: the memory budget (--max-memory) has no room for it")

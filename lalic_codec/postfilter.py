@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats import container as fmt
+
 #: the kernel sizes a file may use, and those the encoder tries
 KERNEL_SIZES = (1, 3, 5, 7)
 ENCODER_KERNEL_SIZES = (1, 3, 5)
@@ -31,8 +33,6 @@ ENCODER_FRACTION_BITS = (6, 8, 10)
 #: largest magnitude of a coefficient and of a bias (integers, in units of 2^-P)
 MAX_COEF = 2**15
 MAX_BIAS = 2**23
-#: the largest block a reader accepts (K = 7 needs at most 3 * (3 * 25 + 1) * 4 + 2 bytes)
-MAX_BLOCK_BYTES = 1024
 #: rows per band when applying, and when fitting (bounds the temporary memory on large images)
 BAND_ROWS = 256
 FIT_BAND_ROWS = 32
@@ -59,7 +59,7 @@ class PostFilter:
         out = bytearray([self.k, self.fraction_bits])
         for o in range(3):
             for v in [*self.coefs[o].reshape(-1).tolist(), int(self.bias[o])]:
-                out += _varint(2 * v if v >= 0 else -2 * v - 1)
+                out += fmt._varint(2 * v if v >= 0 else -2 * v - 1)
         return bytes(out)
 
     @classmethod
@@ -98,15 +98,6 @@ class PostFilter:
         w /= 2.0**self.fraction_bits
         w[np.arange(3), np.arange(3), r, r] += 1.0
         return torch.from_numpy(w.astype(np.float32))
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, v = v & 0x7F, v >> 7
-        out.append(byte | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
