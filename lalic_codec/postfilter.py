@@ -4,7 +4,7 @@ to the reconstruction before its final rounding (FORMAT.md 7.3).
 A learned decoder's error is not white: a small Wiener filter, fitted by least squares to the
 very image being coded (the encoder has the original), removes part of it.  The filter is point
 symmetric (the taps at ``d`` and ``-d`` are equal), K x K for K in 1, 3, 5, 7, and mixes the three
-colour channels; its coefficients are integers in units of ``2^-P`` and cost 12 to about 230 bytes,
+colour channels; its coefficients are integers in units of ``2^-P`` and cost 12 to about 450 bytes,
 so the encoder keeps it only where the distortion it removes is worth its bytes at the quality's
 rate-distortion trade-off (``lambda``, the one the model was trained for).
 
@@ -27,15 +27,20 @@ from .formats import container as fmt
 
 #: the kernel sizes a file may use, and those the encoder tries
 KERNEL_SIZES = (1, 3, 5, 7)
-ENCODER_KERNEL_SIZES = (1, 3, 5)
+ENCODER_KERNEL_SIZES = (1, 3, 5, 7)
 #: the precisions (fraction bits) the encoder tries for each kernel size: coarser costs fewer bytes
-ENCODER_FRACTION_BITS = (6, 8, 10)
+ENCODER_FRACTION_BITS = (6, 7, 8, 9, 10, 11, 12)
+#: how many of the candidates, best first by the estimate from the normal equations, the encoder
+#: applies to the image to choose among them
+EXACT_CANDIDATES = 3
 #: largest magnitude of a coefficient and of a bias (integers, in units of 2^-P)
 MAX_COEF = 2**15
 MAX_BIAS = 2**23
 #: rows per band when applying, and when fitting (bounds the temporary memory on large images)
 BAND_ROWS = 256
 FIT_BAND_ROWS = 32
+#: at most this many feature values per band when fitting (fewer rows in a band of a wide image)
+FIT_FEATURE_VALUES = 1 << 21
 
 
 def offsets(k: int) -> list[tuple[int, int]]:
@@ -167,49 +172,91 @@ def _columns(k: int, kmax: int) -> list[int]:
     return [i * t + big.index(o) for i in range(3) for o in small] + [3 * t]
 
 
+def _normal_equations(original: np.ndarray, recon: np.ndarray, kmax: int, row_step: int):
+    """(Gram matrix of the ``kmax`` features, their products with the error ``original - recon``,
+    the number of pixels gathered) over every ``row_step``-th row."""
+    h, w, _ = recon.shape
+    n = 3 * len(offsets(kmax)) + 1
+    gram, rhs, used = np.zeros((n, n)), np.zeros((n, 3)), 0
+    # a band's features hold at most FIT_FEATURE_VALUES numbers, whatever the width
+    rows = max(1, min(FIT_BAND_ROWS, FIT_FEATURE_VALUES // (w * n)))
+    for y0, y1, a, b, top, bottom in _bands(h, kmax // 2, rows * row_step):  # bands start on a used row
+        idx = np.arange(y0, y1, row_step)
+        feats = _features(recon[a:b].astype(np.float64), kmax, top, bottom, row_step)
+        target = (original[idx].astype(np.float64) - recon[idx]).reshape(-1, 3)
+        gram += feats.T @ feats
+        rhs += feats.T @ target
+        used += len(feats)
+    return gram, rhs, used
+
+
+def _round_compensated(w: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Integers near each row of ``w`` (solutions in units of their quantisation step) that keep the
+    squared error ``(q - w)^T G (q - w)`` small: each coefficient is rounded in turn and its rounding
+    error spread over those not yet rounded (optimal brain quantisation, as GPTQ rounds network
+    weights), ``u`` being the upper Cholesky factor of ``G``'s inverse (the update does not depend on
+    the step's size).  Plain rounding of a solution whose colour channels nearly cancel needs
+    several more fraction bits for the same error."""
+    w = w.copy()
+    for j in range(w.shape[1]):
+        e = w[:, j] - np.round(w[:, j])
+        w[:, j:] -= np.outer(e / u[j, j], u[j, j:])
+    return np.round(w)
+
+
 def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODER_KERNEL_SIZES,
-        fraction_bits=ENCODER_FRACTION_BITS, row_step: int = 2) -> tuple[PostFilter | None, dict]:
+        fraction_bits=ENCODER_FRACTION_BITS, row_step: int = 3,
+        exact: int = EXACT_CANDIDATES) -> tuple[PostFilter | None, dict]:
     """The filter the encoder keeps for this image, or None when none pays for its bytes.
 
     ``original`` (H, W, 3) uint8, ``recon`` (H, W, 3) float32 code values before rounding (what the
     decoder reconstructs), ``lam``: the rate-distortion trade-off of the training loss
     ``bpp + lam * 255^2 * MSE``, so a change of the squared error by ``dSSE`` (code values, summed
-    over the 3 channels) is worth ``lam * dSSE / 3`` bits.  The normal equations are gathered on every
-    ``row_step``-th row; each candidate is then judged on the whole image, quantised and applied
-    exactly as a decoder applies it, against its block's bytes (content, length and CRC32).
-    Each kernel size is tried at each precision of ``fraction_bits``.  Returns (filter or None,
-    {(K, P): (SSE, bytes)} of the candidates, and "none": the SSE without a filter)."""
+    over the 3 channels) is worth ``lam * dSSE / 3`` bits.
+
+    The normal equations are gathered once on every ``row_step``-th row.  Each kernel size of
+    ``kernel_sizes`` is solved by least squares and quantised at each precision of
+    ``fraction_bits`` (:func:`_round_compensated`); every candidate's squared error follows from the
+    normal equations without filtering the image, and the ``exact`` best by that estimate, less
+    their blocks' bytes (content, length and CRC32), are then applied exactly as a decoder applies
+    them and judged on the whole image.  Returns (filter or None, {(K, P): (SSE, bytes)} of the
+    candidates applied, and "none": the SSE without a filter)."""
     h, w, _ = recon.shape
     kmax = max(kernel_sizes)
-    r = kmax // 2
-    n = 3 * len(offsets(kmax)) + 1
-    gram = np.zeros((n, n))
-    rhs = np.zeros((n, 3))
-    for y0, y1, a, b, top, bottom in _bands(h, r, FIT_BAND_ROWS * row_step):  # bands start on a used row
-        rows = np.arange(y0, y1, row_step)
-        feats = _features(recon[a:b].astype(np.float64), kmax, top, bottom, row_step)
-        target = (original[rows].astype(np.float64) - recon[rows]).reshape(-1, 3)
-        gram += feats.T @ feats
-        rhs += feats.T @ target
-    base = _sse(original, recon, rounded=True)
-    report: dict = {"none": base}
-    best, best_gain = None, 0.0
+    gram, rhs, used = _normal_equations(original, recon, kmax, row_step)
+    scale = h * w / max(1, used)  # the gathered rows stand for the whole image
+    estimates = []
     for k in kernel_sizes:
         cols = _columns(k, kmax)
         g = gram[np.ix_(cols, cols)]
         g = g + 1e-6 * np.trace(g) / len(cols) * np.eye(len(cols))
-        sol = np.linalg.solve(g, rhs[cols]).T  # (3, 3 T + 1)
+        ginv = np.linalg.inv(g)
+        sol = (ginv @ rhs[cols]).T  # (3, 3 T + 1)
+        steps = 2.0 ** np.repeat(np.asarray(fraction_bits, dtype=np.float64), 3)[:, None]
+        rounded = _round_compensated(np.tile(sol, (len(fraction_bits), 1)) * steps,
+                                     np.linalg.cholesky(ginv).T).reshape(len(fraction_bits), 3, -1)
         t = len(offsets(k))
-        for p in fraction_bits:
-            q = np.round(sol * 2.0**p).astype(np.int64)
-            pf = PostFilter(k, p, np.clip(q[:, :-1], 1 - MAX_COEF, MAX_COEF - 1).reshape(3, 3, t),
-                            np.clip(q[:, -1], 1 - MAX_BIAS, MAX_BIAS - 1))
-            sse = _sse(original, apply(recon, pf))
+        for p, q in zip(fraction_bits, rounded.astype(np.int64)):
+            step = 2.0**p
+            q[:, :-1] = np.clip(q[:, :-1], 1 - MAX_COEF, MAX_COEF - 1)
+            q[:, -1] = np.clip(q[:, -1], 1 - MAX_BIAS, MAX_BIAS - 1)
+            pf = PostFilter(k, p, q[:, :-1].reshape(3, 3, t), q[:, -1])
+            c = q / step
+            dsse = scale * float(np.einsum("oi,ij,oj->", c, g, c) - 2.0 * np.sum(c * rhs[cols].T))
             nbytes = len(pf.to_bytes()) + 8
-            report[(k, p)] = (sse, nbytes)
-            gain = lam * (base - sse) / 3.0 - 8 * nbytes
-            if gain > best_gain:
-                best, best_gain = pf, gain
+            estimates.append((lam * -dsse / 3.0 - 8 * nbytes, pf, nbytes))
+    estimates.sort(key=lambda e: -e[0])
+    base = _sse(original, recon, rounded=True)
+    report: dict = {"none": base}
+    best, best_gain = None, 0.0
+    for est, pf, nbytes in estimates[:exact]:
+        if est <= 0:
+            break
+        sse = _sse(original, apply(recon, pf))
+        report[(pf.k, pf.fraction_bits)] = (sse, nbytes)
+        gain = lam * (base - sse) / 3.0 - 8 * nbytes
+        if gain > best_gain:
+            best, best_gain = pf, gain
     return best, report
 
 

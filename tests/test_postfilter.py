@@ -245,3 +245,50 @@ def test_features_of_every_other_row_are_those_rows_of_all():
     for k in (1, 5):
         every = postfilter._features(band, k, k // 2, k // 2)
         assert np.array_equal(postfilter._features(band, k, k // 2, k // 2, step=2), every.reshape(9, 7, -1)[::2].reshape(-1, every.shape[1]))
+
+
+def test_normal_equations_do_not_depend_on_the_band_height(monkeypatch):
+    """Bands of a wide image hold fewer rows (FIT_FEATURE_VALUES); the sums are the same, and they
+    are those of the features of the used rows against the error."""
+    rng = np.random.default_rng(4)
+    recon = rng.uniform(0, 255, size=(23, 11, 3)).astype(np.float32)
+    original = np.clip(recon + rng.normal(0, 3, size=recon.shape), 0, 255).astype(np.uint8)
+    for step in (1, 3):
+        gram, rhs, used = postfilter._normal_equations(original, recon, 5, step)
+        feats = postfilter._features(recon.astype(np.float64), 5, 2, 2, step)
+        target = (original[::step].astype(np.float64) - recon[::step]).reshape(-1, 3)
+        assert used == len(feats) == len(range(0, 23, step)) * 11
+        assert np.allclose(gram, feats.T @ feats) and np.allclose(rhs, feats.T @ target)
+        monkeypatch.setattr(postfilter, "FIT_FEATURE_VALUES", 1)  # one used row a band
+        narrow = postfilter._normal_equations(original, recon, 5, step)
+        monkeypatch.undo()
+        assert np.allclose(narrow[0], gram) and np.allclose(narrow[1], rhs) and narrow[2] == used
+
+
+def test_compensated_rounding_beats_plain_rounding_where_the_inputs_correlate():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(500, 1)) + 0.05 * rng.normal(size=(500, 8))  # inputs that nearly agree, as colour channels do
+    g = a.T @ a
+    u = np.linalg.cholesky(np.linalg.inv(g)).T
+    w = rng.normal(0, 20, size=(6, 8))
+    q = postfilter._round_compensated(w, u)
+    assert np.array_equal(q, np.round(q))
+    err = lambda v: np.einsum("ri,ij,rj->r", v - w, g, v - w)  # noqa: E731
+    assert np.mean(err(q)) < 0.3 * np.mean(err(np.round(w)))
+    # without correlations there is nothing to compensate: plain rounding
+    d = np.diag(rng.uniform(1, 5, size=8))
+    assert np.array_equal(postfilter._round_compensated(w, np.linalg.cholesky(np.linalg.inv(d)).T), np.round(w))
+
+
+def test_the_fit_rounds_better_than_plain_rounding_at_the_same_precision():
+    """At one kernel size and precision, the coefficients the fit writes leave less error on the image
+    than the least-squares solution rounded plainly."""
+    x, recon = blurred(2)
+    pf, report = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(5,), fraction_bits=(6,))
+    assert pf is not None and (pf.k, pf.fraction_bits) == (5, 6)
+    gram, rhs, _ = postfilter._normal_equations(x, recon, 5, 3)
+    g = gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
+    q = np.round(np.linalg.solve(g, rhs).T * 64).astype(np.int64)
+    plain = postfilter.PostFilter(5, 6, q[:, :-1].reshape(3, 3, -1), q[:, -1])
+    sse = lambda f: float(np.sum((x - postfilter.apply(recon, f).astype(np.float64)) ** 2))  # noqa: E731
+    assert report[(5, 6)][0] == sse(pf) < sse(plain)
