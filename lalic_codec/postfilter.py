@@ -233,8 +233,11 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODE
         ginv = np.linalg.inv(g)
         sol = (ginv @ rhs[cols]).T  # (3, 3 T + 1)
         steps = 2.0 ** np.repeat(np.asarray(fraction_bits, dtype=np.float64), 3)[:, None]
-        rounded = _round_compensated(np.tile(sol, (len(fraction_bits), 1)) * steps,
-                                     np.linalg.cholesky(ginv).T).reshape(len(fraction_bits), 3, -1)
+        try:
+            u = np.linalg.cholesky(ginv).T
+        except np.linalg.LinAlgError:  # not positive definite in floating point: round plainly
+            u = np.eye(len(cols))
+        rounded = _round_compensated(np.tile(sol, (len(fraction_bits), 1)) * steps, u).reshape(len(fraction_bits), 3, -1)
         t = len(offsets(k))
         for p, q in zip(fraction_bits, rounded.astype(np.int64)):
             step = 2.0**p

@@ -292,3 +292,17 @@ def test_the_fit_rounds_better_than_plain_rounding_at_the_same_precision():
     plain = postfilter.PostFilter(5, 6, q[:, :-1].reshape(3, 3, -1), q[:, -1])
     sse = lambda f: float(np.sum((x - postfilter.apply(recon, f).astype(np.float64)) ** 2))  # noqa: E731
     assert report[(5, 6)][0] == sse(pf) < sse(plain)
+
+
+def test_the_fit_rounds_plainly_where_the_inverse_gram_matrix_has_no_cholesky_factor(monkeypatch):
+    x, recon = blurred(3)
+
+    def fail(a):
+        raise np.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(postfilter.np.linalg, "cholesky", fail)
+    pf, _ = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(3,), fraction_bits=(8,))
+    gram, rhs, _ = postfilter._normal_equations(x, recon, 3, 3)
+    g = gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
+    q = np.round(np.linalg.solve(g, rhs).T * 256).astype(np.int64)
+    assert np.array_equal(pf.coefs, q[:, :-1].reshape(3, 3, -1)) and np.array_equal(pf.bias, q[:, -1])
