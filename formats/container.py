@@ -78,7 +78,8 @@ PALETTE_LENGTH = 768
 FLAG_METADATA = 0x01
 FLAG_ALPHA = 0x02
 FLAG_POSTFILTER = 0x04
-_KNOWN_FLAGS = FLAG_METADATA | FLAG_ALPHA | FLAG_POSTFILTER
+FLAG_MERGED_STREAMS = 0x08
+_KNOWN_FLAGS = FLAG_METADATA | FLAG_ALPHA | FLAG_POSTFILTER | FLAG_MERGED_STREAMS
 #: largest post-filter block (section 7.3): the content of a 7 x 7 filter stays under 1 KiB
 MAX_POSTFILTER_BYTES = 1024
 
@@ -183,6 +184,8 @@ class LicFile:
     tiles: list[Tile] = field(default_factory=list)
     #: the post-filter block's content (section 7.3), opaque to the container; None: no block
     postfilter: bytes | None = None
+    #: each tile's one stream holds the model's streams as segments (flags bit 3, section 12.8)
+    merged: bool = False
 
 
 @dataclass
@@ -379,6 +382,10 @@ def write(f: LicFile, limits: Limits | None = None, version: int = FORMAT_VERSIO
             raise ValueError(f"a post-filter block holds 1..{MAX_POSTFILTER_BYTES} bytes, got {len(block)}")
         flags |= FLAG_POSTFILTER
         parts += [_LEN_CRC.pack(len(block), zlib.crc32(block)), block]
+    if f.merged:
+        if h.streams_per_tile != 1:
+            raise ValueError(f"a file of merged streams has 1 stream per tile, not {h.streams_per_tile}")
+        flags |= FLAG_MERGED_STREAMS
 
     for i, t in enumerate(f.tiles):
         what = f"tile {i}"
@@ -608,6 +615,8 @@ def _parse_header(cur: _Cursor, limits: Limits) -> _RawHeader:
         raise LimitExceededError(f"header: {n_tiles} tiles, more than the limit of {limits.max_tiles}")
     if spt < 1:
         raise CorruptFileError("header: declares 0 streams per tile")
+    if flags & FLAG_MERGED_STREAMS and spt != 1:
+        raise CorruptFileError(f"header: merged streams (flags bit 3) but {spt} streams per tile (must be 1)")
 
     header = Header(
         model_id=raw_id.decode("ascii"),
@@ -838,7 +847,8 @@ def _parse(data, limits: Limits | None, info: bool):
         )
 
     if not info:
-        return LicFile(header=hdr, metadata=metadata, alpha=alpha, tiles=tiles, postfilter=postfilter)
+        return LicFile(header=hdr, metadata=metadata, alpha=alpha, tiles=tiles, postfilter=postfilter,
+                       merged=bool(raw.flags & FLAG_MERGED_STREAMS))
 
     device_name = (
         DeviceClass(hdr.device_class).name.lower().replace("_", "-")
@@ -859,6 +869,7 @@ def _parse(data, limits: Limits | None, info: bool):
         "device_class": hdr.device_class,
         "device_class_name": device_name,
         "streams_per_tile": hdr.streams_per_tile,
+        "merged_streams": bool(raw.flags & FLAG_MERGED_STREAMS),
         "tile_count": raw.n_tiles,
         "metadata": result["metadata"],
         "alpha": result["alpha"],
@@ -917,7 +928,8 @@ def info_lines(d: dict, file: str) -> str:
         "entropy:     device-independent (integer table indexes: decodes on any device)"
         if d["device_class"] == DeviceClass.DEVICE_INDEPENDENT
         else f"entropy:     parameters computed on {d['device_class_name']} (decodes on a {d['device_class_name']} device)",
-        f"tiles:       {d['tile_count']}, {len(d['tiles'][0]['stream_bytes'])} streams each",
+        f"tiles:       {d['tile_count']}, " + ("1 stream each (the model's streams merged)" if d.get("merged_streams")
+                                                else f"{len(d['tiles'][0]['stream_bytes'])} streams each"),
         f"streams:     {d['stream_bytes_total']} bytes" + (f" ({d['tile_count']} tiles added up)" if d["tile_count"] > 1 else ""),
     ]
     # by name (FORMAT.md 11.3), in coding order

@@ -313,7 +313,8 @@ def info(file, as_json, max_pixels):
         data = read_input(file)
         limits = container.Limits() if max_pixels is None else container.Limits(max_pixels=max_pixels)
         d = container.read_info(data, limits)
-        d["stream_names"] = container.stream_names(d["streams_per_tile"])  # FORMAT.md 11.3
+        # FORMAT.md 11.3; one stream of segments where they are merged (12.8)
+        d["stream_names"] = ["merged"] if d["merged_streams"] else container.stream_names(d["streams_per_tile"])
         text = container.info_lines(d, file)
         click.echo(json.dumps(d, indent=2) if as_json else text)
         if not d["crc_ok"]:

@@ -77,13 +77,14 @@ def _device_class(lm: loading.LoadedModel) -> int:
     return int(fmt.DeviceClass.CUDA if lm.device.type == "cuda" else fmt.DeviceClass.CPU)
 
 
-def decode_tile(lm: loading.LoadedModel, streams, pad, h: int, w: int, quality: torch.Tensor | None) -> torch.Tensor:
+def decode_tile(lm: loading.LoadedModel, streams, pad, h: int, w: int, quality: torch.Tensor | None,
+                merged: bool = False) -> torch.Tensor:
     """One tile's streams -> the tile as decoded, (3, h, w) floats in [0, 1]: the network's output on
     the padded canvas, cropped to the tile (FORMAT.md 7.1, :func:`crop_tile`).  :func:`decode_bytes`
     decodes every tile with it; the encoder's search for small images (:func:`_small_tile_search`)
     decodes each canvas once the same way and crops it at every placement it tries."""
     l, r, t, b = pad
-    out = lm.model.decompress(streams, lm.model.hyper_shape(h + t + b, w + l + r), quality=quality)
+    out = lm.model.decompress(streams, lm.model.hyper_shape(h + t + b, w + l + r), quality=quality, merged=merged)
     return crop_tile(out["x_hat"], pad, h, w)
 
 
@@ -99,6 +100,9 @@ SMALL_TILE_SEARCH = True
 #: the encoder's rate-distortion-optimised rounding of y (``rdo_lagrangian`` of the model; the
 #: official models round plainly); False rounds plainly with every model (tests, bench_rdo.py)
 RDO = True
+#: whether :func:`encode_image` writes each tile's streams as the segments of one stream (flags bit 3,
+#: FORMAT.md 12.8: about 80 bytes less a tile than one stream each); False: one stream each
+MERGED_STREAMS = True
 #: whether :func:`encode_image` fits a post-filter to the image and keeps it where it pays
 #: (FORMAT.md 7.3; models with a rate-distortion trade-off, the variable-rate ones); False: never
 POSTFILTER = True
@@ -116,7 +120,7 @@ def _compress(lm: loading.LoadedModel, x: torch.Tensor, qt, rdo: bool | None = N
     rounding (default :data:`RDO`) or plain rounding."""
     if rdo is None:
         rdo = RDO
-    return lm.model.compress(x, quality=qt, rdo=None if rdo else 0.0)  # None: the model's Lagrangian
+    return lm.model.compress(x, quality=qt, rdo=None if rdo else 0.0, merged=MERGED_STREAMS)  # None: the model's Lagrangian
 
 
 def _placements(pad) -> list[tuple[int, int, int, int]]:
@@ -169,7 +173,7 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
         # plain rounding: the search wants the least error within its byte budget, and a tiny
         # image's bytes are mostly headers, so trading error for rate does not pay here
         streams = _compress(lm, inp, qt, rdo=False).streams
-        canvas = lm.model.decompress(streams, z_shape, quality=qt)["x_hat"]
+        canvas = lm.model.decompress(streams, z_shape, quality=qt, merged=MERGED_STREAMS)["x_hat"]
         return streams, canvas
 
     def error(canvas, p):
@@ -267,7 +271,7 @@ def encode_image(
                 del coded
             tile = fmt.Tile(tx, ty, tw, th, pad, streams)
             if canvas is not None:  # the decoder's output from the coded latent (decode_tile, without the entropy decoding)
-                x_hat = (decode_tile(lm, streams, pad, th, tw, qt) if y_hat is None
+                x_hat = (decode_tile(lm, streams, pad, th, tw, qt, MERGED_STREAMS) if y_hat is None
                          else crop_tile(lm.model.synthesis(y_hat, qt).clamp_(0, 1), pad, th, tw))
                 canvas.add(tile, x_hat)
                 del x_hat
@@ -287,7 +291,7 @@ def encode_image(
     alpha = prep.alpha.tobytes() if prep.alpha is not None else None
     if alpha is not None and header.bit_depth == 16:
         alpha = (prep.alpha.astype("<u2") * 257).tobytes()
-    lic = fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=tiles)
+    lic = fmt.LicFile(header=header, metadata=prep.metadata, alpha=alpha, tiles=tiles, merged=MERGED_STREAMS)
     if canvas is not None:
         pf, _ = postfilter.fit(prep.rgb, canvas.result(), float(lm.model.lambda_for(qt)))
         if pf is not None:
@@ -358,7 +362,8 @@ def check_tiles(lic: fmt.LicFile, lm: loading.LoadedModel) -> None:
     on the total work.  Raises CorruptFileError."""
     h = lic.header
     m = lm.model.size_multiple
-    if h.streams_per_tile != lm.model.num_streams():
+    expected = 1 if lic.merged else lm.model.num_streams()  # merged: the model's streams as segments of one
+    if h.streams_per_tile != expected:
         raise fmt_corrupt(f"the file has {h.streams_per_tile} streams per tile; model {h.model_id} uses {lm.model.num_streams()}")
     work = 0
     for i, tile in enumerate(lic.tiles):
@@ -511,7 +516,7 @@ def reconstruct(lic: fmt.LicFile, lm: loading.LoadedModel, q: torch.Tensor | Non
     for tile in lic.tiles:
         try:
             with torch.inference_mode():
-                x_hat = decode_tile(lm, tile.streams, tile.pad, tile.h, tile.w, q)
+                x_hat = decode_tile(lm, tile.streams, tile.pad, tile.h, tile.w, q, lic.merged)
         except SymbolMismatchError:
             raise device_mismatch(h, lm, tile) from None
         canvas.add(tile, x_hat)

@@ -145,23 +145,26 @@ class CodingModel(nn.Module):
 
     # --- coding ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality=None, debug: bool = False, rdo: float | None = None) -> Coded:
+    def compress(self, x: torch.Tensor, quality=None, debug: bool = False, rdo: float | None = None, merged: bool = False) -> Coded:
         """Encode a padded image (1, 3, H, W) in [0, 1] into entropy-coded streams (z first).
-        ``rdo``: the rounding's Lagrangian (default :meth:`rdo_lagrangian`; 0 rounds plainly)."""
+        ``rdo``: the rounding's Lagrangian (default :meth:`rdo_lagrangian`; 0 rounds plainly).
+        ``merged``: one stream whose segments are the streams (FORMAT.md 12.8)."""
         self.check_input(x)
         with deterministic_cuda(x.device):
             y = self.analysis(x, quality)
-            io = StreamCoder(trace=debug, rdo=self.rdo_lagrangian(quality) if rdo is None else rdo)
+            io = StreamCoder(trace=debug, rdo=self.rdo_lagrangian(quality) if rdo is None else rdo, merged=merged)
             out = self.coding_tree().code(io, y, scale_indexes=self.scale_indexes(quality))
+            io.finish()
         z = out["z"]
         dbg = {"y": y, "z": z, "z_hat": out["z_hat"], **io.trace} if debug else {}
         return Coded(io.streams, tuple(z.shape[-2:]), out["y_hat"], dbg, io.names)
 
     @torch.no_grad()
-    def decompress(self, streams: list[bytes], z_shape: tuple[int, int], quality=None) -> dict:
-        """Decode the streams of :meth:`compress`; returns ``x_hat`` (clamped to [0, 1]), ``y_hat``, ``z_hat``."""
+    def decompress(self, streams: list[bytes], z_shape: tuple[int, int], quality=None, merged: bool = False) -> dict:
+        """Decode the streams of :meth:`compress` (``merged``: its one stream of segments); returns
+        ``x_hat`` (clamped to [0, 1]), ``y_hat``, ``z_hat``."""
         tree = self.coding_tree()
-        n = len(tree.stream_names())
+        n = 1 if merged else len(tree.stream_names())
         if len(streams) != n:
             raise ValueError(f"expected {n} streams, got {len(streams)}")
         zh, zw = (int(v) for v in z_shape)
@@ -169,6 +172,8 @@ class CodingModel(nn.Module):
             raise ValueError(f"hyper-latent shape {zh}x{zw} is empty")
         device = next(self.parameters()).device
         with deterministic_cuda(device):
-            out = tree.code(StreamCoder(streams), None, (zh, zw), scale_indexes=self.scale_indexes(quality))
+            io = StreamCoder(streams, merged=merged)
+            out = tree.code(io, None, (zh, zw), scale_indexes=self.scale_indexes(quality))
+            io.finish()
             x_hat = self.synthesis(out["y_hat"], quality).clamp_(0, 1)
         return {"x_hat": x_hat, "y_hat": out["y_hat"], "z_hat": out["z_hat"]}

@@ -300,11 +300,15 @@ class GaussianConditional(EntropyModel):
         return torch.searchsorted(table, scales.contiguous(), right=False).int()
 
     def compress(self, y: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor, rdo: float = 0.0) -> tuple[bytes, torch.Tensor]:
-        """One stream of the symbols of ``y - means``, each coded with the table its index names;
-        returns (stream, symbols).  The symbols are ``round(y - means)``, or with ``rdo > 0`` the
-        rate-distortion-optimised rounding of :meth:`rd_symbols`."""
-        sym = self.quantize(y, "symbols", means) if rdo <= 0 else self.rd_symbols(y - means, indexes, rdo)
+        """One stream of the symbols of ``y - means`` (:meth:`coded_symbols`), each coded with the
+        table its index names; returns (stream, symbols)."""
+        sym = self.coded_symbols(y, indexes, means, rdo)
         return encode_stream(sym.cpu().numpy(), indexes.cpu().numpy(), self.tables()), sym
+
+    def coded_symbols(self, y: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor, rdo: float = 0.0) -> torch.Tensor:
+        """The symbols the encoder codes for ``y``: ``round(y - means)``, or with ``rdo > 0`` the
+        rate-distortion-optimised rounding of :meth:`rd_symbols`."""
+        return self.quantize(y, "symbols", means) if rdo <= 0 else self.rd_symbols(y - means, indexes, rdo)
 
     @full_precision
     def rd_symbols(self, residual: torch.Tensor, indexes: torch.Tensor, lagrangian: float) -> torch.Tensor:

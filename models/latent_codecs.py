@@ -31,6 +31,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
+from ..entropy.coder import SegmentDecoder, SegmentEncoder
+from . import entropy_models  # its encode_stream / decode_stream (benchmarks/bench_e2e_gpu.py swaps them)
 from .entropy_models import EntropyBottleneck, GaussianConditional, quantize_ste
 from .int_scale import IntegerScalePath
 
@@ -88,13 +90,21 @@ class StreamCoder:
     rounding with that Lagrangian (``GaussianConditional.rd_symbols``) instead of plain rounding.
     """
 
-    def __init__(self, streams: list[bytes] | None = None, trace: bool = False, rdo: float = 0.0):
+    def __init__(self, streams: list[bytes] | None = None, trace: bool = False, rdo: float = 0.0, merged: bool = False):
         self.encoding = streams is None
         self.rdo = float(rdo)
         self.streams: list[bytes] = [] if streams is None else list(streams)
         self.names: list[str] = []
         self.trace: dict | None = {"means": [], "scale_indexes": []} if trace else None
         self._path: list[str] = []
+        self.segments: SegmentEncoder | SegmentDecoder | None = None
+        if merged:  # the tile's streams as segments of one stream (FORMAT.md 12.8)
+            if self.encoding:
+                self.segments = SegmentEncoder()
+            elif len(self.streams) != 1:
+                raise ValueError(f"a tile of merged streams has 1 stream, not {len(self.streams)}")
+            else:
+                self.segments = SegmentDecoder(self.streams[0])
 
     @contextlib.contextmanager
     def scope(self, name: str):
@@ -118,6 +128,36 @@ class StreamCoder:
             raise ValueError(f"stream {self._name(name)} is missing (the tile has {len(self.streams)} streams)")
         self.names.append(self._name(name))
         return self.streams[i]
+
+    def put(self, name: str, symbols: torch.Tensor, indexes: torch.Tensor, tables) -> None:
+        """Encode the symbols of stream ``name``, each with the CDF table its index names: as a
+        stream of its own (``encode_stream``), or as the next segment of the merged stream."""
+        sym, idx = symbols.cpu().numpy(), indexes.cpu().numpy()
+        if self.segments is None:
+            self.write(name, entropy_models.encode_stream(sym, idx, tables))
+        else:
+            self.names.append(self._name(name))
+            self.segments.add(sym, idx, tables)
+
+    def take(self, name: str, indexes: torch.Tensor, tables) -> torch.Tensor:
+        """Decode what :meth:`put` encoded: the symbols, shaped like ``indexes``, on its device."""
+        idx = indexes.cpu().numpy()
+        if self.segments is None:
+            sym = entropy_models.decode_stream(self.read(name), idx, tables)
+        else:
+            self.names.append(self._name(name))
+            sym = self.segments.take(idx, tables)
+        return torch.from_numpy(sym).to(indexes.device)
+
+    def finish(self) -> None:
+        """After the tree: an encoder of merged streams seals the one stream into :attr:`streams`;
+        a decoder checks that it read all of it and that the symbols match its checksum."""
+        if self.segments is None:
+            return
+        if self.encoding:
+            self.streams = [self.segments.finish()]
+        else:
+            self.segments.finish()
 
 
 #: table indexes of one channel group on the full latent grid, given the group's anchor residual
@@ -159,13 +199,13 @@ class GaussianConditionalLatentCodec(LatentCodec):
         """Code stream ``name``; returns the symbols (in the means' dtype): ``symbols + means`` is y_hat."""
         gc = self.gaussian_conditional
         if io.encoding:
-            data, sym = gc.compress(y, indexes, means, rdo=io.rdo)
-            io.write(name, data)
+            sym = gc.coded_symbols(y, indexes, means, rdo=io.rdo)
+            io.put(name, sym, indexes, gc.tables())
             if io.trace is not None:
                 io.trace["means"].append(means)
                 io.trace["scale_indexes"].append(indexes)
         else:
-            sym = gc.decompress(io.read(name), indexes)
+            sym = io.take(name, indexes, gc.tables())
         return sym.to(means.dtype)
 
 
@@ -349,11 +389,11 @@ class HyperLatentCodec(LatentCodec):
         eb = self.entropy_bottleneck
         if io.encoding:
             z = self.h_a(y)
-            data, z_sym = eb.compress(z)
-            io.write("z", data)
+            z_sym = eb.symbols(z)
+            io.put("z", z_sym, eb.indexes(z.shape), eb.tables())
         else:
             z = None
-            z_sym = eb.decompress(io.read("z"), z_shape)
+            z_sym = io.take("z", eb.indexes((1, eb.channels, *z_shape)), eb.tables()).to(eb.quantiles.device)
         z_hat = eb.dequantize(z_sym)
         return self.h_s(z_hat), z_sym, z, z_hat
 

@@ -278,8 +278,12 @@ def make_seeds(weights: dict[str, Path]) -> list[Seed]:
     fixed = loading.load_model("lalic", weights["lalic"], "cpu")
     seeds = []
 
-    def add(name, im, lm=vr, model="vr", quality=4.0, tile=1024):
-        seeds.append(Seed(name, pipeline.encode_image(im, lm, quality, tile=tile).data, model))
+    def add(name, im, lm=vr, model="vr", quality=4.0, tile=1024, merged=True):
+        saved, pipeline.MERGED_STREAMS = pipeline.MERGED_STREAMS, merged
+        try:
+            seeds.append(Seed(name, pipeline.encode_image(im, lm, quality, tile=tile).data, model))
+        finally:
+            pipeline.MERGED_STREAMS = saved
 
     add("rgb-1x1-q1", Image.fromarray(_image(1, 1, 0)), quality=1.0)
     add("rgb-16x23-q8", Image.fromarray(_image(16, 23, 1)), quality=8.0)
@@ -301,6 +305,9 @@ def make_seeds(weights: dict[str, Path]) -> list[Seed]:
     tiled = Image.fromarray(_image(200, 260, 7))
     tiled.putalpha(Image.fromarray(np.full((200, 260), 255, np.uint8)))
     add("rgba-200x260-4-tiles", tiled, tile=192)
+    # one stream per model stream, as files before merged streams (FORMAT.md 12.8) were written
+    add("rgba-200x260-4-tiles-unmerged", tiled, tile=192, merged=False)
+    add("rgb-64x64-q2.5-unmerged", Image.fromarray(_image(64, 64, 2)), quality=2.5, merged=False)
     add("rgb-1x400-3-tiles", Image.fromarray(_image(1, 400, 8)), tile=192)
     add("lalic-70x90-fixed-rate", Image.fromarray(_image(70, 90, 9)), lm=fixed, model="lalic", quality=None)
     return seeds + image_seeds()
@@ -431,7 +438,7 @@ def _mutate_header(rng, r: RawLic, seeds):
     elif which == "device_class":
         r.device_class = rng.choice([0, 1, 2, 3, 7, 255])
     elif which == "flags":
-        r.flags = rng.choice([0, 1, 2, 3, 4, 0xFF, r.flags ^ 1, r.flags ^ 2])
+        r.flags = rng.choice([0, 1, 2, 3, 4, 8, 0xFF, r.flags ^ 1, r.flags ^ 2, r.flags ^ fmt.FLAG_MERGED_STREAMS])
     elif which == "n_tiles":
         r.n_tiles = _near(rng, r.n_tiles, INTERESTING_U16)
     elif which == "spt":

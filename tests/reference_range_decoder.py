@@ -16,6 +16,7 @@ Contents:
 from __future__ import annotations
 
 import struct
+import zlib
 from bisect import bisect_right
 
 PRECISION = 24
@@ -161,12 +162,37 @@ def _phase1_order(indexes: list[int], n: int) -> list[int]:
 
 def reference_decode(data: bytes, indexes: list[int], cdf, cdf_length, offset) -> list[int]:
     """Decode a stream: ``indexes`` flat list of table indexes, tables as nested sequences."""
+    dec = RefRangeDecoder(_words(data))
+    out = _decode_segment(dec, indexes, cdf, cdf_length, offset)
+    if not dec.exhausted():
+        raise RefError("trailing data")
+    return out
+
+
+def reference_decode_segments(data: bytes, segments) -> list[list[int]]:
+    """Decode a stream of merged segments (FORMAT.md 12.8): ``segments`` is a list of
+    ``(indexes, cdf, cdf_length, offset)``; checks the end of the stream once, then the CRC32 of
+    all the symbols in front."""
+    if len(data) < 4:
+        raise RefError("no symbol checksum")
+    dec = RefRangeDecoder(_words(data[4:]))
+    out = [_decode_segment(dec, *seg) for seg in segments]
+    if not dec.exhausted():
+        raise RefError("trailing data")
+    if zlib.crc32(b"".join(struct.pack("<%di" % len(o), *o) for o in out)) != struct.unpack("<I", data[:4])[0]:
+        raise RefError("symbol checksum")
+    return out
+
+
+def _words(data: bytes) -> list[int]:
     if len(data) % 4:
         raise RefError("length not a multiple of 4")
-    words = list(struct.unpack("<%dI" % (len(data) // 4), data))
+    return list(struct.unpack("<%dI" % (len(data) // 4), data))
+
+
+def _decode_segment(dec: RefRangeDecoder, indexes: list[int], cdf, cdf_length, offset) -> list[int]:
     rows = _rows(cdf, cdf_length, offset)
     order = _phase1_order(indexes, len(rows))
-    dec = RefRangeDecoder(words)
     out = [0] * len(indexes)
     escapes = []  # (position, table row)
     for pos in order:
@@ -192,16 +218,37 @@ def reference_decode(data: bytes, indexes: list[int], cdf, cdf_length, offset) -
     for v in out:
         if abs(v) >= MAX_ABS:
             raise RefError("value out of range")
-    if not dec.exhausted():
-        raise RefError("trailing data")
     return out
+
+
 
 
 def reference_encode(symbols: list[int], indexes: list[int], cdf, cdf_length, offset, stats=None) -> bytes:
     """Encode a stream; ``stats`` (a dict) accumulates ``carries`` and ``straddles``."""
+    enc = RefRangeEncoder()
+    _encode_segment(enc, symbols, indexes, cdf, cdf_length, offset)
+    words = enc.finish()
+    if stats is not None:
+        stats["carries"] = stats.get("carries", 0) + enc.carries
+        stats["straddles"] = stats.get("straddles", 0) + enc.straddles
+    return struct.pack("<%dI" % len(words), *words)
+
+
+def reference_encode_segments(segments) -> bytes:
+    """Merged segments (FORMAT.md 12.8): ``segments`` is a list of ``(symbols, indexes, cdf,
+    cdf_length, offset)``, coded one after another by one encoder, sealed once, after the CRC32
+    of all the symbols."""
+    enc = RefRangeEncoder()
+    for seg in segments:
+        _encode_segment(enc, *seg)
+    words = enc.finish()
+    crc = zlib.crc32(b"".join(struct.pack("<%di" % len(seg[0]), *seg[0]) for seg in segments))
+    return struct.pack("<I", crc) + struct.pack("<%dI" % len(words), *words)
+
+
+def _encode_segment(enc: RefRangeEncoder, symbols: list[int], indexes: list[int], cdf, cdf_length, offset) -> None:
     rows = _rows(cdf, cdf_length, offset)
     order = _phase1_order(indexes, len(rows))
-    enc = RefRangeEncoder()
     escapes = []
     for pos in order:
         m, off, cum = rows[indexes[pos]]
@@ -224,8 +271,3 @@ def reference_encode(symbols: list[int], indexes: list[int], cdf, cdf_length, of
             width = min(CHUNK, c - shift)
             enc.encode((payload >> shift) & ((1 << width) - 1), uniform_cumulatives(1 << width))
             shift += width
-    words = enc.finish()
-    if stats is not None:
-        stats["carries"] = stats.get("carries", 0) + enc.carries
-        stats["straddles"] = stats.get("straddles", 0) + enc.straddles
-    return struct.pack("<%dI" % len(words), *words)

@@ -37,7 +37,7 @@ def test_encode_decode_info(tmp_path, rgb_png, tiny_vr_weights):
     r = run("info", lic, "--json")
     info = json.loads(r.output)
     assert r.exit_code == 0 and info["width"] == 203 and info["height"] == 97 and info["crc_ok"]
-    assert info["quality"] == 3 and info["streams_per_tile"] == 9
+    assert info["quality"] == 3 and info["streams_per_tile"] == 1 and info["merged_streams"]  # 9 merged (FORMAT.md 12.8)
     r = run("info", lic)
     assert "all CRCs OK" in r.output
     entropy = {0: "device-independent (integer table indexes: decodes on any device)",

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -496,7 +497,7 @@ def test_unknown_version(version):
         read(bytes(data[:10]))
 
 
-@pytest.mark.parametrize("flags", [0x08, 0x80, 0xFF, 0x0F])
+@pytest.mark.parametrize("flags", [0x10, 0x80, 0xFF, 0x1F])
 def test_unknown_flags(flags):
     data = raw_file(flags=flags)
     with pytest.raises(UnsupportedVersionError, match="unknown flags"):
@@ -1025,3 +1026,21 @@ def test_format_md_worked_example_decodes():
         else:
             v2[at : at + len(chunk)] = chunk
     assert read(bytes(v2)) == f and write(f) == bytes(v2) and read_info(bytes(v2))["format_version"] == 2
+
+
+def test_merged_streams_flag_round_trips_and_needs_one_stream_a_tile():
+    """Flags bit 3 (FORMAT.md 4.4, 12.8): each tile's one stream holds the model's streams."""
+    h = make_header(streams_per_tile=1)
+    f = LicFile(h, tiles=[Tile(0, 0, 6, 4, (0, 0, 0, 0), [b"crc and words"])], merged=True)
+    g = roundtrip(f)
+    assert g.merged
+    data = write(f)
+    assert data[8 + 2 + 1 + 5 + 16 + 4 + 4 + 4 + 3] == C.FLAG_MERGED_STREAMS  # the flags byte
+    assert read_info(data)["merged_streams"] and not read_info(write(replace(f, merged=False)))["merged_streams"]
+    assert not read(write(replace(f, merged=False))).merged
+    with pytest.raises(ValueError, match="1 stream per tile, not 3"):
+        write(replace(sample_file(), merged=True))
+    bad = raw_file(flags=C.FLAG_MERGED_STREAMS)  # two streams a tile
+    with pytest.raises(CorruptFileError, match=r"merged streams \(flags bit 3\) but 2 streams per tile"):
+        read(bad)
+    assert read(raw_file(flags=C.FLAG_MERGED_STREAMS, tiles=[((0, 0, 6, 4, 0, 0, 0, 0), [b"s"])])).merged

@@ -200,7 +200,8 @@ def test_tiled_file_decodes_seamlessly(tiny_vr_weights, monkeypatch):
     model = lm.model
     l, r, t, b = t0.pad
     with torch.inference_mode():
-        x_hat = model.decompress(t0.streams, ((t0.h + t + b) // 64, (t0.w + l + r) // 64), quality=torch.tensor([6.0]))["x_hat"]
+        x_hat = model.decompress(t0.streams, ((t0.h + t + b) // 64, (t0.w + l + r) // 64), quality=torch.tensor([6.0]),
+                                 merged=lic.merged)["x_hat"]
     own = imaging.to_uint8(x_hat[0, :, t : t + t0.h, l : l + t0.w])
     x_end = min(t.x for t in lic.tiles if t.x > 0)
     y_end = min(t.y for t in lic.tiles if t.y > 0)

@@ -561,3 +561,79 @@ def test_entropy_bottleneck_fit_quantiles_solves_the_aux_objective():
     # the tables built from them hold the densities' mass: the tails left out are about tail_mass
     eb.update(force=True)
     assert eb.has_tables()
+
+
+# ------------------------------------------------------------------------------------------------
+# merged streams: several segments in one range-coded stream (FORMAT.md 12.8)
+
+
+def _segments(gauss, hand):
+    """Segments of both tables, with escapes and an empty one, as the model's streams would be."""
+    streams = list(_ref_streams(gauss, hand))
+    return [streams[0], (np.zeros(0, np.int32), np.zeros(0, np.int32), hand), streams[1], streams[2]]
+
+
+def test_merged_segments_round_trip_and_cost_less_than_streams(gauss, hand):
+    from lalic_codec.entropy.coder import SegmentDecoder, SegmentEncoder, encode_stream
+
+    segs = _segments(gauss, hand)
+    enc = SegmentEncoder()
+    for s, idx, t in segs:
+        enc.add(s, idx, t)
+    data = enc.finish()
+    dec = SegmentDecoder(data)
+    for s, idx, t in segs:
+        np.testing.assert_array_equal(dec.take(idx, t), s)
+    dec.finish()
+    separate = sum(len(encode_stream(s, idx, t)) for s, idx, t in segs)
+    assert len(data) < separate - 4 * (len(segs) - 1)  # a checksum (and sealing words) per stream saved
+    # one segment is exactly a checked stream of its own
+    one = SegmentEncoder()
+    one.add(*segs[0])
+    assert one.finish() == encode_stream(*segs[0])
+
+
+def test_merged_segments_match_the_specification(gauss, hand):
+    """The reference coder of FORMAT.md (written from the text, no constriction) writes the same
+    bytes and reads them back."""
+    from lalic_codec.entropy.coder import SegmentEncoder
+
+    segs = _segments(gauss, hand)
+    enc = SegmentEncoder()
+    for s, idx, t in segs:
+        enc.add(s, idx, t)
+    data = enc.finish()
+    assert ref.reference_encode_segments([(s.tolist(), idx.tolist(), *_ref_args(t)) for s, idx, t in segs]) == data
+    out = ref.reference_decode_segments(data, [(idx.tolist(), *_ref_args(t)) for _, idx, t in segs])
+    assert out == [s.tolist() for s, _, _ in segs]
+
+
+def test_merged_segments_refuse_other_tables_trailing_words_and_bad_lengths(gauss, hand):
+    from lalic_codec.entropy.coder import SegmentDecoder, SegmentEncoder
+    from lalic_codec.errors import SymbolMismatchError
+
+    segs = _segments(gauss, hand)[:1] + [_segments(gauss, hand)[2]]
+    enc = SegmentEncoder()
+    for s, idx, t in segs:
+        enc.add(s, idx, t)
+    data = enc.finish()
+    # the second segment read with other indexes: its symbols miss the checksum (or do not parse)
+    dec = SegmentDecoder(data)
+    dec.take(segs[0][1], segs[0][2])
+    with pytest.raises(SymbolMismatchError):
+        dec.take(np.zeros_like(segs[1][1]), hand)
+        dec.finish()
+    # a segment left unread: trailing data
+    dec = SegmentDecoder(data)
+    dec.take(segs[0][1], segs[0][2])
+    with pytest.raises(SymbolMismatchError, match="unread trailing data"):
+        dec.finish()
+    # a damaged checksum
+    dec = SegmentDecoder(bytes([data[0] ^ 1]) + data[1:])
+    for _, idx, t in segs:
+        dec.take(idx, t)
+    with pytest.raises(SymbolMismatchError, match="checksum"):
+        dec.finish()
+    for bad in (b"", b"\0\0\0", data + b"\0"):
+        with pytest.raises(CorruptFileError):
+            SegmentDecoder(bad)

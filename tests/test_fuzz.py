@@ -284,7 +284,7 @@ def test_every_declared_length_is_checked_before_allocation(corpus):
     before = fuzz.max_rss_mib()
     for length in (2**31, 2**32 - 1, 2**30 + 1, 10**6):
         r = raw_of(corpus, "rgba-33x47")
-        r.tiles[0].streams[3].length = length
+        r.tiles[0].streams[-1].length = length
         with pytest.raises((LimitExceededError, CorruptFileError)):
             pipeline.decode_bytes(fuzz.pack_raw(r), weights["vr"], "cpu")
         r = raw_of(corpus, "rgba-33x47")
@@ -303,11 +303,14 @@ def test_every_declared_length_is_checked_before_allocation(corpus):
 
 
 def tiled(corpus):
-    return raw_of(corpus, "rgba-200x260-4-tiles")
+    return raw_of(corpus, "rgba-200x260-4-tiles-unmerged")
 
 
 @pytest.mark.parametrize("change, match", [
     (lambda r: setattr(r, "spt", 3) or [setattr(t, "streams", t.streams[:3]) for t in r.tiles], "3 streams per tile; model"),
+    # one stream a tile without the merged flag, and the flag with more than one stream a tile
+    (lambda r: setattr(r, "spt", 1) or [setattr(t, "streams", t.streams[:1]) for t in r.tiles], "1 streams per tile; model"),
+    (lambda r: setattr(r, "flags", r.flags | fmt.FLAG_MERGED_STREAMS), r"merged streams \(flags bit 3\) but 9 streams per tile"),
     (lambda r: r.tiles[1].geometry.__setitem__(4, 1), "tile 1 at .*: padded size 129x128 is not a multiple of 64"),
     (lambda r: r.tiles[3].geometry.__setitem__(2, 64), r"do not cover the whole image \(pixel \(196, 128\) is in none\)"),
     (lambda r: r.tiles.pop() and setattr(r, "n_tiles", 3), "do not cover the whole image"),

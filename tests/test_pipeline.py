@@ -241,7 +241,31 @@ def test_rd_rounding_is_on_by_default_and_can_be_turned_off(vr, monkeypatch):
     for rdo in (True, False):
         monkeypatch.setattr(pipeline, "RDO", rdo)
         res = pipeline.encode_image(Image.fromarray(rgb), vr, quality=1)
-        expected = vr.model.compress(x, quality=q, rdo=None if rdo else 0.0).streams
+        expected = vr.model.compress(x, quality=q, rdo=None if rdo else 0.0, merged=True).streams
         assert fmt.read(res.data).tiles[0].streams == expected
         files[rdo] = res.data
     assert files[True] != files[False]
+
+
+@pytest.mark.parametrize("tile", [None, 128])
+def test_merged_and_separate_streams_decode_to_the_same_image(vr, tiny_vr_weights, monkeypatch, tile):
+    """The encoder writes each tile's streams as segments of one stream (flags bit 3, FORMAT.md
+    12.8); files with one stream per model stream, as written before, decode to the same pixels."""
+    im = Image.fromarray(natural_image(200, 230, seed=21))
+    files = {}
+    for merged in (True, False):
+        monkeypatch.setattr(pipeline, "MERGED_STREAMS", merged)
+        files[merged] = pipeline.encode_image(im, vr, quality=2, tile=tile).data
+    lics = {m: fmt.read(d) for m, d in files.items()}
+    assert lics[True].merged and lics[True].header.streams_per_tile == 1
+    assert not lics[False].merged and lics[False].header.streams_per_tile == vr.model.num_streams()
+    assert len(lics[True].tiles) == len(lics[False].tiles) == (1 if tile is None else 6)
+    # per tile: a symbol checksum, sealing words and directory lengths saved
+    assert len(files[True]) <= len(files[False]) - len(lics[True].tiles) * 4 * (vr.model.num_streams() - 1)
+    out = {m: np.asarray(pipeline.decode_bytes(d, tiny_vr_weights, "cpu").image) for m, d in files.items()}
+    assert np.array_equal(out[True], out[False])
+    # the flag cleared: one stream where the model has several
+    lic = lics[True]
+    lic.merged = False
+    with pytest.raises(CorruptFileError, match=f"1 streams per tile; model {lic.header.model_id} uses {vr.model.num_streams()}"):
+        pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu")

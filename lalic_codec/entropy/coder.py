@@ -45,6 +45,8 @@ __all__ = [
     "PAYLOAD_CHUNK_BITS",
     "encode_with_indexes",
     "decode_with_indexes",
+    "SegmentEncoder",
+    "SegmentDecoder",
     "model_left_cumulatives",
 ]
 
@@ -190,6 +192,13 @@ def encode_with_indexes(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTab
     empty for an empty input).  Raises ValueError on bad input (shape mismatch, index out
     of range, value too large, invalid tables).
     """
+    encoder = constriction.stream.queue.RangeEncoder()
+    _encode_into(encoder, symbols, indexes, tables)
+    return _words_to_bytes(encoder.get_compressed())
+
+
+def _encode_into(encoder, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
+    """Phases 1 to 3 of the elements (FORMAT.md 12.3, 12.4) into ``encoder``."""
     tables = _check_tables(tables)
     sym = np.asarray(symbols)
     idx_arr = np.asarray(indexes)
@@ -202,7 +211,7 @@ def encode_with_indexes(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTab
     flat_idx = _check_indexes(idx_arr, n)
     flat_sym = sym.reshape(-1)
     if flat_sym.size == 0:
-        return b""
+        return
     if int(flat_sym.min()) <= -MAX_ABS_SYMBOL or int(flat_sym.max()) >= MAX_ABS_SYMBOL:
         raise ValueError("symbol magnitude must be < 2**30")
     order, starts = _group(flat_idx, n)
@@ -210,7 +219,6 @@ def encode_with_indexes(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTab
     offsets = tables.offset.astype(np.int64)
     esc_sym = tables.cdf_length.astype(np.int64) - 2  # escape symbol m_i - 1 of each row
 
-    encoder = constriction.stream.queue.RangeEncoder()
     esc_e = []  # per group: the escape numbers e of its escaped elements (phase-1 order)
     for i in np.nonzero(np.diff(starts))[0]:
         seg = s_sorted[starts[i]:starts[i + 1]]
@@ -237,7 +245,6 @@ def encode_with_indexes(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTab
             vals = (payload[owner] >> shift) & ((np.int64(1) << width) - 1)
             encoder.encode(vals.astype(np.int32), constriction.stream.model.Uniform(),
                            (np.int64(1) << width).astype(np.int32))
-    return _words_to_bytes(encoder.get_compressed())
 
 
 def _is_fatal(exc: BaseException) -> bool:
@@ -279,9 +286,17 @@ def decode_with_indexes(data: bytes, indexes: np.ndarray, tables: CdfTables) -> 
 
 
 def _decode(words, flat_idx, tables, models, out):
+    decoder = constriction.stream.queue.RangeDecoder(words)
+    _decode_from(decoder, flat_idx, tables, models, out)
+    if not decoder.maybe_exhausted():
+        raise CorruptFileError("entropy-coded stream has unread trailing data")
+    return out
+
+
+def _decode_from(decoder, flat_idx, tables, models, out):
+    """Phases 1 to 3 of ``flat_idx.size`` elements from ``decoder`` into ``out`` (C order)."""
     n = tables.num_tables
     order, starts = _group(flat_idx, n)
-    decoder = constriction.stream.queue.RangeDecoder(words)
     values = np.empty(flat_idx.size, dtype=np.int64)  # phase-1 order
     esc_pos, esc_row = [], []  # escaped elements: position in phase-1 order, table row
     for i in np.nonzero(np.diff(starts))[0]:
@@ -323,8 +338,6 @@ def _decode(words, flat_idx, tables, models, out):
         values[pos] = t + tables.offset.astype(np.int64)[rows]
     if values.size and (int(values.min()) <= -MAX_ABS_SYMBOL or int(values.max()) >= MAX_ABS_SYMBOL):
         raise CorruptFileError("decoded symbol magnitude out of range (|s| >= 2**30)")
-    if not decoder.maybe_exhausted():
-        raise CorruptFileError("entropy-coded stream has unread trailing data")
     out[order] = values
     return out
 
@@ -355,3 +368,69 @@ def decode_stream(data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.nda
     if zlib.crc32(np.ascontiguousarray(sym, dtype="<i4").tobytes()) != expected:
         raise SymbolMismatchError("decoded symbols do not match the encoder's checksum")
     return sym
+
+
+# ------------------------------------------------------------------------------------------------
+# one stream of several segments (FORMAT.md 12.8): a tile's element arrays in coding order
+
+
+class SegmentEncoder:
+    """The element arrays of a tile ("segments", each what :func:`encode_with_indexes` codes) in
+    one range-coded stream, in the order they are added, after one CRC32 of all their symbols:
+    one stream per tile instead of one per array (:func:`encode_stream`), which saves each
+    array's symbol checksum, its sealing words and its length in the tile directory."""
+
+    def __init__(self) -> None:
+        self._encoder = constriction.stream.queue.RangeEncoder()
+        self._crc = 0
+
+    def add(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> None:
+        sym = np.ascontiguousarray(symbols, dtype="<i4")
+        _encode_into(self._encoder, sym, indexes, tables)
+        self._crc = zlib.crc32(sym.tobytes(), self._crc)
+
+    def finish(self) -> bytes:
+        """``u32 CRC32`` of every segment's symbols (int32 little-endian, C order, one segment after
+        another), then the range coder's words."""
+        return self._crc.to_bytes(4, "little") + _words_to_bytes(self._encoder.get_compressed())
+
+
+class SegmentDecoder:
+    """Inverse of :class:`SegmentEncoder`: :meth:`take` each segment in the encoder's order, then
+    :meth:`finish`.  As with :func:`decode_stream`, the container's CRC vouches for the bytes, so a
+    stream that does not parse, or symbols that miss the checksum, mean other tables than the
+    encoder's (:class:`SymbolMismatchError`)."""
+
+    def __init__(self, data: bytes) -> None:
+        n = len(data)
+        if n < 4:
+            raise CorruptFileError(f"stream of {n} bytes is too short for its symbol checksum")
+        if (n - 4) % 4:
+            raise CorruptFileError(f"entropy-coded stream length {n - 4} is not a multiple of 4")
+        self._expected = int.from_bytes(bytes(data[:4]), "little")
+        self._decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4", offset=4).astype(np.uint32))
+        self._crc = 0
+
+    def take(self, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
+        """The next segment's symbols, int32, shaped like ``indexes``."""
+        tables = _check_tables(tables)
+        idx_arr = np.asarray(indexes)
+        models = _models_for(tables)
+        flat_idx = _check_indexes(idx_arr, tables.num_tables)
+        out = np.zeros(flat_idx.size, dtype=np.int32)
+        if flat_idx.size:
+            try:
+                _decode_from(self._decoder, flat_idx, tables, models, out)
+            except BaseException as exc:  # CorruptFileError, constriction errors, Rust panics
+                if _is_fatal(exc):
+                    raise
+                raise SymbolMismatchError(f"stream does not decode with these tables ({exc})") from None
+        self._crc = zlib.crc32(out.astype("<i4").tobytes(), self._crc)
+        return out.reshape(idx_arr.shape)
+
+    def finish(self) -> None:
+        """Check that every word was read and that the symbols match the encoder's checksum."""
+        if not self._decoder.maybe_exhausted():
+            raise SymbolMismatchError("stream does not decode with these tables (unread trailing data)")
+        if self._crc != self._expected:
+            raise SymbolMismatchError("decoded symbols do not match the encoder's checksum")
