@@ -49,7 +49,8 @@ def test_encode_decode_round_trip(tmp_path, rgb_png, mambaic_checkpoint, tiny_la
     r = run("encode", "--model", "mambaic", "--weights", mambaic_checkpoint, rgb_png, lic)
     assert r.exit_code == 0, r.output
     info = json.loads(run("info", lic, "--json").output)
-    assert info["model_id"] == "mambaic" and info["streams_per_tile"] == 11 and info["crc_ok"]
+    # 11 streams, merged into one (FORMAT.md 12.8)
+    assert info["model_id"] == "mambaic" and info["streams_per_tile"] == 1 and info["merged_streams"] and info["crc_ok"]
     assert (info["width"], info["height"]) == (203, 97)
     r = run("decode", "--weights", mambaic_checkpoint, lic, out)
     assert r.exit_code == 0, r.output

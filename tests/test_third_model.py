@@ -113,25 +113,30 @@ def test_a_third_model_codes_through_the_api_and_the_container(toy):
     rgb = natural_image(h, w, seed=3)
     data = lalic_codec.encode(Image.fromarray(rgb), weights=path, device="cpu")
     lic = fmt.read(data)
-    assert (lic.header.model_id, lic.header.quality, lic.header.streams_per_tile) == (NAME, 0.0, 5)
+    assert (lic.header.model_id, lic.header.quality, lic.header.streams_per_tile, lic.merged) == (NAME, 0.0, 1, True)
     assert lic.header.device_class == int(fmt.DeviceClass.CPU)  # the base class: not device-independent
     assert len(lic.tiles) == 1
     tile = lic.tiles[0]
     # the container holds the model's own streams, in its tree's order
     x = tiling._to_tensor(rgb, tile.pad, torch.device("cpu"))
     assert tuple(x.shape[-2:]) == (256, 256)
-    coded = reference.compress(x)
+    coded = reference.compress(x, merged=True)  # the streams as segments of one (FORMAT.md 12.8)
     assert coded.names == STREAMS and coded.z_shape == reference.hyper_shape(256, 256) == (4, 4)
     assert tile.streams == coded.streams
     # and the decoder gives back what the model's decompress computes, cropped to the image
     image = lalic_codec.decode(data, weights=path, device="cpu")
     assert image.size == (w, h) and image.mode == "RGB"
     l, r, t, b = tile.pad
-    x_hat = reference.decompress(coded.streams, coded.z_shape)["x_hat"]
+    x_hat = reference.decompress(coded.streams, coded.z_shape, merged=True)["x_hat"]
     assert np.array_equal(np.asarray(image), imaging.to_uint8(x_hat[0, :, t : t + h, l : l + w]))
 
 
-def test_codec_info_names_the_third_models_streams(toy, tmp_path):
+def test_codec_info_names_the_third_models_streams(toy, tmp_path, monkeypatch):
+    """Per-stream sizes by name, in files of one stream per model stream (merged streams, FORMAT.md
+    12.8, are one stream: test_pipeline)."""
+    from lalic_codec import pipeline
+
+    monkeypatch.setattr(pipeline, "MERGED_STREAMS", False)
     path, _ = toy
     src, lic_path, out = tmp_path / "in.png", tmp_path / "in.lic", tmp_path / "out.png"
     Image.fromarray(natural_image(70, 90, seed=4)).save(src)
