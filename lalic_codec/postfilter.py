@@ -226,13 +226,13 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=ENCODE
     gram, rhs, used = _normal_equations(original, recon, kmax, row_step)
     scale = h * w / max(1, used)  # the gathered rows stand for the whole image
     estimates = []
+    steps = 2.0 ** np.repeat(np.asarray(fraction_bits, dtype=np.float64), 3)[:, None]  # a row per (P, channel)
     for k in kernel_sizes:
         cols = _columns(k, kmax)
         g = gram[np.ix_(cols, cols)]
         g = g + 1e-6 * np.trace(g) / len(cols) * np.eye(len(cols))
         ginv = np.linalg.inv(g)
         sol = (ginv @ rhs[cols]).T  # (3, 3 T + 1)
-        steps = 2.0 ** np.repeat(np.asarray(fraction_bits, dtype=np.float64), 3)[:, None]
         try:
             u = np.linalg.cholesky(ginv).T
         except np.linalg.LinAlgError:  # not positive definite in floating point: round plainly

@@ -347,9 +347,11 @@ def _decode_from(decoder, flat_idx, tables, models, out):
 
 
 def encode_stream(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
-    """``u32 CRC32(symbols as int32 little-endian, C order)`` followed by :func:`encode_with_indexes`."""
-    sym = np.ascontiguousarray(symbols, dtype="<i4")
-    return zlib.crc32(sym.tobytes()).to_bytes(4, "little") + encode_with_indexes(sym, indexes, tables)
+    """``u32 CRC32(symbols as int32 little-endian, C order)`` followed by :func:`encode_with_indexes`:
+    a stream of one segment (:class:`SegmentEncoder`)."""
+    enc = SegmentEncoder()
+    enc.add(symbols, indexes, tables)
+    return enc.finish()
 
 
 def decode_stream(data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
