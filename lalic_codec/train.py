@@ -85,7 +85,8 @@ class TrainConfig:
     val_count: int = 6
     val_qualities: tuple = (1.0, 4.0, 8.0)
     ckpt_every: int = 200
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # 0: torch's default (with procs > 1: the cores shared out among the processes)
+    procs: int = 1  # training processes sharing each step's batches (data parallel, torch.distributed's gloo); accum a multiple
     init_from: str | None = None
     init: str = "klt"  # fresh runs: "klt" (transforms start as a block KLT of the data) or "random"
     arch: dict = field(default_factory=dict)
@@ -188,10 +189,14 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
 
 class StepSampler(torch.utils.data.Sampler):
     """Infinite stream of (file_index, sample_seed) starting at sample ``start``; epoch e uses a
-    permutation seeded by (seed, e)."""
+    permutation seeded by (seed, e).
 
-    def __init__(self, n: int, seed: int, start: int = 0):
-        self.n, self.seed, self.start = n, seed, start
+    ``share = (batch, accum, rank, procs)``: only the samples of the batches one training process
+    of ``procs`` codes, batch ``a`` of every step's ``accum`` (counted from ``start``) going to
+    process ``a % procs``; the processes together draw exactly the stream of one."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, share: tuple | None = None):
+        self.n, self.seed, self.start, self.share = n, seed, start, share
 
     def __iter__(self):
         s = self.start
@@ -199,9 +204,15 @@ class StepSampler(torch.utils.data.Sampler):
             epoch, pos = divmod(s, self.n)
             perm = np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)
             while pos < self.n:
-                yield int(perm[pos]), _mix(self.seed, 1, s)
+                if self.share is None or _batch_owner(s - self.start, *self.share):
+                    yield int(perm[pos]), _mix(self.seed, 1, s)
                 pos += 1
                 s += 1
+
+
+def _batch_owner(offset: int, batch: int, accum: int, rank: int, procs: int) -> bool:
+    """Whether sample ``offset`` (counted from a step boundary) belongs to process ``rank``."""
+    return (offset // batch) % accum % procs == rank
 
 
 def quality_levels(seed: int, step: int, batch: int, levels: int) -> torch.Tensor:
@@ -522,10 +533,113 @@ class WeightAverage:
 def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None = None) -> Path:
     """Train (or resume) a run; stops after ``cfg.steps`` steps, ``max_seconds`` of wall time, or
     SIGINT/SIGTERM/SIGHUP, and always leaves a complete checkpoint behind.  Stopped by a signal, it
-    raises :class:`~lalic_codec.errors.Interrupted` (exit status 130) once the state is saved."""
+    raises :class:`~lalic_codec.errors.Interrupted` (exit status 130) once the state is saved.
+
+    ``cfg.procs > 1``: this process and ``procs - 1`` helpers it starts share each step's ``accum``
+    batches (data parallel); their gradients are summed before the one optimizer step each of them
+    takes, so the run computes what one process would (:class:`_StepSync`).  This process decides
+    when to stop, logs, validates and saves; the helpers ignore the stop signals and follow it."""
+    if cfg.procs < 1 or cfg.accum % cfg.procs:
+        raise click.ClickException(f"--procs {cfg.procs}: it must divide --accum ({cfg.accum}): each process codes whole batches")
+    if cfg.procs == 1:
+        return _train(cfg, resume, max_seconds)
+    import multiprocessing
+    import tempfile
+
+    spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch runs threads
+    with tempfile.TemporaryDirectory(prefix="lalic-train-") as tmp:
+        store = os.path.join(tmp, "store")  # torch.distributed's rendezvous file
+        helpers = [spawn.Process(target=_helper, args=(r, store, cfg, resume), name=f"codec-train-{r}") for r in range(1, cfg.procs)]
+        for h in helpers:
+            h.start()
+        try:
+            return _train(cfg, resume, max_seconds, rank=0, store=store)
+        finally:
+            for h in helpers:  # they leave with this process's last step (or at once if it failed)
+                h.join(timeout=120)
+                if h.is_alive():
+                    h.terminate()
+                    h.join()
+
+
+def _helper(rank: int, store: str, cfg: TrainConfig, resume: str | None) -> None:
+    """A helper training process: Ctrl-C and ``kill -TERM -PGID`` reach it too, but the run's first
+    process decides when every process stops (after a whole step, with the state saved)."""
+    for s in INTERRUPT_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    _train(cfg, resume, None, rank=rank, store=store)
+
+
+def _threads(cfg: TrainConfig) -> int:
+    """torch CPU threads of one training process: ``--threads``, else the cores shared out among
+    the ``--procs`` processes (0 with one process: torch's default)."""
+    if cfg.threads or cfg.procs == 1:
+        return cfg.threads
+    return max(1, _cores() // cfg.procs)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _StepSync:
+    """What the processes of a data-parallel run exchange (torch.distributed, gloo, on this machine):
+    at the start, the first process's weights; before each step, whether to stop (the first process
+    decides); after each step's batches, the sum of their gradients and of their figures.  Summing
+    the gradients of batches that one process would have accumulated in turn gives what it would
+    have computed: each process then takes the same optimizer step on the same weights."""
+
+    def __init__(self, rank: int, procs: int, store: str, params: list):
+        import torch.distributed as dist
+
+        self.dist = dist
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=procs)
+        self.params = params
+
+    def share_weights(self, tensors) -> None:
+        for t in tensors:
+            buf = t.detach().contiguous()
+            self.dist.broadcast(buf, 0)
+            if buf.data_ptr() != t.data_ptr():
+                with torch.no_grad():
+                    t.copy_(buf)
+
+    def agree(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        self.dist.broadcast(t, 0)
+        return bool(t.item())
+
+    def sum_step(self, figures: list[float]) -> list[float]:
+        """Sum the gradients (in place; None where no process has one) and ``figures`` over the processes."""
+        ps = self.params
+        parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in ps]
+        has = torch.tensor([p.grad is not None for p in ps], dtype=torch.float32)
+        flat = torch.cat([*(g.float() for g in parts), has, torch.tensor(figures, dtype=torch.float32)])
+        self.dist.all_reduce(flat)
+        offset = 0
+        for p, n, h in zip(ps, [p.numel() for p in ps], flat[sum(p.numel() for p in ps) :].tolist()):
+            if h:
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(flat[offset : offset + n].view(p.shape))
+            else:
+                p.grad = None
+            offset += n
+        return flat[offset + len(ps) :].tolist()
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank: int = 0, store: str | None = None) -> Path:
+    """One training process of a run (``train``): rank 0 of ``cfg.procs``, or a helper."""
+    procs = cfg.procs if store is not None else 1
+    say = click.echo if rank == 0 else (lambda *a, **k: None)
     tune_allocator()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if _threads(cfg):
+        torch.set_num_threads(_threads(cfg))
+    if procs > 1 and _threads(cfg) * procs > _cores():
+        say(f"--procs {procs} --threads {cfg.threads}: {procs * cfg.threads} threads on {_cores()} cores (--threads is per process)", err=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -556,12 +670,12 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         if unexpected:
             raise click.ClickException(f"--init-from: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
         if missing:
-            click.echo(f"--init-from: {len(missing)} tensors not in the file start fresh (e.g. {missing[0]})", err=True)
+            say(f"--init-from: {len(missing)} tensors not in the file start fresh (e.g. {missing[0]})", err=True)
     elif cfg.init == "klt" and state is None:
         from .klt_init import klt_init, sample_crops
 
         info = klt_init(model, sample_crops(split_data(cfg.data, cfg.holdout)[0], seed=cfg.seed).to(device))
-        click.echo(
+        say(
             f"KLT start: the latent keeps {info['energy_stage4']:.2%} of the training crops' energy",
             err=True,
         )
@@ -572,7 +686,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     if cfg.lr_mults:
         frozen = freeze_by_lr_mult(model, cfg)
         if frozen:
-            click.echo(f"--lr-mult: {frozen / 1e6:.2f} M values frozen", err=True)
+            say(f"--lr-mult: {frozen / 1e6:.2f} M values frozen", err=True)
     main_p, scale_p, aux_p = split_params(model)
     groups = param_groups(model, cfg)
     opt = make_adam(groups, cfg.lr)
@@ -593,7 +707,11 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     average = WeightAverage(model, cfg.ema_half_life, (state or {}).get("ema")) if cfg.ema_half_life > 0 else None
     if average is not None and state is not None and not average.resumed:
         why = "an average of other parameters" if state.get("ema") else "no average of these weights"
-        click.echo(f"--ema-half-life: the checkpoint holds {why}; it starts at them", err=True)
+        say(f"--ema-half-life: the checkpoint holds {why}; it starts at them", err=True)
+    sync = None
+    if procs > 1:
+        sync = _StepSync(rank, procs, store, [p for g in opt.param_groups for p in g["params"]])
+        sync.share_weights(list(model.state_dict().values()) + (average.avg if average is not None else []))
     model.train()
 
     files, held_out = split_data(cfg.data, cfg.holdout)
@@ -603,7 +721,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     loader = torch.utils.data.DataLoader(
         CropDataset(files, cfg.crop),
         batch_size=cfg.batch,
-        sampler=StepSampler(len(files), cfg.seed, start=samples),
+        sampler=StepSampler(len(files), cfg.seed, start=samples, share=(cfg.batch, cfg.accum, rank, procs) if procs > 1 else None),
         collate_fn=collate_crops,
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
@@ -615,7 +733,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-    log = open(out_dir / "log.jsonl", "a")
+    log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
     levels = model.num_levels
     bf16 = use_bf16(cfg.bf16, device)
     from .kernels._compile import set_compile
@@ -633,7 +751,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     def stopping() -> bool:
         return stop["signal"] is not None
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in INTERRUPT_SIGNALS}
+    old_handlers = {s: signal.signal(s, on_signal) for s in INTERRUPT_SIGNALS} if rank == 0 else {}
 
     def snapshot() -> dict:
         st = {
@@ -656,22 +774,30 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
 
     t_start = time.time()
     acc = _zero_acc()
+    figure_names = ("loss", "bpp", "mse", "y_bpp", "y_bpp_float")
     try:
-        while step < cfg.steps and stop["signal"] is None:
-            if max_seconds is not None and time.time() - t_start > max_seconds:
+        while True:
+            done = step >= cfg.steps or stop["signal"] is not None or (max_seconds is not None and time.time() - t_start > max_seconds)
+            if sync is not None:
+                done = sync.agree(done)  # the first process decides
+            if done:
                 break
             t0, c0 = time.time(), time.process_time()
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(step, cfg) * g["lr_mult"]
             q = quality_levels(cfg.seed, step, per_step, levels).to(device)
             opt.zero_grad(set_to_none=True)
+            figures = [0.0] * len(figure_names)
             pixels = 0
-            for a in range(cfg.accum):
+            for a in range(rank, cfg.accum, procs):  # this process's batches of the step
                 x = next(batches).to(device, non_blocking=True)
                 pixels += x.shape[0] * x.shape[2] * x.shape[3]
                 if device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 qa = q[a * cfg.batch : (a + 1) * cfg.batch]
+                # the training noise, like the crops, a function of (seed, sample index): the same
+                # whichever process codes the batch
+                torch.manual_seed(_mix(cfg.seed, 3, samples + a * cfg.batch))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = model(x, quality=qa)
                 bpp, mse = rd_terms(out, x)
@@ -680,12 +806,17 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 fbpp = float_y_bpp(out, x)
                 total = loss if fbpp is None else loss + cfg.float_rate_weight * fbpp.mean()
                 (total / cfg.accum).backward()
-                acc["loss"] += loss.item() / cfg.accum
-                acc["bpp"] += bpp.mean().item() / cfg.accum
-                acc["mse"] += mse.mean().item() / cfg.accum
-                acc["y_bpp"] += y_bpp(out, x).mean().item() / cfg.accum
-                if fbpp is not None:
-                    acc["y_bpp_float"] += fbpp.mean().item() / cfg.accum
+                for i, v in enumerate((loss, bpp.mean(), mse.mean(), y_bpp(out, x).mean(), fbpp.mean() if fbpp is not None else None)):
+                    if v is not None:
+                        figures[i] += v.item() / cfg.accum
+            cpu = time.process_time() - c0
+            if sync is not None:  # the gradients and figures of every process's batches
+                *figures, pixels, cpu_all = sync.sum_step([*figures, pixels, cpu])
+                pixels = int(pixels)
+            else:
+                cpu_all = cpu
+            for k, v in zip(figure_names, figures):
+                acc[k] += v
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(main_p + scale_p, cfg.clip)
             opt.step()
@@ -700,10 +831,11 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
             step += 1
             samples += per_step
             elapsed += time.time() - t0
-            totals["cpu_seconds"] += time.process_time() - c0
+            # every process's CPU time; the optimizer's part (after the exchange) taken as this one's
+            totals["cpu_seconds"] += cpu_all + (time.process_time() - c0 - cpu) * procs
             totals["pixels"] += pixels
             totals["steps"] += 1
-            if step % cfg.log_every == 0:
+            if rank == 0 and step % cfg.log_every == 0:
                 n = acc.pop("n")
                 rec = {k: v / n for k, v in acc.items()}
                 rec.update(type="train", step=step, lr=cfg.lr * lr_factor(step - 1, cfg), sec_per_step=(time.time() - t0), train_seconds=round(elapsed, 1), time=time.time(),
@@ -712,7 +844,7 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 acc = _zero_acc()
-            if val_files and cfg.val_every and step % cfg.val_every == 0:
+            if rank == 0 and val_files and cfg.val_every and step % cfg.val_every == 0:
                 val = validate(model, val_files, cfg.val_qualities, device, cfg.val_crop, stop=stopping)
                 if val is not None:  # None: abandoned by a stop signal
                     log.write(json.dumps({"type": "val", "step": step, "time": time.time(), "cpu_hours": round(totals["cpu_seconds"] / 3600, 4), **val}) + "\n")
@@ -726,10 +858,14 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
                 # the factorized prior's quantiles, solved directly (the aux loss alone is far too slow
                 # for the runs we can afford; it keeps them close in between)
                 model.entropy_bottleneck.fit_quantiles()
-                save_checkpoint(ckpt_path, snapshot())
+                if rank == 0:
+                    save_checkpoint(ckpt_path, snapshot())
     finally:
-        save_checkpoint(ckpt_path, snapshot())
-        log.close()
+        if rank == 0:
+            save_checkpoint(ckpt_path, snapshot())
+            log.close()
+        if sync is not None:
+            sync.close()
         set_compile(False)
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -816,7 +952,9 @@ def _parse_lr_mults(ctx, param, values) -> tuple:
 @click.option("--decay-start", default=0.8, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=1, show_default=True)
-@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: default)")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads of each training process (0: torch's default; with --procs, the cores shared out)")
+@click.option("--procs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="training processes that share each step's --accum batches (data parallel; their gradients summed, so the run computes what one process would): on a CPU, two processes of one thread train faster than one of two")
 @click.option("--val-every", default=500, show_default=True)
 @click.option("--val-count", default=6, show_default=True)
 @click.option("--ckpt-every", default=200, show_default=True)

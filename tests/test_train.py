@@ -408,11 +408,12 @@ def test_a_stop_signal_abandons_validation_and_a_second_one_is_answered(tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, data_dir, sig):
+@pytest.mark.parametrize("sig, procs", [("SIGINT", 1), ("SIGTERM", 1), ("SIGTERM", 2)])
+def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, data_dir, sig, procs):
     """Ctrl-C reaches every process of the terminal's foreground group, DataLoader workers included
     (as does ``kill -TERM -PGID``): the run still ends its step, saves its state and exits 130 with
-    one line saying how to continue, instead of failing on a worker the signal killed (exit 1)."""
+    one line saying how to continue, instead of failing on a worker the signal killed (exit 1).
+    With ``--procs 2`` the helper process stops with it, after the same step, and none is left."""
     import os
     import signal
     import subprocess
@@ -424,7 +425,7 @@ def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, dat
     p = subprocess.Popen(
         [sys.executable, "-m", "lalic_codec.cli", "train", "run", "--init-from", str(tiny), "--data", str(data_dir), "--holdout", "1",
          "--val-count", "0", "--batch", "2", "--crop", "64", "--workers", "1", "--threads", "1", "--compile", "off",
-         "--log-every", "1", "--ckpt-every", "100000", "--steps", "100000", "--out", str(run)],
+         "--log-every", "1", "--ckpt-every", "100000", "--steps", "100000", "--out", str(run), "--procs", str(procs), "--accum", str(procs)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -443,3 +444,47 @@ def test_a_signal_to_the_whole_process_group_stops_the_run_cleanly(tmp_path, dat
     assert "internal error" not in err and "codec: error" not in err
     assert f"codec: interrupted: {sig}: training stopped at step {saved['step']}; its state is saved in" in err
     assert saved["step"] >= 2 and f"codec train run --resume {run / 'checkpoint.pt'}" in err
+    deadline = time.time() + 30
+    while time.time() < deadline:  # nothing of the run is left: helpers and data workers are gone
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("processes of the stopped run are still alive")
+
+
+def test_the_processes_of_a_data_parallel_run_share_out_each_steps_batches():
+    files = 7
+    whole = list(zip(range(36), tr.StepSampler(files, seed=4, start=5)))
+    parts = [list(zip(range(18), tr.StepSampler(files, seed=4, start=5, share=(3, 2, r, 2)))) for r in range(2)]
+    items = [x for _, x in whole]
+    # per step of 2 batches of 3: batch 0 to process 0, batch 1 to process 1
+    assert [x for _, x in parts[0]] == [x for i, x in enumerate(items) if (i // 3) % 2 == 0]
+    assert [x for _, x in parts[1]] == [x for i, x in enumerate(items) if (i // 3) % 2 == 1]
+
+
+def test_two_training_processes_compute_what_one_process_does(tmp_path, data_dir):
+    """``--procs 2``: each process codes one of the step's two batches and the gradients are summed,
+    so the weights, the optimizer's state, the moving average and the log's figures are those of
+    one process coding both batches in turn (the same thread count in each: bit for bit)."""
+    kw = dict(steps=3, batch=1, accum=2, threads=1, ema_half_life=2, val_every=0, ckpt_every=2)
+    one = torch.load(tr.train(cfg_for(tmp_path / "one", data_dir, **kw)), weights_only=True)
+    two = torch.load(tr.train(cfg_for(tmp_path / "two", data_dir, procs=2, **kw)), weights_only=True)
+    assert one["step"] == two["step"] == 3 and one["samples"] == two["samples"] == 6
+    for part in ("model", "ema"):
+        for k, v in one[part].items():
+            assert torch.equal(v, two[part][k]), (part, k)
+    moments = lambda st: [t for s in st["optimizer"]["state"].values() for t in s.values() if t.dim()]
+    assert all(torch.equal(a, b) for a, b in zip(moments(one), moments(two)))
+    assert one["totals"]["pixels"] == two["totals"]["pixels"] and two["totals"]["cpu_seconds"] > 0
+    logs = [[json.loads(line) for line in open(tmp_path / run / "run" / "log.jsonl")] for run in ("one", "two")]
+    for a, b in zip(*logs):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["bpp"] == pytest.approx(b["bpp"], rel=1e-5)
+    assert len(logs[0]) == len(logs[1]) == 3
+
+
+def test_procs_must_divide_the_batches_of_a_step(tmp_path, data_dir):
+    with pytest.raises(click.ClickException, match="--procs 2: it must divide --accum"):
+        tr.train(cfg_for(tmp_path, data_dir, procs=2, accum=3))
