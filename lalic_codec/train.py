@@ -1,9 +1,12 @@
 """Training pipeline for the variable-rate default model (``codec train`` / ``python -m lalic_codec.train``).
 
 * Data: any folder of images; random crops (256 by default; a 512 fine-tune crops up to 512 and
-  at most the image) and flips, decoded in DataLoader workers.  Which file, which crop and which
-  quality level every sample gets is a pure function of (seed, sample index), so a resumed run
-  sees exactly the batches an uninterrupted run would have seen.
+  at most the image) and flips, decoded in DataLoader workers.  Which file, which crop, which
+  quality level and which training noise every sample gets is a pure function of (seed, sample
+  index), so a resumed run sees exactly the batches an uninterrupted run would have seen.
+* Processes: ``--procs N`` shares each step's batches out among N processes (data parallel,
+  torch.distributed's gloo backend); their gradients are summed before the step, so the run
+  computes what one process would.
 * Loss: bpp + lambda_q * 255^2 * MSE per sample, with q drawn uniformly from the quality ladder,
   plus the factorized prior's auxiliary quantile loss on its own optimizer.  Adam, linear warm-up,
   constant rate, cosine decay over the last part of the run, gradient clipping; bf16 autocast on CUDA.
