@@ -989,6 +989,8 @@ def run_cmd(resume, max_minutes, **kw):
         given = {k for k in kw if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
         saved = read_training_state(resume)["config"]
         kw = {**asdict(TrainConfig()), **saved, "out": str(Path(resume).parent), **{k: kw[k] for k in given}}
+        if "procs" in given and "threads" not in given:  # the saved thread count was for the saved process count
+            kw["threads"] = 0
     kw["data"] = tuple(kw["data"])
     cfg = TrainConfig(**kw)
     path = train(cfg, resume=resume, max_seconds=None if max_minutes is None else 60 * max_minutes)

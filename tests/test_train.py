@@ -325,6 +325,21 @@ def test_cli_resume_continues_with_the_saved_settings_in_the_same_folder(tmp_pat
     assert bad.exit_code == 5 and len(bad.output.strip().splitlines()) == 1, bad.output
 
 
+def test_cli_resume_with_other_procs_shares_the_cores_unless_threads_are_given(tmp_path, data_dir, monkeypatch):
+    """The saved thread count was for the saved number of processes: `--procs` given alone goes
+    back to sharing the cores out (`--threads 0`); given beside it, `--threads` holds."""
+    from click.testing import CliRunner
+
+    ckpt = tr.train(cfg_for(tmp_path, data_dir, steps=0, threads=2))
+    seen = []
+    monkeypatch.setattr(tr, "train", lambda cfg, resume, max_seconds: seen.append(cfg) or ckpt)
+    for args in ([], ["--procs", "2", "--accum", "2"], ["--procs", "2", "--accum", "2", "--threads", "1"]):
+        res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), *args])
+        assert res.exit_code == 0, res.output
+    assert [(c.procs, c.threads) for c in seen] == [(1, 2), (2, 0), (2, 1)]
+    assert tr._threads(seen[1]) == max(1, tr._cores() // 2)
+
+
 def test_moving_average_of_the_weights(tmp_path, data_dir, capsys):
     """--ema-half-life H: after each step avg += (1 - d) (w - avg), d = 2^(-1/H), starting at the
     first weights; it resumes exactly, is validated beside the weights and exported with --ema."""
