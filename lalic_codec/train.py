@@ -10,7 +10,8 @@
 * Loss: bpp + lambda_q * 255^2 * MSE per sample, with q drawn uniformly from the quality ladder,
   plus the factorized prior's auxiliary quantile loss on its own optimizer.  Adam, linear warm-up,
   constant rate, cosine decay over the last part of the run, gradient clipping; bf16 autocast on CUDA.
-* Checkpoints hold model, optimizers, scheduler, step and RNG state; a JSONL log holds losses and
+* Checkpoints hold model, optimizers, step and sample count (the data and the training noise
+  follow from them and the seed); a JSONL log holds losses and
   periodic validation (estimated bpp and PSNR at several qualities on a few validation images).
 * ``export`` turns a checkpoint into the shipped safetensors file (fp16 transforms, the entropy
   model's large weights int8 with a scale per row, int32 CDF tables).
@@ -598,6 +599,7 @@ class _StepSync:
         self.dist = dist
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=procs)
         self.params = params
+        self.total = sum(p.numel() for p in params)
 
     def share_weights(self, tensors) -> None:
         for t in tensors:
@@ -617,18 +619,17 @@ class _StepSync:
         ps = self.params
         parts = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in ps]
         has = torch.tensor([p.grad is not None for p in ps], dtype=torch.float32)
-        flat = torch.cat([*(g.float() for g in parts), has, torch.tensor(figures, dtype=torch.float32)])
+        flat = torch.cat([*parts, has, torch.tensor(figures, dtype=torch.float32)])
         self.dist.all_reduce(flat)
-        offset = 0
-        for p, n, h in zip(ps, [p.numel() for p in ps], flat[sum(p.numel() for p in ps) :].tolist()):
+        grads = flat[: self.total].split([p.numel() for p in ps])
+        for p, g, h in zip(ps, grads, flat[self.total : self.total + len(ps)].tolist()):
             if h:
                 if p.grad is None:
                     p.grad = torch.empty_like(p)
-                p.grad.copy_(flat[offset : offset + n].view(p.shape))
+                p.grad.copy_(g.view(p.shape))
             else:
                 p.grad = None
-            offset += n
-        return flat[offset + len(ps) :].tolist()
+        return flat[self.total + len(ps) :].tolist()
 
     def close(self) -> None:
         self.dist.destroy_process_group()
@@ -731,11 +732,7 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
         prefetch_factor=4 if cfg.workers > 0 else None,
         worker_init_fn=_worker_ignores_stop_signals if cfg.workers > 0 else None,
     )
-    batches = iter(loader)  # draws worker seeds from the global RNG: before restoring it
-    if state is not None:
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
+    batches = iter(loader)
     log = open(out_dir / "log.jsonl", "a") if rank == 0 else None
     levels = model.num_levels
     bf16 = use_bf16(cfg.bf16, device)
@@ -767,10 +764,7 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
             "train_seconds": elapsed,
             "totals": dict(totals),
             "device": device.type,
-            "rng": torch.get_rng_state(),
         }
-        if device.type == "cuda":
-            st["cuda_rng"] = torch.cuda.get_rng_state()
         if average is not None:
             st["ema"] = average.state_dict()
         return st
