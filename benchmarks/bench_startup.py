@@ -18,7 +18,7 @@ from lalic_codec.formats import container as fmt
 
 def sample_file(folder: Path) -> Path:
     header = fmt.Header(
-        model_id="default-v9", weights_fingerprint=bytes(16), quality=4.0, width=768, height=512,
+        model_id="default-v10", weights_fingerprint=bytes(16), quality=4.0, width=768, height=512,
         colour_mode=fmt.ColourMode.RGB, bit_depth=8, device_class=1, streams_per_tile=11,
     )
     tile = fmt.Tile(0, 0, 768, 512, (0, 0, 0, 0), [bytes(1000)] * 11)

@@ -8,7 +8,7 @@ backward take beyond the sum of the parts (the rate and distortion terms, quanti
 concatenations).
 
     python benchmarks/bench_train_step.py [--batch 8] [--crop 128] [--threads 2] [--steps 10]
-                                          [--weights models/default-v9.safetensors] [--compile auto|on|off]
+                                          [--weights models/default-v10.safetensors] [--compile auto|on|off]
                                           [--profile]
 
 ``--profile`` also prints the operators that take the most time (torch.profiler, self CPU).

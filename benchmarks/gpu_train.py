@@ -17,7 +17,7 @@ round, so that the minutes go into training rather than into setting it up:
 3. here, continue on the CPU from the returned weights (``codec train run --init-from``) or
    evaluate them (``codec bench --weights default=...``).
 
-    python benchmarks/gpu_train.py prepare --init models/default-v9.safetensors [--data-mib 28]
+    python benchmarks/gpu_train.py prepare --init models/default-v10.safetensors [--data-mib 28]
     # on the device, from the repository root, carrying .gpu:
     python3 benchmarks/gpu_train.py device $OUT --minutes 7 [--batch 16] [--lr 1e-4]
 

@@ -174,7 +174,7 @@ class Codec:
 
     @property
     def model_id(self) -> str:
-        """The model id written in every file this codec makes (``default-v9``, ``lalic``...)."""
+        """The model id written in every file this codec makes (``default-v10``, ``lalic``...)."""
         return self._lm.model_id
 
     @property

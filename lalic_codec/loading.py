@@ -20,14 +20,14 @@ from .models.checkpoints import fingerprint, load_state_dict_file
 
 MODELS_DIR = Path(_models_pkg.__file__).resolve().parent  # works for wheel and editable installs
 #: bundled variable-rate model: model id -> weights file inside the package
-BUNDLED = {"default-v9": "default-v9.safetensors"}
-DEFAULT_MODEL = "default-v9"
+BUNDLED = {"default-v10": "default-v10.safetensors"}
+DEFAULT_MODEL = "default-v10"
 #: bundled models of earlier versions: model id -> (its weights file, a commit that holds it)
 RETIRED = {"default-v1": ("default-v1.safetensors", "87fa0ac"), "default-v2": ("default-v2.safetensors", "caecd4e"),
            "default-v3": ("default-v3.safetensors", "5763145"), "default-v4": ("default-v4.safetensors", "b5b79d9"),
            "default-v5": ("default-v5.safetensors", "c71b065"), "default-v6": ("default-v6.safetensors", "0536dc0"),
            "default-v7": ("default-v7.safetensors", "f9a1f07"),
-           "default-v8": ("default-v8.safetensors", "ec0dd90")}
+           "default-v8": ("default-v8.safetensors", "ec0dd90"), "default-v9": ("default-v9.safetensors", "22bb939")}
 
 
 @dataclass

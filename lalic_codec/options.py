@@ -16,7 +16,7 @@ from .imaging import OUTPUT_FORMATS
 MODELS = ("default", "lalic", "mambaic")
 
 
-MODEL_ALIASES = ("default-v9", "lalic-vr")
+MODEL_ALIASES = ("default-v10", "lalic-vr")
 
 
 def max_pixels_option(f):
