@@ -599,7 +599,8 @@ class _StepSync:
         self.dist = dist
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=procs)
         self.params = params
-        self.total = sum(p.numel() for p in params)
+        self.sizes = [p.numel() for p in params]
+        self.total = sum(self.sizes)
 
     def share_weights(self, tensors) -> None:
         for t in tensors:
@@ -621,7 +622,7 @@ class _StepSync:
         has = torch.tensor([p.grad is not None for p in ps], dtype=torch.float32)
         flat = torch.cat([*parts, has, torch.tensor(figures, dtype=torch.float32)])
         self.dist.all_reduce(flat)
-        grads = flat[: self.total].split([p.numel() for p in ps])
+        grads = flat[: self.total].split(self.sizes)
         for p, g, h in zip(ps, grads, flat[self.total : self.total + len(ps)].tolist()):
             if h:
                 if p.grad is None:
@@ -640,9 +641,10 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
     procs = cfg.procs if store is not None else 1
     say = click.echo if rank == 0 else (lambda *a, **k: None)
     tune_allocator()
-    if _threads(cfg):
-        torch.set_num_threads(_threads(cfg))
-    if procs > 1 and _threads(cfg) * procs > _cores():
+    threads = _threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    if procs > 1 and threads * procs > _cores():
         say(f"--procs {procs} --threads {cfg.threads}: {procs * cfg.threads} threads on {_cores()} cores (--threads is per process)", err=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.out)
