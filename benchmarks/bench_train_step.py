@@ -9,7 +9,7 @@ concatenations).
 
     python benchmarks/bench_train_step.py [--batch 8] [--crop 128] [--threads 2] [--steps 10]
                                           [--weights models/default-v10.safetensors] [--compile auto|on|off]
-                                          [--profile]
+                                          [--profile] [--denormals flush|keep]
 
 ``--profile`` also prints the operators that take the most time (torch.profiler, self CPU).
 """
@@ -87,11 +87,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--weights", default=None, help="start from these weights and their architecture (default: random, the default architecture)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--denormals", choices=["flush", "keep"], default="flush", help="subnormal floats as zero (as codec train run) or computed in full")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as codec train run --bf16")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile of the CPU fast paths, as codec train run --compile")
     ap.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last", help="memory layout of images and convolution weights")
     args = ap.parse_args()
     tune_allocator()
+    if args.denormals == "flush":  # as `codec train run` does (_runtime.denormals_flushed), before the thread pool starts
+        torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -172,7 +175,7 @@ def main() -> None:
 
     px = args.batch * args.crop * args.crop
     print(f"training step, batch {args.batch} x {args.crop}x{args.crop}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, "
-          f"compiled fast paths {'on' if compile_enabled() else 'off'}, torch {torch.__version__}")
+          f"compiled fast paths {'on' if compile_enabled() else 'off'}, denormals {args.denormals}, torch {torch.__version__}")
     print(f"  first step {first_s:.1f} s (compilation included)")
     print(f"  step {step_s:.3f} s  ->  {px / step_s:,.0f} pixels/s")
     print(f"  {'part':<46} {'s/step':>8} {'share':>7}")

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from ._paths import shared_dir
-from ._runtime import tune_allocator
+from ._runtime import denormals_flushed, tune_allocator
 from .errors import Interrupted
 from .exits import INTERRUPT_SIGNALS, exit_codes
 from .imaging import IMAGE_SUFFIXES
@@ -546,12 +546,13 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     if cfg.procs < 1 or cfg.accum % cfg.procs:
         raise click.ClickException(f"--procs {cfg.procs}: it must divide --accum ({cfg.accum}): each process codes whole batches")
     if cfg.procs == 1:
-        return _train(cfg, resume, max_seconds)
+        with denormals_flushed():
+            return _train(cfg, resume, max_seconds)
     import multiprocessing
     import tempfile
 
     spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch runs threads
-    with tempfile.TemporaryDirectory(prefix="lalic-train-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lalic-train-") as tmp, denormals_flushed():
         store = os.path.join(tmp, "store")  # torch.distributed's rendezvous file
         helpers = [spawn.Process(target=_helper, args=(r, store, cfg, resume), name=f"codec-train-{r}") for r in range(1, cfg.procs)]
         for h in helpers:
@@ -571,7 +572,8 @@ def _helper(rank: int, store: str, cfg: TrainConfig, resume: str | None) -> None
     process decides when every process stops (after a whole step, with the state saved)."""
     for s in INTERRUPT_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-    _train(cfg, resume, None, rank=rank, store=store)
+    with denormals_flushed():
+        _train(cfg, resume, None, rank=rank, store=store)
 
 
 def _threads(cfg: TrainConfig) -> int:
