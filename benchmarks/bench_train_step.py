@@ -10,8 +10,12 @@ concatenations).
     python benchmarks/bench_train_step.py [--batch 8] [--crop 128] [--threads 2] [--steps 10]
                                           [--weights models/default-v10.safetensors] [--compile auto|on|off]
                                           [--profile] [--denormals flush|keep]
+                                          [--images DIR] [--quality Q]
 
 ``--profile`` also prints the operators that take the most time (torch.profiler, self CPU).
+The synthetic input (smooth noise) does not cost what photos do: ``--images DIR`` times the centre
+crops of real ones (``--quality``: all at one quality; the latent residual prediction's backward
+passes met subnormal floats at high qualities, see ``--denormals``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def _parts(model) -> dict[str, list[torch.nn.Module]]:
         "parameter networks + checkerboard context": [m for g in cg.latent_codec.values() for m in (g.entropy_parameters, g.context_prediction)],
         "Gaussian likelihoods": [g.gaussian_conditional for g in cg.latent_codec.values()],
     }
+    if cg.residual_prediction is not None:
+        parts["latent residual prediction"] = list(cg.residual_prediction.values())
     if model.scale_path is not None:
         sp = model.scale_path
         parts["integer scale path"] = [sp.hyper, *[m for m in sp.channel_ctx if not isinstance(m, torch.nn.Identity)], *sp.spatial_ctx, *sp.heads]
@@ -87,6 +93,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--weights", default=None, help="start from these weights and their architecture (default: random, the default architecture)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--quality", type=float, default=None, help="every crop at this quality (default: drawn as training draws them)")
+    ap.add_argument("--images", default=None, help="a folder of photos: time their centre crops instead of a synthetic smooth input")
     ap.add_argument("--denormals", choices=["flush", "keep"], default="flush", help="subnormal floats as zero (as codec train run) or computed in full")
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as codec train run --bf16")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile of the CPU fast paths, as codec train run --compile")
@@ -113,11 +121,17 @@ def main() -> None:
     main_p, scale_p, aux_p = tr.split_params(model)
     opt = tr.make_adam(tr.param_groups(model, cfg), 1e-5)
     aux_opt = tr.make_adam(aux_p, 1e-5)
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(args.batch, 3, args.crop, args.crop, generator=g)
-    # a smooth, image-like input: random noise upsampled, so rates resemble real crops
-    x = torch.nn.functional.interpolate(torch.rand(args.batch, 3, args.crop // 8, args.crop // 8, generator=g), size=args.crop, mode="bicubic").clamp(0, 1) * 0.8 + 0.2 * x
-    q = tr.quality_levels(0, 0, args.batch, model.num_levels)
+    if args.images:  # real photos: the centre crops of the first `batch` images, cut to the smallest
+        files = tr.list_images(args.images)[: args.batch]
+        if len(files) < args.batch:
+            ap.error(f"--images {args.images}: {len(files)} images, fewer than --batch {args.batch}")
+        x = tr.collate_crops([tr.centre_crop(f, args.crop)[0] for f in files])
+    else:
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(args.batch, 3, args.crop, args.crop, generator=g)
+        # a smooth, image-like input: random noise upsampled, so rates resemble real crops
+        x = torch.nn.functional.interpolate(torch.rand(args.batch, 3, args.crop // 8, args.crop // 8, generator=g), size=args.crop, mode="bicubic").clamp(0, 1) * 0.8 + 0.2 * x
+    q = tr.quality_levels(0, 0, args.batch, model.num_levels) if args.quality is None else torch.full((args.batch,), float(args.quality))
     if args.layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -173,8 +187,8 @@ def main() -> None:
         part_s[name] = _time(replay, args.steps)
     model.zero_grad(set_to_none=True)
 
-    px = args.batch * args.crop * args.crop
-    print(f"training step, batch {args.batch} x {args.crop}x{args.crop}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, "
+    px = x.shape[0] * x.shape[2] * x.shape[3]
+    print(f"training step, batch {args.batch} x {x.shape[2]}x{x.shape[3]} ({args.images or 'synthetic'}), qualities {q.tolist()}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, "
           f"compiled fast paths {'on' if compile_enabled() else 'off'}, denormals {args.denormals}, torch {torch.__version__}")
     print(f"  first step {first_s:.1f} s (compilation included)")
     print(f"  step {step_s:.3f} s  ->  {px / step_s:,.0f} pixels/s")
