@@ -6,6 +6,8 @@ training learns beside the integer path (``--float-rate-weight``).  Both paths s
 so the dequantised latent and the decoded image are identical: the distortion is equal by
 construction and the comparison is of y bytes alone.  This script codes every image twice, with
 real range-coded streams, and prints the y rate of each path and the integer path's overhead.
+Give it weights whose tables are the Gaussians (``codec train export``'s), not tables fitted by
+``codec train fit-tables``: those follow the integer path's choices and would favour it.
 
     python benchmarks/bench_int_path.py [--weights W | --checkpoint runs/X/checkpoint.pt]
                                         [--images ../shared/data/kodak] [--count 24]

@@ -1066,6 +1066,49 @@ def fit_int_path_cmd(checkpoint, out, cpu_minutes, batches, layout, lr, threads)
     click.echo(f"checkpoint: {dest}")
 
 
+@cli.command("fit-tables")
+@click.argument("weights")
+@click.argument("out")
+@click.option("--images", default=64, show_default=True, type=click.IntRange(min=1),
+              help="training images to encode (spread over the training part of --data; never the held-out ones)")
+@click.option("--crop", default=512, show_default=True, type=click.IntRange(min=64), help="centre crop of each image, at most this (multiples of 64)")
+@click.option("--qualities", default="1,2,3,4,5,6,7,8", show_default=True, help="qualities each image is encoded at")
+@click.option("--prior-weight", default=100.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="weight of the Gaussian tables against the counts, in symbols")
+@click.option("--data", multiple=True, default=DEFAULT_TRAIN_DIRS, show_default=True, help="folder of training images (repeat to pool several)")
+@click.option("--holdout", default=24, show_default=True, help="images of --data held out by `codec train run` (left out here too)")
+@click.option("--threads", default=0, show_default=True, help="torch CPU threads (0: default)")
+@exit_codes()
+def fit_tables_cmd(weights, out, images, crop, qualities, prior_weight, data, holdout, threads):
+    """Write WEIGHTS to OUT with y's CDF tables fitted to the symbols its encoder codes for
+    training images (FORMAT.md 12.1: same rows, new frequencies); every other tensor is copied
+    as it is.  Files made with OUT decode with OUT only (its fingerprint differs)."""
+    from .table_fit import fit_tables
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        qs = [float(v) for v in qualities.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{qualities!r}: numbers separated by commas", param_hint="--qualities") from None
+    if not qs or any(not 1 <= q <= 8 for q in qs):
+        raise click.BadParameter(f"{qualities!r}: qualities from 1 to 8", param_hint="--qualities")
+    train_files, _ = split_data(tuple(data), holdout)
+    if not train_files:
+        raise click.ClickException("no training images in --data")
+    step = max(1, len(train_files) // images)
+    files = train_files[::step][:images]
+    t0 = time.time()
+    images = [x for x in (centre_crop(f, crop) for f in files) if x.shape[-1] and x.shape[-2]]  # under 64 pixels: empty
+    try:
+        res = fit_tables(weights, out, images, qs, prior_weight, note={"crop": crop}, log=lambda m: click.echo(m, err=True))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{res['symbols']:,} symbols of {res['images']} images at {len(qs)} qualities in {time.time() - t0:.0f} s: "
+               f"{res['bits_before'] / 8e3:,.1f} -> {res['bits_after'] / 8e3:,.1f} kB under the fitted tables "
+               f"({100 * (res['bits_after'] / res['bits_before'] - 1):+.2f} %, in sample); wrote {out}")
+
+
 def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
     """Adam state without the entries of parameters whose names start with ``prefix``."""
     names = [n for g in saved["param_groups"] for n in g.get("names", [])]

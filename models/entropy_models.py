@@ -12,6 +12,7 @@ codes with exactly the same tables.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -316,20 +317,39 @@ class GaussianConditional(EntropyModel):
 
         Each element's symbol is ``round(residual)`` or, where that is not 0, the next integer
         towards 0, whichever costs less in ``(residual - symbol)^2 + lagrangian * bits(symbol)``,
-        with ``bits`` the code length under the element's table scale (the Gaussian the table
-        holds, at most 16 bits: the tables' precision).  Decisions ignore what a symbol changes
-        in the contexts of later ones; ``lagrangian`` is tuned for that (``rdo_lagrangian`` of
-        the model)."""
+        with ``bits`` the symbol's code length under the element's CDF table (:meth:`symbol_bits`:
+        what the range coder spends on it, whatever distribution the table holds).  Decisions
+        ignore what a symbol changes in the contexts of later ones; ``lagrangian`` is tuned for
+        that (``rdo_lagrangian`` of the model)."""
         s0 = torch.round(residual)
+        if lagrangian <= 0:
+            return s0.int()
         s1 = s0 - torch.sign(s0)
-        scales = self.scale_table.to(residual.device, residual.dtype)[indexes.long()]
-
-        def bits(s):
-            return -torch.log2(self.likelihood(s, scales).clamp(min=2.0**-16))
-
-        cost0 = (residual - s0).square() + lagrangian * bits(s0)
-        cost1 = (residual - s1).square() + lagrangian * bits(s1)
+        cost0 = (residual - s0).square() + lagrangian * self.symbol_bits(s0, indexes).to(residual.dtype)
+        cost1 = (residual - s1).square() + lagrangian * self.symbol_bits(s1, indexes).to(residual.dtype)
         return torch.where(cost1 < cost0, s1, s0).int()
+
+    def symbol_bits(self, symbols: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
+        """Bits the range coder spends on each (integer-valued) symbol under the table its index
+        names (float64): ``-log2`` of the symbol's 16-bit frequency, and for a value outside the
+        row's range its escape symbol's, the escape class's ``log2(33)`` and the class's payload
+        bits (FORMAT.md 12.4)."""
+        tables = self.tables()
+        cache = getattr(self, "_bits_cache", None)
+        if cache is None or cache[0] is not tables or cache[1] != symbols.device:
+            lengths = torch.from_numpy(tables.code_lengths()).to(symbols.device)
+            offset = torch.from_numpy(tables.offset.astype(np.int64)).to(symbols.device)
+            escape = torch.from_numpy(tables.num_symbols() - 1).to(symbols.device)
+            cache = self._bits_cache = (tables, symbols.device, lengths, offset, escape)
+        lengths, offset, escape = cache[2:]
+        idx = indexes.long()
+        t = symbols.long() - offset[idx]
+        esc = escape[idx]
+        inside = (t >= 0) & (t < esc)
+        bits = lengths[idx, torch.where(inside, t, esc)]
+        e = torch.where(t < 0, -2 * t - 1, 2 * (t - esc))  # the escape's class is floor(log2(e + 1))
+        extra = math.log2(33) + torch.floor(torch.log2((e + 1).clamp(min=1).double()))
+        return torch.where(inside, bits, bits + extra)
 
     def decompress(self, data: bytes, indexes: torch.Tensor) -> torch.Tensor:
         """The symbols of a :meth:`compress` stream (shaped like ``indexes``, on its device)."""

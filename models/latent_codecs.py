@@ -84,8 +84,9 @@ class StreamCoder:
 
     ``StreamCoder()`` encodes: nodes :meth:`write` their streams.  ``StreamCoder(streams)``
     decodes: nodes :meth:`read` them back in the same order.  With ``trace`` an encoder also
-    keeps, stream by stream, the means and table indexes it coded with (``trace["means"]``,
-    ``trace["scale_indexes"]``; conformance tests compare them with the official model's).
+    keeps, stream by stream, the means, table indexes and symbols of y it coded with
+    (``trace["means"]``, ``trace["scale_indexes"]``, ``trace["symbols"]``; conformance tests compare
+    the first two with the official model's, ``codec train fit-tables`` counts the others).
     ``rdo`` > 0 makes the Gaussian leaves choose their symbols by rate-distortion-optimised
     rounding with that Lagrangian (``GaussianConditional.rd_symbols``) instead of plain rounding.
     """
@@ -95,7 +96,7 @@ class StreamCoder:
         self.rdo = float(rdo)
         self.streams: list[bytes] = [] if streams is None else list(streams)
         self.names: list[str] = []
-        self.trace: dict | None = {"means": [], "scale_indexes": []} if trace else None
+        self.trace: dict | None = {"means": [], "scale_indexes": [], "symbols": []} if trace else None
         self._path: list[str] = []
         self.segments: SegmentEncoder | SegmentDecoder | None = None
         if merged:  # the tile's streams as segments of one stream (FORMAT.md 12.8)
@@ -204,6 +205,7 @@ class GaussianConditionalLatentCodec(LatentCodec):
             if io.trace is not None:
                 io.trace["means"].append(means)
                 io.trace["scale_indexes"].append(indexes)
+                io.trace["symbols"].append(sym)
         else:
             sym = io.take(name, indexes, gc.tables())
         return sym.to(means.dtype)

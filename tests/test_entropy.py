@@ -21,10 +21,12 @@ from lalic_codec.entropy.coder import (
 )
 from lalic_codec.entropy.tables import (
     CdfTables,
+    fit_cdf_tables,
     gaussian_cdf_tables,
     gaussian_scale_table,
     pmf_to_cdf_tables,
     pmf_to_quantized_cdf,
+    symbol_counts,
 )
 from lalic_codec.errors import CorruptFileError
 
@@ -300,6 +302,43 @@ def test_each_tables_object_codes_with_its_own_tables():
         del t
     assert len(streams) == 4 and first_stream not in streams  # the tables really differ
     assert encode_with_indexes(s, idx, first) == first_stream
+
+
+# --------------------------------------------------------------------------------------
+# tables fitted to coded symbols
+# --------------------------------------------------------------------------------------
+
+
+def test_code_lengths_and_symbol_counts_follow_the_rows(gauss):
+    bits = gauss.code_lengths()
+    for i in (0, 17, 63):
+        m = int(gauss.cdf_length[i]) - 1
+        np.testing.assert_array_equal(bits[i, :m], -np.log2(gauss.frequencies(i) / 65536))
+        assert np.isinf(bits[i, m:]).all()
+    off = int(gauss.offset[0])  # row 0 holds -1, 0, 1 and the escape
+    c = symbol_counts(gauss, np.array([0, 0, 0, 0, 0, 5]), np.array([0, 0, 1, -1, 7, -50]))
+    assert c.shape == bits.shape and c.sum() == 6
+    assert c[0, -off] == 2 and c[0, 1 - off] == 1 and c[0, -1 - off] == 1
+    assert c[0, int(gauss.cdf_length[0]) - 2] == 1  # 7 is outside row 0: its escape
+    assert c[5, int(gauss.cdf_length[5]) - 2] == 1
+    with pytest.raises(ValueError, match="outside"):
+        symbol_counts(gauss, np.array([64]), np.array([0]))
+
+
+def test_fitted_tables_keep_their_rows_and_follow_the_counts(gauss):
+    counts = np.zeros(gauss.code_lengths().shape)
+    assert all(np.array_equal(a, b) for a, b in zip(fit_cdf_tables(gauss, counts), gauss))  # no counts: the base
+    rng = np.random.default_rng(1)
+    sym, idx = sample_latent(rng, 200_000, gaussian_scale_table(), spread=0.5)  # narrower than each row's Gaussian
+    fitted = fit_cdf_tables(gauss, symbol_counts(gauss, idx, sym), prior_weight=10)
+    fitted.validate()
+    assert np.array_equal(fitted.cdf_length, gauss.cdf_length) and np.array_equal(fitted.offset, gauss.offset)
+    held, held_idx = sample_latent(rng, 100_000, gaussian_scale_table(), spread=0.5)
+    bytes_gauss, bytes_fitted = (len(encode_with_indexes(held, held_idx, t)) for t in (gauss, fitted))
+    assert bytes_fitted < 0.95 * bytes_gauss  # new symbols of the same source code smaller
+    np.testing.assert_array_equal(decode_with_indexes(encode_with_indexes(held, held_idx, fitted), held_idx, fitted), held)
+    with pytest.raises(ValueError, match="shape"):
+        fit_cdf_tables(gauss, counts[:, :-1])
 
 
 # --------------------------------------------------------------------------------------

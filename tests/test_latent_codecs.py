@@ -8,10 +8,14 @@ registry and knows it only through the base class.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from conftest import TINY, natural_image
+from lalic_codec.entropy.tables import fit_cdf_tables
 from lalic_codec.formats import container
 from lalic_codec.models import registry
 from lalic_codec.models.base import CodingModel
@@ -141,12 +145,24 @@ def test_a_name_is_registered_once():
         registry.register("lalic")(type("Other", (CodingModel,), {}))
 
 
-def _bits(s: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Code length of integer symbols under zero-mean Gaussians (written out, not the model's)."""
-    a = s.abs().double()
-    sig = scales.double().clamp(min=0.11)
-    p = torch.special.ndtr((0.5 - a) / sig) - torch.special.ndtr((-0.5 - a) / sig)
-    return -torch.log2(p.clamp(min=2.0**-16))
+def _bits(gc: GaussianConditional, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """What the range coder spends on integer symbols under their tables (written out from the
+    tables' frequencies and FORMAT.md 12.4, not the model's): an escaped value costs the escape
+    symbol, the Uniform(33) class and the class's payload bits."""
+    t = gc.tables()
+    out = torch.empty(s.shape, dtype=torch.float64)
+    for i in idx.unique().tolist():
+        at = idx == i
+        freq = t.frequencies(i)
+        esc = len(freq) - 1
+        k = s[at].long() - int(t.offset[i])
+        inside = (k >= 0) & (k < esc)
+        bits = torch.full(k.shape, -math.log2(freq[esc] / 65536), dtype=torch.float64)
+        bits[inside] = torch.from_numpy(-np.log2(freq[k[inside].numpy()] / 65536))
+        e = torch.where(k < 0, -2 * k - 1, 2 * (k - esc))[~inside]
+        bits[~inside] += math.log2(33) + torch.tensor([math.floor(math.log2(v + 1)) for v in e.tolist()], dtype=torch.float64)
+        out[at] = bits
+    return out
 
 
 def test_rd_rounding_takes_the_cheaper_of_round_and_one_step_towards_zero():
@@ -157,18 +173,34 @@ def test_rd_rounding_takes_the_cheaper_of_round_and_one_step_towards_zero():
     idx = torch.randint(0, 64, r.shape, dtype=torch.int32)
     s0 = torch.round(r).double()
     assert torch.equal(gc.rd_symbols(r, idx, 0.0), s0.int())  # Lagrangian 0: plain rounding
-    scales = gc.scale_table[idx.long()]
+    assert (_bits(gc, s0, idx) > 20).any()  # some values escape their narrow tables
     for lagrangian in (0.02, 0.1, 0.5):
         s = gc.rd_symbols(r, idx, lagrangian).double()
         moved = s != s0
         assert torch.equal(s[moved], (s0 - torch.sign(s0))[moved])  # only ever one step towards 0
         assert moved.any() and (s0[moved] != 0).all()
-        cost = (r - s).square() + lagrangian * _bits(s, scales)
-        cost0 = (r - s0).square() + lagrangian * _bits(s0, scales)
-        assert (cost <= cost0 + 1e-9).all() and (cost[moved] < cost0[moved]).all()
-    # a residual of 0.6 under the narrowest table: 1 costs about 16 bits, 0 almost none
+        cost = (r - s).square() + lagrangian * _bits(gc, s, idx)
+        cost0 = (r - s0).square() + lagrangian * _bits(gc, s0, idx)
+        cost1 = (r - (s0 - torch.sign(s0))).square() + lagrangian * _bits(gc, s0 - torch.sign(s0), idx)
+        assert torch.allclose(cost, torch.minimum(cost0, torch.where(s0 != 0, cost1, cost0)), rtol=0, atol=1e-6)
+    # a residual of 0.6 under the narrowest table: 1 costs 16 bits, 0 almost none
     one = torch.tensor([0.6]), torch.tensor([0], dtype=torch.int32)
     assert gc.rd_symbols(*one, 0.0).item() == 1 and gc.rd_symbols(*one, 0.05).item() == 0
+
+
+def test_rd_rounding_follows_the_tables_it_codes_with():
+    """With tables that make a symbol cheap (here 1 under the narrowest table, which a Gaussian of
+    scale 0.11 makes 16 bits), the rounding keeps it where the Gaussian would have moved it to 0."""
+    gc = GaussianConditional()
+    gc.update_scale_table(force=True)
+    one = torch.tensor([0.6]), torch.tensor([0], dtype=torch.int32)
+    assert gc.rd_symbols(*one, 0.05).item() == 0
+    t = gc.tables()
+    counts = np.zeros(t.code_lengths().shape)
+    counts[0, 1 - int(t.offset[0])] = counts[0, -int(t.offset[0])] = 10**6  # as many 1s as 0s
+    gc._set_tables(*fit_cdf_tables(t, counts))
+    assert gc.symbol_bits(torch.tensor([1.0]), one[1]).item() < 1.1
+    assert gc.rd_symbols(*one, 0.05).item() == 1
 
 
 def test_rd_rounded_symbols_decode_and_cost_fewer_bytes():

@@ -267,7 +267,7 @@ def test_fit_int_path_changes_only_the_path_and_never_worsens_held_out_rate(tmp_
     tr.train(cfg_for(tmp_path, data_dir, steps=3, holdout=2), resume=str(out))
 
 
-@pytest.mark.parametrize("args", [["train", "-h"], ["train", "run", "-h"], ["train", "export", "-h"], ["train", "fit-int-path", "-h"]])
+@pytest.mark.parametrize("args", [["train", "-h"], ["train", "run", "-h"], ["train", "export", "-h"], ["train", "fit-int-path", "-h"], ["train", "fit-tables", "-h"]])
 def test_train_help_with_short_option(args):
     import subprocess
     import sys
@@ -541,3 +541,39 @@ def test_threads_started_while_subnormals_are_flushed_flush_them_too():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "1"]
+
+
+def test_fit_tables_refits_only_y_tables_and_files_decode_with_the_fitted_weights(tmp_path, data_dir):
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from lalic_codec import loading, pipeline
+    from lalic_codec.errors import CodecError
+
+    ckpt = tr.train(cfg_for(tmp_path, data_dir, steps=1, val_count=0, holdout=2))
+    src, out = tr.export(ckpt, tmp_path / "w.safetensors"), tmp_path / "fit.safetensors"
+    args = ["fit-tables", str(src), str(out), "--data", str(data_dir), "--holdout", "2", "--crop", "64", "--qualities", "1,8", "--threads", "1"]
+    res = CliRunner().invoke(tr.cli, args)
+    assert res.exit_code == 0, res.output
+    before, after = (float(v.replace(",", "")) for v in re.search(r"([\d,.]+) -> ([\d,.]+) kB", res.output).groups())
+    assert after < before  # the counted symbols cost less under tables fitted to them
+    with safe_open(str(src), "pt") as a, safe_open(str(out), "pt") as b:
+        assert a.keys() == b.keys()
+        changed = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+        meta_a, meta_b = a.metadata(), b.metadata()
+    assert len(changed) == 1 and changed[0].endswith("gaussian_conditional._quantized_cdf")
+    note = json.loads(meta_b.pop("y_tables"))
+    assert meta_a == meta_b and note["images"] == 3 and note["qualities"] == [1.0, 8.0]  # small.jpg is under 64 pixels
+    old, new = (loading.load_model("x", w, "cpu") for w in (src, out))
+    assert old.fingerprint != new.fingerprint
+    t0, t1 = old.model.gaussian_conditionals()[0].tables(), new.model.gaussian_conditionals()[0].tables()
+    t1.validate()
+    assert np.array_equal(t0.cdf_length, t1.cdf_length) and np.array_equal(t0.offset, t1.offset)
+    assert all(gc.tables() is t1 or np.array_equal(gc.tables().quantized_cdf, t1.quantized_cdf) for gc in new.model.gaussian_conditionals())
+    img = Image.fromarray(natural_image(96, 80, seed=3))
+    data = pipeline.encode_image(img, new, 2).data
+    assert pipeline.decode_bytes(data, out, "cpu").image.size == (80, 96)
+    with pytest.raises(CodecError, match="weights"):
+        pipeline.decode_bytes(data, src, "cpu")
+    res = CliRunner().invoke(tr.cli, args[:3] + ["--qualities", "0,9"])
+    assert res.exit_code == 2 and "qualities from 1 to 8" in res.output

@@ -38,6 +38,8 @@ __all__ = [
     "pmf_to_cdf_tables",
     "gaussian_scale_table",
     "gaussian_cdf_tables",
+    "symbol_counts",
+    "fit_cdf_tables",
 ]
 
 
@@ -85,6 +87,19 @@ class CdfTables(NamedTuple):
     def validate(self) -> None:
         """Raise ValueError unless every row is a valid 16-bit CDF; see :func:`validate_tables`."""
         validate_tables(self)
+
+    def code_lengths(self) -> np.ndarray:
+        """Bits of every table symbol, ``-log2(frequency / 65536)``: float64 ``(n, W)`` with ``W``
+        the most symbols of a row; row ``i``'s escape symbol is column ``cdf_length[i] - 2``, and
+        the columns after it are padding (infinite)."""
+        m = self.num_symbols()
+        cdf = self.quantized_cdf.astype(np.int64)
+        width = int(m.max())
+        freq = np.diff(cdf[:, : width + 1], axis=1).astype(np.float64)
+        valid = np.arange(width)[None, :] < m[:, None]
+        out = np.full(freq.shape, np.inf)
+        out[valid] = -np.log2(freq[valid] / TOTAL)
+        return out
 
 
 def validate_tables(tables: CdfTables) -> None:
@@ -344,3 +359,49 @@ def _gaussian_cdf_tables(scale: np.ndarray, tail_mass: float, precision: int, fl
         cdf_length=(length + 2).astype(np.int32),
         offset=(-center).astype(np.int32),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# tables fitted to coded symbols
+# ---------------------------------------------------------------------------------------
+
+
+def symbol_counts(tables: CdfTables, indexes: np.ndarray, symbols: np.ndarray) -> np.ndarray:
+    """How often each row coded each of its table symbols: int64 ``(n, W)`` as
+    :meth:`CdfTables.code_lengths` lays them out, a value outside row ``i``'s range counted as
+    its escape symbol.  ``indexes`` (rows, in ``[0, n)``) and ``symbols`` (values) are arrays of
+    one shape."""
+    idx = np.asarray(indexes, dtype=np.int64).reshape(-1)
+    val = np.asarray(symbols, dtype=np.int64).reshape(-1)
+    if idx.shape != val.shape:
+        raise ValueError(f"symbol_counts: {idx.size} indexes for {val.size} symbols")
+    n = tables.num_tables
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"symbol_counts: table index outside [0, {n})")
+    m = tables.num_symbols()
+    width = int(m.max())
+    t = val - tables.offset.astype(np.int64)[idx]
+    esc = m[idx] - 1
+    t = np.where((t < 0) | (t >= esc), esc, t)
+    return np.bincount(idx * width + t, minlength=n * width).reshape(n, width)
+
+
+def fit_cdf_tables(base: CdfTables, counts: np.ndarray, prior_weight: float = 100.0) -> CdfTables:
+    """``base`` with every row's frequencies fitted to ``counts`` (of :func:`symbol_counts`): row
+    ``i``'s probabilities become ``(counts_i + a p_i) / (N_i + a)``, ``p_i`` the base row's, ``N_i``
+    its count and ``a = prior_weight`` (a row seldom seen keeps about its base distribution),
+    quantised as CompressAI quantises a pmf (:func:`pmf_to_quantized_cdf`: every symbol at least
+    frequency 1).  Each row keeps its symbols (``offset`` and ``cdf_length``) and its escape."""
+    counts = np.asarray(counts, dtype=np.float64)
+    m = base.num_symbols()
+    if counts.shape != (base.num_tables, int(m.max())) or np.any(counts < 0):
+        raise ValueError(f"fit_cdf_tables: counts must be non-negative of shape {(base.num_tables, int(m.max()))}")
+    if not prior_weight > 0:
+        raise ValueError("fit_cdf_tables: prior_weight must be positive")
+    cdf = np.zeros_like(base.quantized_cdf)
+    for i in range(base.num_tables):
+        k = int(m[i])
+        prior = base.frequencies(i) / TOTAL
+        p = (counts[i, :k] + prior_weight * prior) / (counts[i, :k].sum() + prior_weight)
+        cdf[i, : k + 1] = pmf_to_quantized_cdf(p[:-1], float(p[-1]))
+    return CdfTables.from_arrays(cdf, base.cdf_length, base.offset)
