@@ -5,7 +5,7 @@ Gaussians of 64 scales.  What the encoder actually codes is not quite Gaussian: 
 scales are not exact, and the rate-distortion-optimised rounding moves symbols towards zero.
 ``codec train fit-tables`` encodes crops of training images at every quality (the real encoder,
 rounding included), counts which symbol each table coded, and writes a copy of the weights file
-whose tables are fitted to those counts (``table_fit.fit_cdf_tables``: the counts with the
+whose tables are fitted to those counts (``entropy.tables.fit_cdf_tables``: the counts with the
 Gaussian as a prior).  Every other tensor of the file is copied byte for byte; the tables keep
 their rows, symbols and escape (FORMAT.md 12.1), so any decoder reads them as before.  The
 weights' fingerprint changes with the tables: files made with the fitted weights decode with
