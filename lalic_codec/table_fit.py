@@ -66,23 +66,23 @@ def write_with_y_tables(src: str | Path, dst: str | Path, tables: CdfTables, not
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    stored = [k for k in tensors if k.endswith(_Y_TABLE)]
-    if len(stored) != 1:
-        raise ValueError(f"{Path(src).name}: expected y's tables stored once, found {len(stored)} copies")
-    key = stored[0]
-    prefix = key[: -len("_quantized_cdf")]
-    if not (np.array_equal(tensors[prefix + "_cdf_length"].numpy(), tables.cdf_length)
-            and np.array_equal(tensors[prefix + "_offset"].numpy(), tables.offset)):
-        raise ValueError("the fitted tables have other rows than the file's")
+    stored = [k for k in tensors if k.endswith(_Y_TABLE)]  # once, the other groups' aliases of it
+    if not stored:
+        raise ValueError(f"{Path(src).name} holds no tables of y")
     packed = json.loads(meta.get("packed_cdfs", "{}"))
-    if key in packed:  # rows cut to their lengths and concatenated (checkpoints.save_weights)
-        keep = np.arange(tables.quantized_cdf.shape[1])[None, :] < tables.cdf_length[:, None]
-        new = torch.from_numpy(np.ascontiguousarray(tables.quantized_cdf[keep]))
-    else:
-        new = torch.from_numpy(tables.quantized_cdf.copy())
-    if new.shape != tensors[key].shape:
-        raise ValueError("the fitted tables do not have the shape of the file's")
-    tensors[key] = new
+    for key in stored:
+        prefix = key[: -len("_quantized_cdf")]
+        if not (np.array_equal(tensors[prefix + "_cdf_length"].numpy(), tables.cdf_length)
+                and np.array_equal(tensors[prefix + "_offset"].numpy(), tables.offset)):
+            raise ValueError("the fitted tables have other rows than the file's")
+        if key in packed:  # rows cut to their lengths and concatenated (checkpoints.save_weights)
+            keep = np.arange(tables.quantized_cdf.shape[1])[None, :] < tables.cdf_length[:, None]
+            new = torch.from_numpy(np.ascontiguousarray(tables.quantized_cdf[keep]))
+        else:
+            new = torch.from_numpy(tables.quantized_cdf.copy())
+        if new.shape != tensors[key].shape:
+            raise ValueError("the fitted tables do not have the shape of the file's")
+        tensors[key] = new
     meta["y_tables"] = json.dumps(note)
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")
@@ -100,6 +100,8 @@ def fit_tables(src: str | Path, dst: str | Path, images: list[torch.Tensor], qua
     symbols under the old and the new tables."""
     from . import loading
 
+    if Path(src).suffix != ".safetensors":
+        raise ValueError(f"{Path(src).name}: fit-tables reads and writes .safetensors weights (codec train export writes them)")
     if not images:
         raise ValueError("no image of at least 64 x 64 pixels to fit the tables to")
     model = loading.load_model("default", Path(src), "cpu").model

@@ -577,3 +577,5 @@ def test_fit_tables_refits_only_y_tables_and_files_decode_with_the_fitted_weight
         pipeline.decode_bytes(data, src, "cpu")
     res = CliRunner().invoke(tr.cli, args[:3] + ["--qualities", "0,9"])
     assert res.exit_code == 2 and "qualities from 1 to 8" in res.output
+    res = CliRunner().invoke(tr.cli, ["fit-tables", str(ckpt), str(tmp_path / "x.safetensors"), "--data", str(data_dir), "--holdout", "2", "--crop", "64"])
+    assert res.exit_code == 1 and "reads and writes .safetensors" in res.output and not (tmp_path / "x.safetensors").exists()
