@@ -15,7 +15,6 @@ them only.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -30,11 +29,10 @@ _Y_TABLE = "gaussian_conditional._quantized_cdf"
 
 def y_tables(model) -> CdfTables:
     """The one table set every Gaussian conditional of ``model`` codes y with."""
-    sets = {id(gc.tables()): gc.tables() for gc in model.gaussian_conditionals()}
-    tables = list(sets.values())
-    if len(tables) != 1 and any(not np.array_equal(a, b) for t in tables[1:] for a, b in zip(t, tables[0])):
+    first, *others = (gc.tables() for gc in model.gaussian_conditionals())
+    if any(not np.array_equal(a, b) for t in others for a, b in zip(t, first)):
         raise ValueError("the channel groups code y with different tables: fitting them is not supported")
-    return tables[0]
+    return first
 
 
 def coded_counts(model, images: list[torch.Tensor], qualities: list[float],
@@ -59,9 +57,8 @@ def write_with_y_tables(src: str | Path, dst: str | Path, tables: CdfTables, not
     lengths and offsets: only the frequencies may change) and ``note`` in its ``"y_tables"``
     metadata; every other tensor and metadata entry is copied as it is."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from .files import _umask
+    from .models.checkpoints import _pack_cdf_table, write_safetensors
 
     with safe_open(str(src), "pt") as f:
         meta = dict(f.metadata() or {})
@@ -70,26 +67,18 @@ def write_with_y_tables(src: str | Path, dst: str | Path, tables: CdfTables, not
     if not stored:
         raise ValueError(f"{Path(src).name} holds no tables of y")
     packed = json.loads(meta.get("packed_cdfs", "{}"))
+    cdf, lengths = torch.from_numpy(tables.quantized_cdf), torch.from_numpy(tables.cdf_length)
     for key in stored:
         prefix = key[: -len("_quantized_cdf")]
-        if not (np.array_equal(tensors[prefix + "_cdf_length"].numpy(), tables.cdf_length)
+        if not (torch.equal(tensors[prefix + "_cdf_length"], lengths)
                 and np.array_equal(tensors[prefix + "_offset"].numpy(), tables.offset)):
             raise ValueError("the fitted tables have other rows than the file's")
-        if key in packed:  # rows cut to their lengths and concatenated (checkpoints.save_weights)
-            keep = np.arange(tables.quantized_cdf.shape[1])[None, :] < tables.cdf_length[:, None]
-            new = torch.from_numpy(np.ascontiguousarray(tables.quantized_cdf[keep]))
-        else:
-            new = torch.from_numpy(tables.quantized_cdf.copy())
-        if new.shape != tensors[key].shape:
+        new = _pack_cdf_table(cdf, lengths) if key in packed else cdf.clone()  # packed as save_weights packs
+        if new is None or new.shape != tensors[key].shape:
             raise ValueError("the fitted tables do not have the shape of the file's")
         tensors[key] = new
     meta["y_tables"] = json.dumps(note)
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, dst)
-    return dst
+    return write_safetensors(tensors, dst, meta)
 
 
 def fit_tables(src: str | Path, dst: str | Path, images: list[torch.Tensor], qualities: list[float],
@@ -108,9 +97,9 @@ def fit_tables(src: str | Path, dst: str | Path, images: list[torch.Tensor], qua
     base = y_tables(model)
     counts = coded_counts(model, images, qualities, log)
     fitted = fit_cdf_tables(base, counts, prior_weight)
-    valid = np.isfinite(base.code_lengths())
-    before = float((counts * np.where(valid, base.code_lengths(), 0)).sum())
-    after = float((counts * np.where(valid, fitted.code_lengths(), 0)).sum())
+    used = counts > 0  # the padding's lengths are infinite and never counted
+    before = float((counts[used] * base.code_lengths()[used]).sum())
+    after = float((counts[used] * fitted.code_lengths()[used]).sum())
     note = {**(note or {}), "images": len(images), "qualities": list(qualities), "prior_weight": prior_weight,
             "symbols": int(counts.sum())}
     write_with_y_tables(src, dst, fitted, note)

@@ -346,9 +346,6 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
     written as int8 with a float32 scale per row (:func:`_int8_rows`; listed in the reserved
     ``"int8_rows"`` metadata), half the size of fp16.  The loaded state dict is the one saved."""
     import json
-    import os
-
-    from safetensors.torch import save_file
 
     model.update(force=False)
     tensors = {}
@@ -410,11 +407,22 @@ def save_weights(model: torch.nn.Module, path: str | Path, fp16: bool = True, me
         meta["aliases"] = json.dumps(aliases)
     if int8_rows:
         meta["int8_rows"] = json.dumps(int8_rows)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    return write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict) -> Path:
+    """Write ``tensors`` and ``metadata`` (strings) as the safetensors file ``path``: through a
+    temporary file beside it and a rename, so ``path`` is never half-written, with the
+    permissions the umask gives (safetensors creates its files 0600)."""
+    import os
+
+    from safetensors.torch import save_file
+
     from ..files import _umask
 
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600: give the weights normal permissions
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
     return path
