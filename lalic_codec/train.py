@@ -82,6 +82,7 @@ class TrainConfig:
     val_crop: int = 512  # validation codes the centre crop of at most this size
     bf16: str = "auto"  # bf16 autocast for the transforms and context networks: auto (CUDA only), on, off
     compile: str = "auto"  # torch.compile of the CPU fast paths (BiWKV, depthwise backward): auto (CPU with a C++ compiler), on, off
+    layout: str = "auto"  # memory layout of a CPU run's images and convolution weights: auto (measured at the start), channels_last, contiguous
     seed: int = 0
     workers: int = 1
     log_every: int = 20
@@ -260,6 +261,71 @@ def use_compile(setting: str, device: torch.device) -> bool:
     if setting != "auto":
         return setting == "on"
     return device.type == "cpu" and compiler_available()
+
+
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def time_layouts(model, crop: int, reps: int = 2) -> dict[str, float]:
+    """Seconds of the transforms' forward and backward pass (g_a, then g_s, on one ``crop`` x
+    ``crop`` image) in each memory layout: the fastest of ``reps`` after one untimed pass.  The
+    model is left in the last layout measured, its gradients cleared."""
+    from .kernels._compile import compile_enabled, set_compile
+
+    x0 = torch.rand(1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    out = {}
+    compiling = compile_enabled()
+    set_compile(False)  # eager: the layouts differ in the convolutions, not in the compiled paths
+    try:
+        for name, fmt in LAYOUTS.items():
+            model.to(memory_format=fmt)
+            x = x0.contiguous(memory_format=fmt)
+            times = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                model.g_s(model.g_a(x)).square().mean().backward()
+                times.append(time.perf_counter() - t0)
+            out[name] = min(times[1:])
+    finally:
+        set_compile(compiling)
+    for p in model.parameters():
+        p.grad = None
+    return out
+
+
+def resolve_layout(cfg: TrainConfig, resume: str | None = None, say=click.echo) -> TrainConfig:
+    """``cfg`` with ``layout`` "auto" replaced by the faster layout of this run's transforms on this
+    machine (:func:`time_layouts` at the run's crop and thread count).  Which is faster depends on
+    the CPU's convolution kernels and on the crop: channels_last was chosen on the Xeons with AMX
+    of earlier rounds; on an AVX2 EPYC, one thread, the transforms' pass at 512 took 2.86 s in the
+    contiguous layout against 3.61 s in channels_last (a whole training step 3.42 against 4.19 s:
+    the weight gradients of the 1/2 level's convolutions 2-3x slower), while at 256 the two timed
+    within noise.  The choice is saved with the run's settings, so a resumed run keeps it
+    (``--layout auto`` measures again).  CUDA runs keep PyTorch's layout."""
+    if cfg.layout not in ("auto", *LAYOUTS):
+        raise click.ClickException(f"--layout must be auto, channels_last or contiguous, not {cfg.layout!r}")
+    if cfg.layout != "auto" or torch.cuda.is_available():
+        return cfg
+    arch = cfg.arch
+    if resume:
+        arch = read_training_state(resume)["config"].get("arch") or arch
+    elif cfg.init_from and not arch:
+        from .models.checkpoints import load_state_dict_file
+        from .reshape import model_kwargs
+
+        arch = model_kwargs(load_state_dict_file(cfg.init_from))
+    threads = torch.get_num_threads()
+    if _threads(cfg):
+        torch.set_num_threads(_threads(cfg))
+    try:
+        torch.manual_seed(cfg.seed)
+        times = time_layouts(build_model(arch), cfg.crop)
+    finally:
+        torch.set_num_threads(threads)
+    best = min(times, key=times.get)
+    say(f"--layout auto: {best} ({', '.join(f'{k} {v:.3f} s' for k, v in times.items())}: the transforms' forward and backward "
+        f"of one {cfg.crop}-pixel crop)", err=True)
+    return replace(cfg, layout=best)
 
 
 def _bpp(likelihoods: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -547,12 +613,13 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
         raise click.ClickException(f"--procs {cfg.procs}: it must divide --accum ({cfg.accum}): each process codes whole batches")
     if cfg.procs == 1:
         with denormals_flushed():
-            return _train(cfg, resume, max_seconds)
+            return _train(resolve_layout(cfg, resume), resume, max_seconds)
     import multiprocessing
     import tempfile
 
     spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch runs threads
     with tempfile.TemporaryDirectory(prefix="lalic-train-") as tmp, denormals_flushed():
+        cfg = resolve_layout(cfg, resume)  # once, so that every process computes alike
         store = os.path.join(tmp, "store")  # torch.distributed's rendezvous file
         helpers = [spawn.Process(target=_helper, args=(r, store, cfg, resume), name=f"codec-train-{r}") for r in range(1, cfg.procs)]
         for h in helpers:
@@ -689,8 +756,9 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
         )
     elif cfg.init not in ("klt", "random"):
         raise click.ClickException(f"--init must be klt or random, not {cfg.init!r}")
-    if device.type == "cpu":  # convolutions and the RWKV blocks' token views need no layout copies
-        model = model.to(memory_format=torch.channels_last)
+    layout = LAYOUTS.get(cfg.layout, torch.channels_last) if device.type == "cpu" else None  # resolve_layout chose "auto"
+    if layout is not None:
+        model = model.to(memory_format=layout)
     if cfg.lr_mults:
         frozen = freeze_by_lr_mult(model, cfg)
         if frozen:
@@ -793,8 +861,8 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
             for a in range(rank, cfg.accum, procs):  # this process's batches of the step
                 x = next(batches).to(device, non_blocking=True)
                 pixels += x.shape[0] * x.shape[2] * x.shape[3]
-                if device.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                if layout is not None:
+                    x = x.contiguous(memory_format=layout)
                 qa = q[a * cfg.batch : (a + 1) * cfg.batch]
                 # the training noise, like the crops, a function of (seed, sample index): the same
                 # whichever process codes the batch
@@ -969,6 +1037,8 @@ def _parse_lr_mults(ctx, param, values) -> tuple:
               help="bf16 autocast (rates stay float32): auto = CUDA only (on a CPU, float32 trained better at equal time)")
 @click.option("--compile", "compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="torch.compile the CPU fast paths (BiWKV, depthwise backward; a minute or two at the start, again at the first crop of another shape): auto = CPU with a C++ compiler")
+@click.option("--layout", type=click.Choice(["auto", "channels_last", "contiguous"]), default="auto", show_default=True,
+              help="memory layout of a CPU run's images and convolution weights: auto = the faster for this run's transforms on this machine, measured at the start (seconds; 20 at 512 pixels) and kept by --resume")
 @click.option("--ema-half-life", default=0, show_default=True, type=click.IntRange(min=0),
               help="keep a moving average of the weights with this half-life in steps (0: none); validated beside them, exported with export --ema")
 @click.option("--lr-mult", "lr_mults", multiple=True, callback=_parse_lr_mults, metavar="PATTERN=K",

@@ -26,7 +26,7 @@ def data_dir(tmp_path):
 def cfg_for(tmp_path, data_dir, **kw):
     base = dict(data=(str(data_dir),), val_data=None, holdout=1, out=str(tmp_path / "run"), steps=4, batch=2, crop=64,
                 warmup=2, workers=0, val_count=1, val_every=2, ckpt_every=2, log_every=1, threads=1, compile="off",
-                arch={**TINY, "int_scale": True})
+                layout="channels_last", arch={**TINY, "int_scale": True})  # a fixed layout: runs compared bit for bit
     base.update(kw)
     return tr.TrainConfig(**base)
 
@@ -119,6 +119,53 @@ def test_bf16_autocast_is_automatic_on_cuda_only_and_asked_for_elsewhere():
     assert tr.use_bf16("on", cpu) and not tr.use_bf16("off", cuda)
     with pytest.raises(click.ClickException, match="must be auto, on or off"):
         tr.use_bf16("yes", cpu)
+
+
+def test_time_layouts_times_the_same_transforms_in_both_layouts():
+    from lalic_codec.models.lalic import VariableRateLALIC
+
+    torch.manual_seed(0)
+    model = VariableRateLALIC(**TINY)
+    x = torch.rand(1, 3, 64, 64)
+    before = model.g_s(model.g_a(x)).detach()
+    times = tr.time_layouts(model, 64, reps=1)
+    assert set(times) == {"channels_last", "contiguous"} and all(t > 0 for t in times.values())
+    assert all(p.grad is None for p in model.parameters())  # nothing left for an optimizer to take
+    for fmt in tr.LAYOUTS.values():  # the same function in either layout: only the speed differs
+        model.to(memory_format=fmt)
+        assert torch.allclose(model.g_s(model.g_a(x.contiguous(memory_format=fmt))), before, atol=1e-5)
+
+
+def test_layout_auto_is_measured_at_the_start_saved_and_kept_by_resume(tmp_path, data_dir, monkeypatch):
+    """--layout auto trains in the layout the transforms ran faster in at the run's crop; the
+    choice is saved with the run's settings, so --resume keeps it unless --layout is given."""
+    from click.testing import CliRunner
+
+    measured = []
+    fastest = {"layout": "contiguous"}
+
+    def timed(model, crop, reps=2):
+        measured.append(crop)
+        return {name: 1.0 if name == fastest["layout"] else 2.0 for name in tr.LAYOUTS}
+
+    monkeypatch.setattr(tr, "time_layouts", timed)
+    ckpt = tr.train(cfg_for(tmp_path, data_dir, layout="auto", steps=2))
+    state = torch.load(ckpt, weights_only=True)
+    assert measured == [64] and state["config"]["layout"] == "contiguous"
+    w = state["model"]["g_a.0.weight"]  # (out, 3, 5, 5): the two layouts store it differently
+    assert w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+    fastest["layout"] = "channels_last"
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--steps", "3"])
+    assert res.exit_code == 0 and measured == [64], res.output  # kept, not measured again
+    assert torch.load(ckpt, weights_only=True)["config"]["layout"] == "contiguous"
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), "--steps", "4", "--layout", "auto"])
+    assert res.exit_code == 0 and measured == [64, 64], res.output
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 4 and state["config"]["layout"] == "channels_last"
+    assert state["model"]["g_a.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert tr.resolve_layout(cfg_for(tmp_path, data_dir, layout="contiguous")).layout == "contiguous" and measured == [64, 64]
+    with pytest.raises(click.ClickException, match="--layout must be"):
+        tr.resolve_layout(cfg_for(tmp_path, data_dir, layout="nhwc"))
 
 
 def test_lr_schedule():
