@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 
 _done = False
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset, cgroup cpusets and
+    container runtimes narrow), not all the machine has: ``os.cpu_count()`` where there is no mask."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def tune_allocator() -> bool:

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from ._paths import shared_dir
-from ._runtime import denormals_flushed, tune_allocator
+from ._runtime import available_cores, denormals_flushed, tune_allocator
 from .errors import Interrupted
 from .exits import INTERRUPT_SIGNALS, exit_codes
 from .imaging import IMAGE_SUFFIXES
@@ -648,11 +648,7 @@ def _threads(cfg: TrainConfig) -> int:
     the ``--procs`` processes (0 with one process: torch's default)."""
     if cfg.threads or cfg.procs == 1:
         return cfg.threads
-    return max(1, _cores() // cfg.procs)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, available_cores() // cfg.procs)
 
 
 class _StepSync:
@@ -713,8 +709,8 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
     threads = _threads(cfg)
     if threads:
         torch.set_num_threads(threads)
-    if procs > 1 and threads * procs > _cores():
-        say(f"--procs {procs} --threads {cfg.threads}: {procs * cfg.threads} threads on {_cores()} cores (--threads is per process)", err=True)
+    if procs > 1 and threads * procs > available_cores():
+        say(f"--procs {procs} --threads {cfg.threads}: {procs * cfg.threads} threads on {available_cores()} cores (--threads is per process)", err=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)

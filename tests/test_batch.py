@@ -287,8 +287,9 @@ def test_urls_are_planned_listed_and_written_whole():
 def test_worker_picks_tiles_from_its_memory_budget_like_codec_encode(tmp_path):
     """--max-memory reaches the workers: a worker codes exactly what `codec encode --max-memory`
     codes (here a budget small enough for several tiles); without it, a worker takes its share of
-    the machine's default budget. (The worker class alone, no Ray.)"""
+    the default budget of the cores it may run on. (The worker class alone, no Ray.)"""
     from lalic_codec import loading, memory, pipeline, tiling
+    from lalic_codec._runtime import available_cores
     from lalic_codec.batch.worker import Coder
 
     src = tmp_path / "big.png"
@@ -304,6 +305,14 @@ def test_worker_picks_tiles_from_its_memory_budget_like_codec_encode(tmp_path):
     with Image.open(src) as im:
         assert out.read_bytes() == pipeline.encode_image(im, lm, 4.0, max_memory=budget).data
     shared = Coder({**job, "max_memory": None, "threads": 1})
-    assert shared.max_memory == memory.default_budget("encode", lm.device) // max(1, os.cpu_count() or 1)
+    assert shared.max_memory == memory.default_budget("encode", lm.device) // available_cores()
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:  # the cores it may run on, not the machine's
+        mask = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(mask)})
+        try:
+            alone = Coder({**job, "max_memory": None, "threads": 1})
+        finally:
+            os.sched_setaffinity(0, mask)
+        assert alone.max_memory == memory.default_budget("encode", lm.device)
     bad = run("batch", "encode", src, tmp_path / "o", "--max-memory", "1K")
     assert bad.exit_code == 2 and "max-memory" in bad.output

@@ -384,7 +384,7 @@ def test_cli_resume_with_other_procs_shares_the_cores_unless_threads_are_given(t
         res = CliRunner().invoke(tr.cli, ["run", "--resume", str(ckpt), *args])
         assert res.exit_code == 0, res.output
     assert [(c.procs, c.threads) for c in seen] == [(1, 2), (2, 0), (2, 1)]
-    assert tr._threads(seen[1]) == max(1, tr._cores() // 2)
+    assert tr._threads(seen[1]) == max(1, tr.available_cores() // 2)
 
 
 def test_moving_average_of_the_weights(tmp_path, data_dir, capsys):

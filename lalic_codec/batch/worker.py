@@ -83,7 +83,7 @@ class Coder:
         import torch
 
         from .. import loading
-        from .._runtime import tune_allocator
+        from .._runtime import available_cores, tune_allocator
 
         if job.get("version") not in (None, __version__):
             raise ModelError(f"this worker has lalic-codec {__version__}, the driver {job['version']}: "
@@ -100,7 +100,7 @@ class Coder:
         if self.max_memory is None and job.get("mode") == "encode":  # `codec encode`'s default, shared
             from .. import memory  # by the workers one machine can hold
 
-            share = max(1, (os.cpu_count() or 1) // max(1, int(job.get("threads") or 1)))
+            share = max(1, available_cores() // max(1, int(job.get("threads") or 1)))
             self.max_memory = memory.default_budget("encode", self.lm.device) // share
         self.pool = ThreadPoolExecutor(READ_AHEAD)
 
