@@ -611,15 +611,20 @@ def train(cfg: TrainConfig, resume: str | None = None, max_seconds: float | None
     when to stop, logs, validates and saves; the helpers ignore the stop signals and follow it."""
     if cfg.procs < 1 or cfg.accum % cfg.procs:
         raise click.ClickException(f"--procs {cfg.procs}: it must divide --accum ({cfg.accum}): each process codes whole batches")
-    if cfg.procs == 1:
-        with denormals_flushed():
-            return _train(resolve_layout(cfg, resume), resume, max_seconds)
+    with denormals_flushed():
+        cfg = resolve_layout(cfg, resume)  # once, before any helper starts: every process computes alike
+        if cfg.procs == 1:
+            return _train(cfg, resume, max_seconds)
+        return _train_with_helpers(cfg, resume, max_seconds)
+
+
+def _train_with_helpers(cfg: TrainConfig, resume: str | None, max_seconds: float | None) -> Path:
+    """``train`` as the first of ``cfg.procs`` processes, the others spawned here (:func:`_helper`)."""
     import multiprocessing
     import tempfile
 
     spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch runs threads
-    with tempfile.TemporaryDirectory(prefix="lalic-train-") as tmp, denormals_flushed():
-        cfg = resolve_layout(cfg, resume)  # once, so that every process computes alike
+    with tempfile.TemporaryDirectory(prefix="lalic-train-") as tmp:
         store = os.path.join(tmp, "store")  # torch.distributed's rendezvous file
         helpers = [spawn.Process(target=_helper, args=(r, store, cfg, resume), name=f"codec-train-{r}") for r in range(1, cfg.procs)]
         for h in helpers:
