@@ -355,20 +355,11 @@ def encode_stream(symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -
 
 
 def decode_stream(data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
-    """Inverse of :func:`encode_stream`; raises :class:`SymbolMismatchError` if the symbols' CRC differs."""
-    if len(data) < 4:
-        raise CorruptFileError(f"stream of {len(data)} bytes is too short for its symbol checksum")
-    expected = int.from_bytes(data[:4], "little")
-    try:
-        sym = decode_with_indexes(data[4:], indexes, tables)
-    except SymbolMismatchError:
-        raise
-    except CorruptFileError as e:
-        # the container's CRC vouches for the bytes: a stream that does not parse was decoded
-        # with other tables than it was encoded with
-        raise SymbolMismatchError(f"stream does not decode with these tables ({e})") from None
-    if zlib.crc32(np.ascontiguousarray(sym, dtype="<i4").tobytes()) != expected:
-        raise SymbolMismatchError("decoded symbols do not match the encoder's checksum")
+    """Inverse of :func:`encode_stream`: a stream of one segment (:class:`SegmentDecoder`); raises
+    :class:`SymbolMismatchError` if it does not decode with ``tables`` or its symbols miss the checksum."""
+    dec = SegmentDecoder(data)
+    sym = dec.take(indexes, tables)
+    dec.finish()
     return sym
 
 
