@@ -65,8 +65,9 @@ class _DepthwiseConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         k = w.shape[-1]
         gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = F.conv2d(g, w.flip(-1, -2).to(g.dtype), padding=k // 2, groups=w.shape[0]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[0]:  # the primitive conv2d's own backward uses: the same bits on every CPU
+            gx = torch.ops.aten.convolution_backward(g, x, w.to(g.dtype), None, (1, 1), (k // 2, k // 2), (1, 1), False, (0, 0), w.shape[0],
+                                                     (True, False, False))[0].to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             gw = depthwise_weight_grad(x, g, k).to(w.dtype)
         return gx, gw, None
