@@ -79,9 +79,12 @@ FLAG_METADATA = 0x01
 FLAG_ALPHA = 0x02
 FLAG_POSTFILTER = 0x04
 FLAG_MERGED_STREAMS = 0x08
-_KNOWN_FLAGS = FLAG_METADATA | FLAG_ALPHA | FLAG_POSTFILTER | FLAG_MERGED_STREAMS
+FLAG_CLASSIFIED_POSTFILTER = 0x10
+_KNOWN_FLAGS = FLAG_METADATA | FLAG_ALPHA | FLAG_POSTFILTER | FLAG_MERGED_STREAMS | FLAG_CLASSIFIED_POSTFILTER
 #: largest post-filter block (section 7.3): the content of a 7 x 7 filter stays under 1 KiB
 MAX_POSTFILTER_BYTES = 1024
+#: largest classified post-filter block (section 7.4): 40 classes of 7 x 7 stay under 32 KiB
+MAX_CLASSIFIED_POSTFILTER_BYTES = 32768
 
 _MODEL_ID_RE = re.compile(rb"[a-z0-9._-]{1,64}")
 
@@ -182,8 +185,11 @@ class LicFile:
     metadata: Metadata = field(default_factory=Metadata)
     alpha: bytes | None = None
     tiles: list[Tile] = field(default_factory=list)
-    #: the post-filter block's content (section 7.3), opaque to the container; None: no block
+    #: the post-filter block's content (section 7.3, or 7.4 if ``postfilter_classified``), opaque to
+    #: the container; None: no block
     postfilter: bytes | None = None
+    #: the post-filter block holds a classified filter (flags bit 4, section 7.4)
+    postfilter_classified: bool = False
     #: each tile's one stream holds the model's streams as segments (flags bit 3, section 12.8)
     merged: bool = False
 
@@ -376,11 +382,14 @@ def write(f: LicFile, limits: Limits | None = None, version: int = FORMAT_VERSIO
                 f"compressed alpha plane is {len(frame)} bytes, more than the limit of {limits.max_stream_bytes}"
             )
         parts += [_LEN_CRC.pack(len(frame), zlib.crc32(frame)), frame]
+    if f.postfilter_classified and f.postfilter is None:
+        raise ValueError("a classified post-filter without a post-filter block")
     if f.postfilter is not None:
         block = _as_bytes(f.postfilter, "postfilter")
-        if not 1 <= len(block) <= MAX_POSTFILTER_BYTES:
-            raise ValueError(f"a post-filter block holds 1..{MAX_POSTFILTER_BYTES} bytes, got {len(block)}")
-        flags |= FLAG_POSTFILTER
+        most = MAX_CLASSIFIED_POSTFILTER_BYTES if f.postfilter_classified else MAX_POSTFILTER_BYTES
+        if not 1 <= len(block) <= most:
+            raise ValueError(f"a post-filter block holds 1..{most} bytes, got {len(block)}")
+        flags |= FLAG_POSTFILTER | (FLAG_CLASSIFIED_POSTFILTER if f.postfilter_classified else 0)
         parts += [_LEN_CRC.pack(len(block), zlib.crc32(block)), block]
     if f.merged:
         if h.streams_per_tile != 1:
@@ -617,6 +626,8 @@ def _parse_header(cur: _Cursor, limits: Limits) -> _RawHeader:
         raise CorruptFileError("header: declares 0 streams per tile")
     if flags & FLAG_MERGED_STREAMS and spt != 1:
         raise CorruptFileError(f"header: merged streams (flags bit 3) but {spt} streams per tile (must be 1)")
+    if flags & FLAG_CLASSIFIED_POSTFILTER and not flags & FLAG_POSTFILTER:
+        raise CorruptFileError("header: a classified post-filter (flags bit 4) but no post-filter block (bit 2)")
 
     header = Header(
         model_id=raw_id.decode("ascii"),
@@ -760,7 +771,8 @@ def _parse(data, limits: Limits | None, info: bool):
     postfilter = None
     if raw.flags & FLAG_POSTFILTER:
         try:
-            block = _read_block(cur, "post-filter block", MAX_POSTFILTER_BYTES, crc_errors)
+            most = MAX_CLASSIFIED_POSTFILTER_BYTES if raw.flags & FLAG_CLASSIFIED_POSTFILTER else MAX_POSTFILTER_BYTES
+            block = _read_block(cur, "post-filter block", most, crc_errors)
         except LimitExceededError as e:  # a limit of the format, not of the reader: a damaged length
             raise CorruptFileError(f"{e} (file is corrupt)") from None
         if not block:
@@ -848,6 +860,7 @@ def _parse(data, limits: Limits | None, info: bool):
 
     if not info:
         return LicFile(header=hdr, metadata=metadata, alpha=alpha, tiles=tiles, postfilter=postfilter,
+                       postfilter_classified=bool(raw.flags & FLAG_CLASSIFIED_POSTFILTER),
                        merged=bool(raw.flags & FLAG_MERGED_STREAMS))
 
     device_name = (
@@ -873,7 +886,9 @@ def _parse(data, limits: Limits | None, info: bool):
         "tile_count": raw.n_tiles,
         "metadata": result["metadata"],
         "alpha": result["alpha"],
-        "postfilter": None if postfilter is None else {"bytes": len(postfilter), "kernel": postfilter[0]},
+        "postfilter": None if postfilter is None else {
+            "bytes": len(postfilter), "kernel": postfilter[0],
+            "classes": postfilter[2] * postfilter[3] if raw.flags & FLAG_CLASSIFIED_POSTFILTER and len(postfilter) >= 4 else 1},
         "tiles": tile_infos,
         "stream_bytes_total": sum(sum(t["stream_bytes"]) for t in tile_infos),
         "crc_ok": not crc_errors,
@@ -942,8 +957,8 @@ def info_lines(d: dict, file: str) -> str:
     if d.get("alpha"):
         lines.append(f"alpha:       {d['alpha']['content_bytes']} bytes ({d['alpha']['compressed_bytes']} compressed)")
     if d.get("postfilter"):
-        k = d["postfilter"]["kernel"]
-        lines.append(f"post-filter: {k}x{k}, {d['postfilter']['bytes']} bytes")
+        k, n = d["postfilter"]["kernel"], d["postfilter"].get("classes", 1)
+        lines.append(f"post-filter: {k}x{k}{f', {n} classes' if n > 1 else ''}, {d['postfilter']['bytes']} bytes")
     lines.append("integrity:   all CRCs OK" if d["crc_ok"] else "integrity:   CORRUPT: " + "; ".join(d["crc_errors"]))
     return "\n".join(lines)
 

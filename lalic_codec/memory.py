@@ -26,9 +26,10 @@ MEMORY_BASE = 400 * 2**20
 MEMORY_PER_TILE_PIXEL = 640
 MEMORY_PER_IMAGE_PIXEL = {"encode": 48, "decode": 48}
 #: what the encoder's post-filter (postfilter.py) adds per image pixel: its float32 reconstruction
-#: and weights (16 bytes) and one filtered candidate at a time (3); its other buffers go by bands of
-#: rows.  The encoder fits one only where the budget has this room besides the tiles.
-POSTFILTER_PER_IMAGE_PIXEL = 19
+#: and weights (16 bytes), one filtered candidate at a time (3), each pixel's activity, direction
+#: and class (6) and the copy of the activities that their quartiles take (4); its other buffers go
+#: by bands of rows.  The encoder fits one only where the budget has this room besides the tiles.
+POSTFILTER_PER_IMAGE_PIXEL = 29
 #: the smallest tile side the encoder's planner uses (tiling.plan_tiles)
 MIN_TILE = 128
 #: the smallest budget accepted: the model and one smallest tile

@@ -296,6 +296,7 @@ def encode_image(
         pf, _ = postfilter.fit(prep.rgb, canvas.result(), float(lm.model.lambda_for(qt)))
         if pf is not None:
             lic.postfilter = pf.to_bytes()
+            lic.postfilter_classified = isinstance(pf, postfilter.ClassifiedFilter)
     data = fmt.write(lic)
     return EncodeResult(data, W, H, q, prep.notes)
 
@@ -463,7 +464,7 @@ def decode_bytes(
         canvas = reconstruct(lic, lm, q)
     else:
         try:
-            pf = postfilter.PostFilter.from_bytes(lic.postfilter)
+            pf = postfilter.parse(lic.postfilter, lic.postfilter_classified)
         except ValueError as e:
             raise CorruptFileError(f"post-filter block: {e}") from None
         canvas = postfilter.apply(reconstruct(lic, lm, q, rounded=False), pf)

@@ -624,6 +624,12 @@ def _mutate_blocks(rng, r: RawLic, seeds):
         k = rng.choice([1, 3, 5, 7, 0, 2, 9, 255])
         content = rng.choice([bytes([k, rng.randrange(0, 17)]) + rng.randbytes(rng.randrange(0, 300)), b"",
                               bytes([k, 8]) + bytes(3 * (3 * ((k * k + 1) // 2) + 1))])
+        if rng.random() < 0.5:  # a classified filter (section 7.4): A, D, thresholds, the class mask
+            a, d = rng.choice([1, 2, 4, 0, 9]), rng.choice([1, 5, 0, 3])
+            content = (bytes([k, rng.randrange(0, 17), a, d]) + rng.randbytes(rng.randrange(0, 8))
+                       + rng.choice([b"\x01", b"\xff" * 5, b"\x00"])
+                       + rng.choice([bytes(3 * (3 * ((k * k + 1) // 2) + 1)), rng.randbytes(rng.randrange(0, 400))]))
+            r.flags |= fmt.FLAG_CLASSIFIED_POSTFILTER
         at = block_index(r, fmt.FLAG_POSTFILTER)
         if at is not None:
             r.blocks[at] = RawStream(content)
@@ -631,7 +637,7 @@ def _mutate_blocks(rng, r: RawLic, seeds):
             r.flags |= fmt.FLAG_POSTFILTER
             r.blocks.append(RawStream(content))
     elif which == "toggle":
-        r.flags ^= rng.choice([fmt.FLAG_METADATA, fmt.FLAG_ALPHA, fmt.FLAG_POSTFILTER])
+        r.flags ^= rng.choice([fmt.FLAG_METADATA, fmt.FLAG_ALPHA, fmt.FLAG_POSTFILTER, fmt.FLAG_CLASSIFIED_POSTFILTER])
     elif which == "remove" and r.blocks:
         r.blocks.pop(rng.randrange(len(r.blocks)))
     else:

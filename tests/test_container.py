@@ -497,11 +497,16 @@ def test_unknown_version(version):
         read(bytes(data[:10]))
 
 
-@pytest.mark.parametrize("flags", [0x10, 0x80, 0xFF, 0x1F])
+@pytest.mark.parametrize("flags", [0x20, 0x80, 0xFF, 0x3F])
 def test_unknown_flags(flags):
     data = raw_file(flags=flags)
     with pytest.raises(UnsupportedVersionError, match="unknown flags"):
         read(data)
+
+
+def test_a_classified_post_filter_flag_without_the_block_is_corrupt():
+    with pytest.raises(CorruptFileError, match="flags bit 4.*no post-filter block"):
+        read(raw_file(flags=0x10))
 
 
 @pytest.mark.parametrize(

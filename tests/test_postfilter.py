@@ -102,7 +102,7 @@ def blurred(seed: int = 0):
 
 def test_fit_undoes_a_blur_and_pays_for_its_bytes():
     x, recon = blurred()
-    pf, report = postfilter.fit(x, recon, lam=0.01)
+    pf, report = postfilter.fit(x, recon, lam=0.01, classified=False, exact=50)
     assert pf is not None and pf.k > 1
     sse, nbytes = report[(pf.k, pf.fraction_bits)]
     assert nbytes == len(pf.to_bytes()) + 8
@@ -142,7 +142,7 @@ def test_container_round_trip_and_layout(version):
     assert block[:4] == (14).to_bytes(4, "little") and block[8:] == f.postfilter
     assert len(data) == len(plain) + 8 + 14
     info = fmt.read_info(data)
-    assert info["postfilter"] == {"bytes": 14, "kernel": 1} and info["crc_ok"]
+    assert info["postfilter"] == {"bytes": 14, "kernel": 1, "classes": 1} and info["crc_ok"]
     assert "post-filter: 1x1, 14 bytes" in fmt.info_lines(info, "x.lic")
 
 
@@ -180,9 +180,9 @@ def test_the_encoder_keeps_a_filter_that_improves_the_decoded_image(vr, tiny_vr_
     assert lic.postfilter is not None
     out = np.asarray(pipeline.decode_bytes(data, tiny_vr_weights, "cpu").image)
     q = torch.tensor([8.0])
-    pf = postfilter.PostFilter.from_bytes(lic.postfilter)
+    pf = postfilter.parse(lic.postfilter, lic.postfilter_classified)
     assert np.array_equal(out, postfilter.apply(pipeline.reconstruct(lic, vr, q, rounded=False), pf))
-    lic.postfilter = None
+    lic.postfilter, lic.postfilter_classified = None, False
     plain = np.asarray(pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu").image)
     assert np.array_equal(plain, pipeline.reconstruct(lic, vr, q))
     assert psnr(rgb, out) > psnr(rgb, plain)
@@ -197,7 +197,7 @@ def test_the_filter_spans_tiles_and_a_damaged_block_is_refused(vr, tiny_vr_weigh
     lic = fmt.read(data)
     assert len(lic.tiles) > 1 and lic.postfilter is not None
     out = np.asarray(pipeline.decode_bytes(data, tiny_vr_weights, "cpu").image)
-    lic.postfilter = None
+    lic.postfilter, lic.postfilter_classified = None, False
     plain = np.asarray(pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu").image)
     assert psnr(rgb, out) > psnr(rgb, plain)
     lic.postfilter = b"\x09\x08"  # a kernel size no file may use, under a valid CRC
@@ -254,7 +254,7 @@ def test_normal_equations_do_not_depend_on_the_band_height(monkeypatch):
     recon = rng.uniform(0, 255, size=(23, 11, 3)).astype(np.float32)
     original = np.clip(recon + rng.normal(0, 3, size=recon.shape), 0, 255).astype(np.uint8)
     for step in (1, 3):
-        gram, rhs, used = postfilter._normal_equations(original, recon, 5, step)
+        gram, rhs, used, _ = postfilter._normal_equations(original, recon, 5, step)
         feats = postfilter._features(recon.astype(np.float64), 5, 2, 2, step)
         target = (original[::step].astype(np.float64) - recon[::step]).reshape(-1, 3)
         assert used == len(feats) == len(range(0, 23, step)) * 11
@@ -284,9 +284,9 @@ def test_the_fit_rounds_better_than_plain_rounding_at_the_same_precision():
     """At one kernel size and precision, the coefficients the fit writes leave less error on the image
     than the least-squares solution rounded plainly."""
     x, recon = blurred(2)
-    pf, report = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(5,), fraction_bits=(6,))
+    pf, report = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(5,), fraction_bits=(6,), classified=False)
     assert pf is not None and (pf.k, pf.fraction_bits) == (5, 6)
-    gram, rhs, _ = postfilter._normal_equations(x, recon, 5, 3)
+    gram, rhs, _, _ = postfilter._normal_equations(x, recon, 5, 1)
     g = gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
     q = np.round(np.linalg.solve(g, rhs).T * 64).astype(np.int64)
     plain = postfilter.PostFilter(5, 6, q[:, :-1].reshape(3, 3, -1), q[:, -1])
@@ -301,8 +301,187 @@ def test_the_fit_rounds_plainly_where_the_inverse_gram_matrix_has_no_cholesky_fa
         raise np.linalg.LinAlgError("not positive definite")
 
     monkeypatch.setattr(postfilter.np.linalg, "cholesky", fail)
-    pf, _ = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(3,), fraction_bits=(8,))
-    gram, rhs, _ = postfilter._normal_equations(x, recon, 3, 3)
+    pf, _ = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(3,), fraction_bits=(8,), classified=False)
+    gram, rhs, _, _ = postfilter._normal_equations(x, recon, 3, 1)
     g = gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
     q = np.round(np.linalg.solve(g, rhs).T * 256).astype(np.int64)
     assert np.array_equal(pf.coefs, q[:, :-1].reshape(3, 3, -1)) and np.array_equal(pf.bias, q[:, -1])
+
+
+# ----------------------------------------------------------------------------- the classified filter (FORMAT.md 7.4)
+
+
+def random_classified(k: int, a: int, d: int, p: int = 8, seed: int = 0) -> postfilter.ClassifiedFilter:
+    rng = np.random.default_rng(seed)
+    n, t = a * d, len(postfilter.offsets(k))
+    enabled = rng.random(n) < 0.7
+    enabled[rng.integers(n)] = True
+    thresholds = np.cumsum(rng.integers(1, 3000, size=a - 1)) + rng.integers(0, 50)
+    coefs = rng.integers(-300, 300, size=(n, 3, 3, t)) * enabled[:, None, None, None]
+    bias = rng.integers(-5000, 5000, size=(n, 3)) * enabled[:, None]
+    return postfilter.ClassifiedFilter(k, p, thresholds.astype(np.int64), d, coefs, bias, enabled)
+
+
+def class_oracle(recon: np.ndarray, thresholds, d: int) -> np.ndarray:
+    """FORMAT.md 7.4's classes pixel by pixel, in Python integers."""
+    h, w, _ = recon.shape
+    q = np.clip(np.floor(recon.astype(np.float64) + 0.5), 0, 255).astype(int)
+    lum = lambda y, x: int(q[min(max(y, 0), h - 1), min(max(x, 0), w - 1)] @ [1, 2, 1])  # noqa: E731
+    steps = {"h": ((0, -1), (0, 1)), "v": ((-1, 0), (1, 0)), "1": ((-1, -1), (1, 1)), "2": ((-1, 1), (1, -1))}
+    grad = {n: np.array([[abs(2 * lum(y, x) - lum(y + a[0], x + a[1]) - lum(y + b[0], x + b[1])) for x in range(w)]
+                         for y in range(h)]) for n, (a, b) in steps.items()}
+    out = np.empty((h, w), dtype=int)
+    for y in range(h):
+        for x in range(w):
+            s = {n: sum(int(g[min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)])
+                        for dy in range(-2, 3) for dx in range(-2, 3)) for n, g in grad.items()}
+            a = sum(1 for t in thresholds if t < s["h"] + s["v"])
+            c = 0
+            if d == 5:
+                if max(s["h"], s["v"]) * min(s["1"], s["2"]) < max(s["1"], s["2"]) * min(s["h"], s["v"]):
+                    c = 3 if s["1"] > 2 * s["2"] else 4 if s["2"] > 2 * s["1"] else 0
+                else:
+                    c = 1 if s["h"] > 2 * s["v"] else 2 if s["v"] > 2 * s["h"] else 0
+            out[y, x] = a * d + c
+    return out
+
+
+def classified_oracle(recon: np.ndarray, cf: postfilter.ClassifiedFilter) -> np.ndarray:
+    label = class_oracle(recon, cf.thresholds, cf.directions)
+    out = np.clip(np.floor(recon + np.float32(0.5)), 0, 255).astype(np.uint8)
+    for c in np.flatnonzero(cf.enabled):
+        each = oracle(recon, postfilter.PostFilter(cf.k, cf.fraction_bits, cf.coefs[c], cf.bias[c]))
+        out[label == c] = each[label == c]
+    return out
+
+
+@pytest.mark.parametrize("k,a,d", [(1, 1, 5), (3, 2, 1), (5, 4, 5), (7, 8, 5)])
+def test_classified_bytes_round_trip(k, a, d):
+    cf = random_classified(k, a, d, p=11, seed=k + a)
+    data = cf.to_bytes()
+    back = postfilter.parse(data, classified=True)
+    assert (back.k, back.fraction_bits, back.directions, back.classes) == (k, 11, d, a * d)
+    assert np.array_equal(back.thresholds, cf.thresholds) and np.array_equal(back.enabled, cf.enabled)
+    assert np.array_equal(back.coefs, cf.coefs) and np.array_equal(back.bias, cf.bias)
+    assert data[:4] == bytes([k, 11, a, d]) and len(data) <= fmt.MAX_CLASSIFIED_POSTFILTER_BYTES
+
+
+def test_classified_layout_as_specified():
+    coefs = np.zeros((2, 3, 3, 1), dtype=np.int64)
+    coefs[1, 0, 0, 0] = -2
+    cf = postfilter.ClassifiedFilter(1, 8, np.array([200]), 1, coefs, np.array([[0, 0, 0], [1, 0, 64]]), np.array([False, True]))
+    # the head, the threshold (a varint), the mask (class 1 only), then class 1's numbers as in 7.3
+    assert cf.to_bytes() == bytes([1, 8, 2, 1, 0xC8, 0x01, 0b10, 3, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0x80, 0x01])
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b"\x05\x08\x01", "shorter than"),
+    (b"\x05\x08\x00\x01\x01", "0 activity classes"),
+    (b"\x05\x08\x09\x01", "9 activity classes"),
+    (b"\x05\x08\x01\x03\x01", "3 direction classes"),
+    (b"\x04\x08\x01\x01\x01", "kernel size 4"),
+    (b"\x01\x00\x01\x01\x01", "0 fraction bits"),
+    (b"\x01\x08\x02\x01", "ends inside a threshold"),
+    (b"\x01\x08\x02\x01\x05", "ends inside the class mask"),
+    (b"\x01\x08\x01\x01\x00", "no class has a filter"),
+    (b"\x01\x08\x01\x01\x02", "beyond the last class"),
+    (b"\x01\x08\x01\x01\x01" + bytes(11), "ends inside"),
+    (b"\x01\x08\x01\x01\x01" + bytes(13), "1 bytes after"),
+    (b"\x01\x08\x01\x01\x01\x80\x80\x04" + bytes(11), "out of range"),
+])
+def test_malformed_classified_contents_are_refused(data, msg):
+    with pytest.raises(ValueError, match=msg):
+        postfilter.parse(data, classified=True)
+
+
+def textured(h: int, w: int, seed: int) -> np.ndarray:
+    """Reconstruction-like values: smooth regions, edges in every direction, and fine texture."""
+    x = natural_image(h, w, seed=seed).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x[h // 3 :, : w // 2] += rng.normal(0, 25, size=(h - h // 3, w // 2, 3)).astype(np.float32)
+    x[: h // 2, w // 2 :: 3] += 60
+    return np.clip(x, -3, 258)
+
+
+@pytest.mark.parametrize("d", (1, 5))
+def test_classes_match_the_specification(d):
+    recon = textured(17, 13, seed=d)
+    sums = postfilter.gradient_sums(recon, 0, 17)
+    act = sums[0] + sums[1]
+    thresholds = np.quantile(act, [0.3, 0.6]).astype(np.int64)
+    expected = class_oracle(recon, thresholds, d)
+    assert len(np.unique(expected)) >= (5 if d == 5 else 3)  # the test image has every kind of pixel
+    assert np.array_equal(postfilter.classes(sums, thresholds, d), expected)
+    for y0, y1 in ((0, 3), (3, 4), (4, 15), (15, 17)):  # bands, their windows inside or beyond the image
+        band = postfilter.classes(postfilter.gradient_sums(recon, y0, y1), thresholds, d)
+        assert np.array_equal(band, expected[y0:y1])
+
+
+@pytest.mark.parametrize("k,d", [(1, 5), (3, 1), (5, 5), (7, 5)])
+def test_classified_apply_matches_the_specification(k, d, monkeypatch):
+    monkeypatch.setattr(postfilter, "APPLY_VALUES", 1)  # a row a band: halos inside the image
+    recon = textured(13, 9, seed=k)
+    sums = postfilter.gradient_sums(recon, 0, 13)
+    cf = random_classified(k, 3, d, seed=k)
+    cf.thresholds = np.quantile(sums[0] + sums[1], [0.3, 0.6]).astype(np.int64)
+    assert np.array_equal(postfilter.apply(recon, cf), classified_oracle(recon, cf))
+
+
+def test_the_fit_classifies_where_the_error_depends_on_the_texture():
+    """An error that differs between smooth and busy neighbourhoods (a colour shift in one, a blur
+    in the other): one filter cannot undo both, one per class can."""
+    x = textured(96, 128, seed=9).clip(0, 255).astype(np.uint8)
+    sums = postfilter.gradient_sums(x.astype(np.float32), 0, 96)
+    busy = (sums[0] + sums[1]) > np.median(sums[0] + sums[1])
+    soft = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(0.8))).astype(np.float32)
+    recon = np.where(busy[..., None], soft, x.astype(np.float32) + np.float32([4, -3, 2]))
+    plain, plain_report = postfilter.fit(x, recon, lam=0.01, classified=False)
+    cf, report = postfilter.fit(x, recon, lam=0.01)
+    assert isinstance(cf, postfilter.ClassifiedFilter) and cf.classes > 1
+    key = ("classified", len(cf.thresholds) + 1, cf.directions, cf.fraction_bits)
+    sse, nbytes = report[key]
+    assert nbytes == len(cf.to_bytes()) + 8
+    assert sse == pytest.approx(np.sum((x - postfilter.apply(recon, cf).astype(np.float64)) ** 2))
+    gain = lambda r, k: 0.01 * (r["none"] - r[k][0]) / 3 - 8 * r[k][1]  # noqa: E731
+    assert gain(report, key) > gain(plain_report, (plain.k, plain.fraction_bits)) > 0
+    assert psnr(x, postfilter.apply(recon, cf)) > psnr(x, postfilter.apply(recon, plain)) + 0.5
+    # the best plain filter was judged too, and lost
+    assert (plain.k, plain.fraction_bits) in report
+
+
+def test_classified_container_flag():
+    cf = random_classified(5, 2, 5, seed=3)
+    f = sample(cf.to_bytes())
+    f.postfilter_classified = True
+    data = fmt.write(f)
+    head = 51 + len("default-v9")
+    assert data[head - 9] == fmt.FLAG_POSTFILTER | fmt.FLAG_CLASSIFIED_POSTFILTER
+    assert fmt.read(data) == f
+    info = fmt.read_info(data)
+    assert info["postfilter"]["classes"] == 10
+    assert "post-filter: 5x5, 10 classes" in fmt.info_lines(info, "x.lic")
+    # a block over 1024 bytes is allowed only when classified (the flag alone: test_container.py)
+    big = fmt.LicFile(f.header, tiles=f.tiles, postfilter=bytes(5000), postfilter_classified=True)
+    assert fmt.read(fmt.write(big)).postfilter == bytes(5000)
+    big.postfilter_classified = False
+    with pytest.raises(ValueError, match="1..1024 bytes"):
+        fmt.write(big)
+    with pytest.raises(ValueError, match="without a post-filter block"):
+        fmt.write(fmt.LicFile(f.header, tiles=f.tiles, postfilter_classified=True))
+
+
+def test_a_file_with_a_classified_filter_decodes_through_it(vr, tiny_vr_weights, monkeypatch):
+    """The encoder's classified choice travels in the file (flag bit 4) and the decoder applies it."""
+    monkeypatch.setattr(postfilter, "ENCODER_KERNEL_SIZES", ())  # no plain filter to choose
+    rgb = natural_image(96, 160, seed=5)
+    data = pipeline.encode_image(Image.fromarray(rgb), vr, quality=8).data
+    lic = fmt.read(data)
+    assert lic.postfilter is not None and lic.postfilter_classified
+    cf = postfilter.parse(lic.postfilter, classified=True)
+    out = np.asarray(pipeline.decode_bytes(data, tiny_vr_weights, "cpu").image)
+    recon = pipeline.reconstruct(lic, vr, torch.tensor([8.0]), rounded=False)
+    assert np.array_equal(out, postfilter.apply(recon, cf))
+    assert psnr(rgb, out) > psnr(rgb, pipeline.reconstruct(lic, vr, torch.tensor([8.0])))
+    lic.postfilter = cf.to_bytes()[:-1]  # damaged under a valid CRC
+    with pytest.raises(CorruptFileError, match="post-filter block: ends inside"):
+        pipeline.decode_bytes(fmt.write(lic), tiny_vr_weights, "cpu")
