@@ -45,10 +45,10 @@ MAX_BIAS = 2**23
 #: rows per band when applying, and when fitting (bounds the temporary memory on large images)
 BAND_ROWS = 256
 FIT_BAND_ROWS = 32
-#: at most this many feature values per band when fitting (fewer rows in a band of a wide image)
+#: at most this many feature values per band when fitting (fewer rows in a band of a wide image),
+#: and when applying a classified filter
 FIT_FEATURE_VALUES = 1 << 21
-#: at most this many values (every enabled class's corrections) per band when applying a classified filter
-APPLY_VALUES = 1 << 23
+APPLY_FEATURE_VALUES = 1 << 23
 
 #: the classified filter (FORMAT.md 7.4): the direction class counts a file may use, the most
 #: activity classes, and the radius of the window over which a pixel's gradients are summed
@@ -107,9 +107,8 @@ class PostFilter:
             raise ValueError("a coefficient out of range")
         return cls(k, p, coefs, bias)
 
-    def kernel(self, identity: bool = True):
-        """The filter as a (3, 3, K, K) float32 correlation kernel in code values (the identity
-        included, unless not ``identity``)."""
+    def kernel(self):
+        """The filter as a (3, 3, K, K) float32 correlation kernel in code values (the identity included)."""
         import torch
 
         r = self.k // 2
@@ -119,8 +118,7 @@ class PostFilter:
             if t:
                 w[:, :, r - dy, r - dx] += self.coefs[:, :, t]
         w /= 2.0**self.fraction_bits
-        if identity:
-            w[np.arange(3), np.arange(3), r, r] += 1.0
+        w[np.arange(3), np.arange(3), r, r] += 1.0
         return torch.from_numpy(w.astype(np.float32))
 
 
@@ -240,18 +238,6 @@ class ClassifiedFilter:
             raise ValueError("a coefficient out of range")
         return cls(k, p, np.array(thresholds, dtype=np.int64), d, coefs, bias, enabled)
 
-    def kernels(self):
-        """The enabled classes' filters as one convolution: a (3 E, 3, K, K) float32 correlation
-        kernel and (3 E,) biases, in code values, E the number of enabled classes, the output channels
-        of each class together, in class order (without the identity: the corrections only)."""
-        import torch
-
-        kernel, bias = [], []
-        for c in np.flatnonzero(self.enabled):
-            pf = PostFilter(self.k, self.fraction_bits, self.coefs[c], self.bias[c])
-            kernel.append(pf.kernel(identity=False))
-            bias.append(torch.from_numpy((self.bias[c] / 2.0**self.fraction_bits).astype(np.float32)))
-        return torch.cat(kernel), torch.cat(bias)
 
 
 def parse(data: bytes, classified: bool = False) -> PostFilter | ClassifiedFilter:
@@ -338,33 +324,33 @@ def apply(recon: np.ndarray, pf: PostFilter | ClassifiedFilter) -> np.ndarray:
 
 
 def _apply_classified(recon: np.ndarray, cf: ClassifiedFilter, labels: np.ndarray | None = None) -> np.ndarray:
-    """``labels``: each pixel's class (H, W), if known (the encoder's fit computes them once).  Every
-    enabled class's filter is one convolution's output channels; each pixel takes its own class's."""
+    """``labels``: each pixel's class (H, W), if known (the encoder's fit computes them once).  The
+    pixels of each class with a filter are gathered, filtered through their point-symmetric
+    features (:func:`_feature_rows`) and put back."""
     import torch
-    import torch.nn.functional as F
 
     h, w, _ = recon.shape
     r = cf.k // 2
-    kernel, bias = cf.kernels()
-    nclass = len(kernel) // 3
-    # and three zero outputs for the pixels of classes without a filter
-    kernel, bias = torch.cat([kernel, kernel.new_zeros(3, *kernel.shape[1:])]), torch.cat([bias, bias.new_zeros(3)])
-    slot = torch.from_numpy(np.where(cf.enabled, np.cumsum(cf.enabled) - 1, nclass))  # class -> its outputs
+    t = len(offsets(cf.k))
+    weights = {int(c): torch.from_numpy(np.concatenate([cf.coefs[c].reshape(3, 3 * t), cf.bias[c][:, None]], axis=1)
+                                         .astype(np.float32) / np.float32(2.0**cf.fraction_bits))
+               for c in np.flatnonzero(cf.enabled)}  # (3, 3 T + 1) each: the features' order
     out = np.empty((h, w, 3), dtype=np.uint8)
-    src = torch.from_numpy(np.ascontiguousarray(recon, dtype=np.float32))
-    rows = max(1, min(BAND_ROWS, APPLY_VALUES // (w * 3 * (nclass + 1))))
+    rows = max(1, min(BAND_ROWS, APPLY_FEATURE_VALUES // (w * (3 * t + 1))))
     with torch.inference_mode():
         for y0, y1, a, b, top, bottom in _bands(h, r, rows):
-            x = src[a:b].permute(2, 0, 1).unsqueeze(0)
-            if r:
-                x = F.pad(x, (r, r, top, bottom), mode="replicate")
-            corr = F.conv2d(x, kernel, bias)[0].reshape(nclass + 1, 3, -1)
+            feats = torch.from_numpy(_feature_rows(recon[a:b], cf.k, top, bottom, dtype=np.float32))
             label = (classes(gradient_sums(recon, y0, y1), cf.thresholds, cf.directions) if labels is None
-                     else labels[y0:y1])
-            pick = slot[torch.from_numpy(np.ascontiguousarray(label).reshape(-1)).long()]
-            corr = corr.gather(0, pick.view(1, 1, -1).expand(1, 3, -1))[0]  # (3, pixels)
-            y = src[y0:y1].reshape(-1, 3) + corr.t()
-            out[y0:y1] = y.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).reshape(y1 - y0, w, 3).numpy()
+                     else labels[y0:y1]).reshape(-1)
+            order = np.argsort(label, kind="stable")  # the pixels of each class together
+            ends = np.searchsorted(label[order], np.arange(cf.classes + 1))
+            order = torch.from_numpy(order)
+            y = torch.from_numpy(recon[y0:y1].reshape(-1, 3).T.astype(np.float32))  # (3, pixels), a copy
+            for c, wc in weights.items():
+                if ends[c + 1] > ends[c]:
+                    idx = order[ends[c] : ends[c + 1]]
+                    y.index_add_(1, idx, wc @ feats.index_select(1, idx))
+            out[y0:y1] = y.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).t().reshape(y1 - y0, w, 3).numpy()
     return out
 
 
@@ -405,16 +391,23 @@ def _normal_equations(original: np.ndarray, recon: np.ndarray, kmax: int, row_st
     """(Gram matrix of the ``kmax`` features, their products with the error ``original - recon``,
     the number of pixels gathered, and the Gram matrices and products of each class: (count, n, n),
     (count, n, 3)) over every ``row_step``-th row.  ``labels``: the classes (0 .. count - 1) of the
-    gathered pixels in row order; None: all in class 0."""
+    gathered pixels in row order; None: all in class 0.
+
+    Each band's sums are taken in float32 (twice the speed of float64) on features centred on
+    mid-grey, so that their products stay small, then added up in float64 and moved back to the
+    uncentred features exactly: with ``f = A f'``, ``A`` the identity plus the centring offsets
+    ``s`` in the constant feature's column, the sums are ``A G' A^T`` and ``A r'``."""
     h, w, _ = recon.shape
-    n = 3 * len(offsets(kmax)) + 1
+    taps = offsets(kmax)
+    n = 3 * len(taps) + 1
     grams, rhss, used = np.zeros((count, n, n)), np.zeros((count, n, 3)), 0
+    centred = recon - np.float32(128)
     # a band's features hold at most FIT_FEATURE_VALUES numbers, whatever the width
     rows = max(1, min(FIT_BAND_ROWS, FIT_FEATURE_VALUES // (w * n)))
     for y0, y1, a, b, top, bottom in _bands(h, kmax // 2, rows * row_step):  # bands start on a used row
         idx = np.arange(y0, y1, row_step)
-        feats = _feature_rows(recon[a:b], kmax, top, bottom, row_step)  # (n, pixels)
-        target = (original[idx].astype(np.float64) - recon[idx]).reshape(-1, 3)
+        feats = _feature_rows(centred[a:b], kmax, top, bottom, row_step, dtype=np.float32)  # (n, pixels)
+        target = (original[idx].astype(np.float32) - recon[idx]).reshape(-1, 3)
         m = feats.shape[1]
         if labels is None or count == 1:
             grams[0] += feats @ feats.T
@@ -430,6 +423,9 @@ def _normal_equations(original: np.ndarray, recon: np.ndarray, kmax: int, row_st
                     grams[c] += fc @ fc.T
                     rhss[c] += fc @ t[ends[c] : ends[c + 1]]
         used += m
+    shift = np.eye(n)
+    shift[:-1, -1] = [128.0 if t == 0 else 256.0 for _ in range(3) for t in range(len(taps))]
+    grams, rhss = shift @ grams @ shift.T, shift @ rhss
     return grams.sum(0), rhss.sum(0), used, (grams, rhss)
 
 
