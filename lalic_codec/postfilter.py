@@ -50,6 +50,8 @@ FIT_BAND_ROWS = 32
 FIT_FEATURE_VALUES = 1 << 21
 APPLY_FEATURE_VALUES = 1 << 23
 
+#: whether the encoder tries classified filters (FORMAT.md 7.4) beside the plain ones
+CLASSIFIED = True
 #: the classified filter (FORMAT.md 7.4): the direction class counts a file may use, the most
 #: activity classes, and the radius of the window over which a pixel's gradients are summed
 DIRECTION_CLASSES = (1, 5)
@@ -489,7 +491,7 @@ def _round_compensated(w: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=None,
         fraction_bits=ENCODER_FRACTION_BITS, row_step: int = 1,
-        exact: int = EXACT_CANDIDATES, classified: bool = True) -> tuple[PostFilter | ClassifiedFilter | None, dict]:
+        exact: int = EXACT_CANDIDATES, classified: bool | None = None) -> tuple[PostFilter | ClassifiedFilter | None, dict]:
     """The filter the encoder keeps for this image, or None when none pays for its bytes.
 
     ``original`` (H, W, 3) uint8, ``recon`` (H, W, 3) float32 code values before rounding (what the
@@ -498,7 +500,7 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=None,
     over the 3 channels) is worth ``lam * dSSE / 3`` bits.
 
     The normal equations are gathered once on every ``row_step``-th row, for the whole image and,
-    with ``classified``, for each class of the finest classifications tried (4 activity classes at
+    with ``classified`` (default ``CLASSIFIED``), for each class of the finest classifications tried (4 activity classes at
     the quartiles of the image's activity, 3 and 5 direction classes; coarser ones are sums of
     these).  Each kernel size of ``kernel_sizes``, and each class of each classification of
     ``ENCODER_ACTIVITY_CLASSES`` x ``ENCODER_DIRECTION_CLASSES`` at ``ENCODER_CLASS_KERNEL``, is
@@ -511,6 +513,7 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=None,
     and "none": the SSE without a filter)."""
     h, w, _ = recon.shape
     kernel_sizes = ENCODER_KERNEL_SIZES if kernel_sizes is None else kernel_sizes
+    classified = CLASSIFIED if classified is None else classified
     kmax = max((*kernel_sizes, ENCODER_CLASS_KERNEL) if classified else kernel_sizes)
     labels, fine = None, np.zeros(0, dtype=np.int64)
     if classified:  # the finest classification tried: 4 activity classes, 5 direction classes
