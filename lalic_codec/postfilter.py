@@ -500,25 +500,32 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=None,
     over the 3 channels) is worth ``lam * dSSE / 3`` bits.
 
     The normal equations are gathered once on every ``row_step``-th row, for the whole image and,
-    with ``classified`` (default ``CLASSIFIED``), for each class of the finest classifications tried (4 activity classes at
-    the quartiles of the image's activity, 3 and 5 direction classes; coarser ones are sums of
-    these).  Each kernel size of ``kernel_sizes``, and each class of each classification of
+    with ``classified`` (default ``CLASSIFIED``), for each class of the finest classification tried
+    (``max(ENCODER_ACTIVITY_CLASSES)`` activity classes at the quantiles of the image's activity,
+    times 5 direction classes; the coarser ones are sums of these).  Each kernel size of
+    ``kernel_sizes`` (default ``ENCODER_KERNEL_SIZES``), and each class of each classification of
     ``ENCODER_ACTIVITY_CLASSES`` x ``ENCODER_DIRECTION_CLASSES`` at ``ENCODER_CLASS_KERNEL``, is
     solved by least squares and quantised at each precision of ``fraction_bits``
     (:func:`_round_compensated`); a class keeps its filter where the filter pays for its bytes.
     Every candidate's squared error follows from the normal equations without filtering the image,
     and the ``exact`` best by that estimate, less their blocks' bytes (content, length and CRC32),
-    are then applied exactly as a decoder applies them and judged on the whole image.  Returns
-    (filter or None, {(K, P) or ("classified", A, D, P): (SSE, bytes)} of the candidates applied,
-    and "none": the SSE without a filter)."""
+    and the best plain filter are then applied exactly as a decoder applies them and judged on the
+    whole image.  Returns (filter or None, {(K, P) or ("classified", A, D, P): (SSE, bytes)} of the
+    candidates applied, and "none": the SSE without a filter)."""
     h, w, _ = recon.shape
     kernel_sizes = ENCODER_KERNEL_SIZES if kernel_sizes is None else kernel_sizes
     classified = CLASSIFIED if classified is None else classified
     kmax = max((*kernel_sizes, ENCODER_CLASS_KERNEL) if classified else kernel_sizes)
-    labels, fine = None, np.zeros(0, dtype=np.int64)
-    if classified:  # the finest classification tried: 4 activity classes, 5 direction classes
+    labels, fine, quantiles = None, np.zeros(0, dtype=np.int64), {}
+    if classified:  # the finest classification tried: the most activity classes, 5 direction classes
         act, direction = _image_classes(recon)
-        fine = np.unique(np.quantile(act[::row_step], [0.25, 0.5, 0.75], method="lower")).astype(np.int64)
+        used_act = act[::row_step]
+        # each count's thresholds: the activity's quantiles (the same pixels' values, so that the
+        # coarser ones are among the finest)
+        quantiles = {a: np.unique(np.quantile(used_act, np.arange(1, a) / a, method="lower")).astype(np.int64)
+                     for a in ENCODER_ACTIVITY_CLASSES}
+        fine = quantiles[max(ENCODER_ACTIVITY_CLASSES)]
+        del used_act
         labels = _labels(act[::row_step], direction[::row_step], fine, 5).reshape(-1)
     count = 5 * (len(fine) + 1) if classified else 1
     gram, rhs, used, per_class = _normal_equations(original, recon, kmax, row_step, labels, count)
@@ -533,7 +540,7 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=None,
             nbytes = len(pf.to_bytes()) + 8
             estimates.append((lam * -scale * d / 3.0 - 8 * nbytes, pf, nbytes))
     if classified:
-        estimates += _classified_candidates(fine, per_class, kmax, lam, scale, fraction_bits)
+        estimates += _classified_candidates(quantiles, per_class, kmax, lam, scale, fraction_bits)
     estimates.sort(key=lambda e: -e[0])
     # the best plain filter is always judged exactly: the classes' estimates, from fewer pixels
     # each, are the more optimistic
@@ -559,10 +566,12 @@ def fit(original: np.ndarray, recon: np.ndarray, lam: float, kernel_sizes=None,
     return best, report
 
 
-def _classified_candidates(fine: np.ndarray, per_class, kmax: int, lam: float, scale: float, fraction_bits) -> list:
+def _classified_candidates(quantiles: dict, per_class, kmax: int, lam: float, scale: float, fraction_bits) -> list:
     """(estimated gain in bits, ClassifiedFilter, bytes) for each classification the encoder tries
-    and each precision, from the normal equations ``per_class`` of the finest one (4 activity
-    classes at the ``fine`` thresholds times 5 direction classes, of the ``kmax`` features)."""
+    and each precision, from the normal equations ``per_class`` of the finest one (the most
+    activity classes times 5 direction classes, of the ``kmax`` features); ``quantiles``: the
+    thresholds of each number of activity classes tried."""
+    fine = quantiles[max(quantiles)]
     k = ENCODER_CLASS_KERNEL
     t = len(offsets(k))
     cols = _columns(k, kmax)
@@ -571,8 +580,7 @@ def _classified_candidates(fine: np.ndarray, per_class, kmax: int, lam: float, s
     out, seen = [], set()
     for d in ENCODER_DIRECTION_CLASSES:
         for a in ENCODER_ACTIVITY_CLASSES:
-            # one threshold: the middle quartile (or the middle of fewer, when some were equal)
-            thresholds = {1: fine[:0], 2: fine[(len(fine) - 1) // 2 : (len(fine) + 1) // 2]}.get(a, fine)
+            thresholds = quantiles[a]
             if (len(thresholds), d) == (0, 1) or (tuple(thresholds), d) in seen:
                 continue
             seen.add((tuple(thresholds), d))
