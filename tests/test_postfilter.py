@@ -287,7 +287,7 @@ def test_the_fit_rounds_better_than_plain_rounding_at_the_same_precision():
     """At one kernel size and precision, the coefficients the fit writes leave less error on the image
     than the least-squares solution rounded plainly."""
     x, recon = blurred(2)
-    pf, report = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(5,), fraction_bits=(6,), classified=False)
+    pf, report = postfilter.fit(x, recon, lam=1.0, kernel_sizes=(5,), fraction_bits=(6,), classified=False, exact=1)
     assert pf is not None and (pf.k, pf.fraction_bits) == (5, 6)
     gram, rhs, _, _ = postfilter._normal_equations(x, recon, 5, 1)
     g = gram + 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
@@ -430,16 +430,23 @@ def test_classified_apply_matches_the_specification(k, d, monkeypatch):
     assert np.array_equal(postfilter.apply(recon, cf), classified_oracle(recon, cf))
 
 
-def test_the_fit_classifies_where_the_error_depends_on_the_texture():
-    """An error that differs between smooth and busy neighbourhoods (a colour shift in one, a blur
-    in the other): one filter cannot undo both, one per class can."""
+def texture_dependent_error():
+    """(image, reconstruction) whose error differs between smooth and busy neighbourhoods: a colour
+    shift in one, a blur in the other."""
     x = textured(96, 128, seed=9).clip(0, 255).astype(np.uint8)
     sums = postfilter.gradient_sums(x.astype(np.float32), 0, 96)
     busy = (sums[0] + sums[1]) > np.median(sums[0] + sums[1])
     soft = np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(0.8))).astype(np.float32)
     recon = np.where(busy[..., None], soft, x.astype(np.float32) + np.float32([4, -3, 2]))
-    plain, plain_report = postfilter.fit(x, recon, lam=0.01, classified=False)
-    cf, report = postfilter.fit(x, recon, lam=0.01)
+    return x, recon
+
+
+def test_the_fit_classifies_where_the_error_depends_on_the_texture():
+    """An error that differs between smooth and busy neighbourhoods (a colour shift in one, a blur
+    in the other): one filter cannot undo both, one per class can."""
+    x, recon = texture_dependent_error()
+    plain, plain_report = postfilter.fit(x, recon, lam=0.01, classified=False, exact=1)
+    cf, report = postfilter.fit(x, recon, lam=0.01, exact=1)
     assert isinstance(cf, postfilter.ClassifiedFilter) and cf.classes > 1
     key = ("classified", len(cf.thresholds) + 1, cf.directions, cf.fraction_bits)
     sse, nbytes = report[key]
@@ -450,6 +457,22 @@ def test_the_fit_classifies_where_the_error_depends_on_the_texture():
     assert psnr(x, postfilter.apply(recon, cf)) > psnr(x, postfilter.apply(recon, plain)) + 0.5
     # the best plain filter was judged too, and lost
     assert (plain.k, plain.fraction_bits) in report
+    # the encoder's default trusts the estimate from the normal equations (exact but for the
+    # output's rounding and clamping), and chooses the same filter without applying any
+    chosen, estimated = postfilter.fit(x, recon, lam=0.01)
+    assert chosen.to_bytes() == cf.to_bytes() and list(estimated) == [key]
+    assert estimated[key] == (None, nbytes)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_the_fit_tries_each_class_kernel_size(monkeypatch, k):
+    x, recon = texture_dependent_error()
+    monkeypatch.setattr(postfilter, "ENCODER_CLASS_KERNELS", (k,))
+    cf, report = postfilter.fit(x, recon, lam=0.01, kernel_sizes=(1,), exact=1)
+    assert isinstance(cf, postfilter.ClassifiedFilter) and cf.k == k
+    sse, nbytes = report[("classified", len(cf.thresholds) + 1, cf.directions, cf.fraction_bits)]
+    assert sse == pytest.approx(np.sum((x - postfilter.apply(recon, cf).astype(np.float64)) ** 2))
+    assert 0.01 * (report["none"] - sse) / 3 > 8 * nbytes
 
 
 def test_classified_container_flag():
