@@ -10,12 +10,14 @@ concatenations).
     python benchmarks/bench_train_step.py [--batch 8] [--crop 128] [--threads 2] [--steps 10]
                                           [--weights models/default-v10.safetensors] [--compile auto|on|off]
                                           [--profile] [--denormals flush|keep]
-                                          [--images DIR] [--quality Q]
+                                          [--images DIR] [--quality Q] [--freeze PATTERN ...]
 
 ``--profile`` also prints the operators that take the most time (torch.profiler, self CPU).
 The synthetic input (smooth noise) does not cost what photos do: ``--images DIR`` times the centre
 crops of real ones (``--quality``: all at one quality; the latent residual prediction's backward
-passes met subnormal floats at high qualities, see ``--denormals``).
+passes met subnormal floats at high qualities, see ``--denormals``).  ``--freeze PATTERN`` times the
+step with the parameters whose names match frozen, as ``codec train run --lr-mult PATTERN=0``
+trains (no gradients computed for them, nor backward passes that only they need).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as codec train run --bf16")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile of the CPU fast paths, as codec train run --compile")
     ap.add_argument("--layout", choices=["channels_last", "contiguous"], default="channels_last", help="memory layout of images and convolution weights")
+    ap.add_argument("--freeze", action="append", default=[], metavar="PATTERN", help="freeze the parameters whose names match (a regular expression), as --lr-mult PATTERN=0")
     args = ap.parse_args()
     tune_allocator()
     if args.denormals == "flush":  # as `codec train run` does (_runtime.denormals_flushed), before the thread pool starts
@@ -106,7 +109,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = tr.TrainConfig(batch=args.batch, crop=args.crop, init_from=args.weights)
+    cfg = tr.TrainConfig(batch=args.batch, crop=args.crop, init_from=args.weights, lr_mults=tuple((p, 0.0) for p in args.freeze))
     sd = None
     if args.weights:  # the architecture of the weights (e.g. a `codec train reshape` candidate)
         from lalic_codec.models.checkpoints import load_state_dict_file
@@ -118,6 +121,7 @@ def main() -> None:
     if sd is not None:
         model.load_state_dict(sd, strict=False)
     model.train()
+    frozen = tr.freeze_by_lr_mult(model, cfg)
     main_p, scale_p, aux_p = tr.split_params(model)
     opt = tr.make_adam(tr.param_groups(model, cfg), 1e-5)
     aux_opt = tr.make_adam(aux_p, 1e-5)
@@ -190,6 +194,8 @@ def main() -> None:
     px = x.shape[0] * x.shape[2] * x.shape[3]
     print(f"training step, batch {args.batch} x {x.shape[2]}x{x.shape[3]} ({args.images or 'synthetic'}), qualities {q.tolist()}, {args.threads} threads, bf16 autocast {'on' if bf16 else 'off'}, "
           f"compiled fast paths {'on' if compile_enabled() else 'off'}, denormals {args.denormals}, torch {torch.__version__}")
+    if args.freeze:
+        print(f"  frozen: {frozen:,} values matching {', '.join(args.freeze)}")
     print(f"  first step {first_s:.1f} s (compilation included)")
     print(f"  step {step_s:.3f} s  ->  {px / step_s:,.0f} pixels/s")
     print(f"  {'part':<46} {'s/step':>8} {'share':>7}")
