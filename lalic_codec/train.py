@@ -3,7 +3,9 @@
 * Data: any folder of images; random crops (256 by default; a 512 fine-tune crops up to 512 and
   at most the image) and flips, decoded in DataLoader workers.  Which file, which crop, which
   quality level and which training noise every sample gets is a pure function of (seed, sample
-  index), so a resumed run sees exactly the batches an uninterrupted run would have seen.
+  index), so a resumed run sees exactly the batches an uninterrupted run would have seen.  Each
+  epoch's order puts files whose crops have one shape into the same step where it can, so that
+  the processes of a data parallel step take equal time.
 * Processes: ``--procs N`` shares each step's batches out among N processes (data parallel,
   torch.distributed's gloo backend); their gradients are summed before the step, so the run
   computes what one process would.
@@ -149,6 +151,15 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def crop_shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each file's crops, from the image headers alone."""
+        shapes = []
+        for f in self.files:
+            with Image.open(f) as im:
+                W, H = im.size
+            shapes.append(_crop_shape(max(W, 64), max(H, 64), self.crop))
+        return shapes
+
     def __getitem__(self, item):
         idx, seed = item
         rng = np.random.default_rng(seed)
@@ -198,21 +209,72 @@ class StepSampler(torch.utils.data.Sampler):
 
     ``share = (batch, accum, rank, procs)``: only the samples of the batches one training process
     of ``procs`` codes, batch ``a`` of every step's ``accum`` (counted from ``start``) going to
-    process ``a % procs``; the processes together draw exactly the stream of one."""
+    process ``a % procs``; the processes together draw exactly the stream of one.
 
-    def __init__(self, n: int, seed: int, start: int = 0, share: tuple | None = None):
-        self.n, self.seed, self.start, self.share = n, seed, start, share
+    ``keys`` (one per file, e.g. its crops' shape) and ``group`` (the samples of a step): each
+    epoch's order puts files of one key together in the steps, as far as the keys' counts allow
+    (:func:`_grouped_order`), so that a step's crops have one shape: the processes of a data
+    parallel step then take equal time instead of waiting for the largest crop, and a batch of
+    several crops is not cut to the smallest.  Steps are counted from sample 0 of the stream
+    (``start`` a multiple of ``group``, as a run's sample count is)."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, share: tuple | None = None, keys: list | None = None, group: int = 1):
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} files")
+        self.n, self.seed, self.start, self.share, self.keys, self.group = n, seed, start, share, keys, group
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(_mix(self.seed, epoch))
+        perm = rng.permutation(self.n)
+        if self.keys is None or self.group <= 1:
+            return perm
+        return _grouped_order(perm, self.keys, self.group, (epoch * self.n) % self.group, rng)
 
     def __iter__(self):
         s = self.start
         while True:
             epoch, pos = divmod(s, self.n)
-            perm = np.random.default_rng(_mix(self.seed, epoch)).permutation(self.n)
+            perm = self.epoch_order(epoch)
             while pos < self.n:
                 if self.share is None or _batch_owner(s - self.start, *self.share):
                     yield int(perm[pos]), _mix(self.seed, 1, s)
                 pos += 1
                 s += 1
+
+
+def _grouped_order(perm: np.ndarray, keys: list, group: int, phase: int, rng: np.random.Generator) -> np.ndarray:
+    """An epoch's order of the files in ``perm`` (each once) in which the steps of ``group`` samples
+    hold files of one key where possible; the epoch starts ``phase`` samples into a step.
+
+    Each key's files, in ``perm``'s order, are cut into groups of ``group``; the files left over
+    (fewer than ``group`` of a key) are ordered by key and grouped among themselves; the groups
+    are shuffled.  The epoch's first ``-phase % group`` files complete the step the previous epoch
+    left open, and its last files (``n`` not a multiple of ``group``) open the next one."""
+    by_key: dict = {}
+    for i in perm:
+        by_key.setdefault(keys[i], []).append(int(i))
+    groups, left = [], []
+    for files in by_key.values():
+        full = len(files) // group * group
+        groups += [files[j : j + group] for j in range(0, full, group)]
+        left += files[full:]
+    order = {k: j for j, k in enumerate(sorted(by_key, key=repr))}
+    left.sort(key=lambda i: order[keys[i]])  # stable: perm's order within a key
+    head = (-phase) % group
+    while len(left) < head and groups:  # too few left over to fill the open step: break a group
+        left = groups.pop() + left
+    start, left = left[:head], left[head:]
+    groups += [left[j : j + group] for j in range(0, len(left), group)]
+    tail = groups.pop() if groups and len(groups[-1]) < group else []
+    shuffled = [groups[j] for j in rng.permutation(len(groups))]
+    return np.array(start + [i for g in shuffled for i in g] + tail, dtype=np.int64)
+
+
+def run_sampler(dataset: CropDataset, cfg: TrainConfig, start: int = 0, rank: int = 0, procs: int = 1) -> StepSampler:
+    """The sampler of a training run's process ``rank`` of ``procs``, from sample ``start``: each
+    step's crops of one shape where the files allow (see :class:`StepSampler`)."""
+    share = (cfg.batch, cfg.accum, rank, procs) if procs > 1 else None
+    return StepSampler(len(dataset), cfg.seed, start=start, share=share, keys=dataset.crop_shapes(), group=cfg.batch * cfg.accum)
 
 
 def _batch_owner(offset: int, batch: int, accum: int, rank: int, procs: int) -> bool:
@@ -795,10 +857,11 @@ def _train(cfg: TrainConfig, resume: str | None, max_seconds: float | None, rank
     val_pool = list_images(cfg.val_data) if cfg.val_data else held_out
     val_files = val_pool[: cfg.val_count] if cfg.val_count else []
     per_step = cfg.batch * cfg.accum
+    dataset = CropDataset(files, cfg.crop)
     loader = torch.utils.data.DataLoader(
-        CropDataset(files, cfg.crop),
+        dataset,
         batch_size=cfg.batch,
-        sampler=StepSampler(len(files), cfg.seed, start=samples, share=(cfg.batch, cfg.accum, rank, procs) if procs > 1 else None),
+        sampler=run_sampler(dataset, cfg, samples, rank, procs),
         collate_fn=collate_crops,
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,

@@ -63,16 +63,46 @@ def test_crops_larger_than_some_images_make_batches_of_their_smallest_shape(tmp_
     h, w = min(shapes[i][0] for i in (0, 1, 3)), min(shapes[i][1] for i in (0, 1, 3))
     assert batch.shape == (3, 3, h, w) and torch.equal(batch[2], ds[(3, 3)][:, :h, :w])
 
-    ckpt = tr.train(cfg_for(tmp_path, data_dir, crop=128, batch=3, accum=2, steps=2, val_count=0))
+    cfg = cfg_for(tmp_path, data_dir, crop=128, batch=3, accum=2, steps=2, val_count=0)
+    ckpt = tr.train(cfg)
     state = torch.load(ckpt, weights_only=True)
-    trained = [tr.collate_crops([ds[item] for item in b]) for b in _batches(files, 3, 4)]
+    trained = [tr.collate_crops([ds[item] for item in b]) for b in _batches(ds, cfg, 4)]
     assert state["totals"]["pixels"] == sum(b.shape[0] * b.shape[2] * b.shape[3] for b in trained)
 
 
-def _batches(files, batch, count, seed=0):
-    """The first ``count`` batches of (file index, sample seed) a run with this seed draws."""
-    it = iter(tr.StepSampler(len(files), seed))
-    return [[next(it) for _ in range(batch)] for _ in range(count)]
+def _batches(ds, cfg, count):
+    """The first ``count`` batches of (file index, sample seed) a run of ``cfg`` on ``ds`` draws."""
+    it = iter(tr.run_sampler(ds, cfg))
+    return [[next(it) for _ in range(cfg.batch)] for _ in range(count)]
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_a_steps_crops_have_one_shape_where_the_files_allow(group):
+    """The run's sampler puts files whose crops have one shape into the same step, so that data
+    parallel processes wait less for each other and batches are not cut to their smallest crop:
+    every epoch still draws each file once, the steps count from sample 0 across epochs (whose
+    length is not a multiple of the step), and only the leftovers of each shape share a step."""
+    rng = np.random.default_rng(1)
+    keys = [("abcd"[k],) for k in rng.choice(4, size=29, p=[0.5, 0.3, 0.15, 0.05])]
+    sampler = tr.StepSampler(len(keys), seed=5, keys=keys, group=group)
+    epochs = 6
+    stream = [i for _, (i, _) in zip(range(epochs * len(keys)), sampler)]
+    for e in range(epochs):
+        assert sorted(stream[e * len(keys) : (e + 1) * len(keys)]) == list(range(len(keys)))
+    steps = [stream[j : j + group] for j in range(0, len(stream), group)]
+    mixed = sum(len({keys[i] for i in s}) > 1 for s in steps)
+    # per epoch at most one leftover step per key boundary and one across the epoch's boundary
+    assert mixed <= epochs * (len(set(keys)) + 1)
+    plain = [i for _, (i, _) in zip(range(len(stream)), tr.StepSampler(len(keys), seed=5))]
+    plain_mixed = sum(len({keys[i] for i in plain[j : j + group]}) > 1 for j in range(0, len(plain), group))
+    assert mixed < plain_mixed / 3
+    assert stream != plain and sorted(stream[: len(keys)]) == sorted(plain[: len(keys)])
+    # a resumed run continues the same stream; data parallel processes share it out
+    later = [x for _, x in zip(range(20), tr.StepSampler(len(keys), seed=5, start=4 * group, keys=keys, group=group))]
+    assert [i for i, _ in later] == stream[4 * group : 4 * group + 20]
+    parts = [[x for _, x in zip(range(2 * len(keys)), tr.StepSampler(len(keys), seed=5, keys=keys, group=group, share=(1, group, r, group)))] for r in range(group)]
+    for r in range(group):
+        assert [i for i, _ in parts[r]] == stream[r::group][: 2 * len(keys)]
 
 
 def test_exact_resume(tmp_path, data_dir):
