@@ -258,8 +258,7 @@ def _grouped_order(perm: np.ndarray, keys: list, group: int, phase: int, rng: np
         full = len(files) // group * group
         groups += [files[j : j + group] for j in range(0, full, group)]
         left += files[full:]
-    order = {k: j for j, k in enumerate(sorted(by_key, key=repr))}
-    left.sort(key=lambda i: order[keys[i]])  # stable: perm's order within a key
+    left.sort(key=lambda i: repr(keys[i]))  # stable: perm's order within a key
     head = (-phase) % group
     while len(left) < head and groups:  # too few left over to fill the open step: break a group
         left = groups.pop() + left
