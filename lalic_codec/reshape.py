@@ -36,6 +36,24 @@ from scratch. These changes are supported:
   and integer-path layers start fresh, its gains at the mean of the old channels'. The
   transforms' ceiling (``benchmarks/bench_transform_ceiling.py``) is what this raises.
 
+  Two informed starts for it, so that the new channels carry information, and cost no more
+  than they must, from the first step (``codec train reshape --latent M --latent-init pca
+  --new-group last``):
+
+  - **Innovation components** (``patch_stats``): the new analysis rows are the principal
+    components of what the old rows leave out. With ``p`` the input patches of g_a's last
+    convolution (mean and covariance ``S`` over training crops, :func:`analysis_patch_stats`) and
+    ``W`` its trained rows, the part of ``p`` that ``W p`` does not predict linearly is ``P p``,
+    ``P = I - S W^T (W S W^T)^-1 W``; its covariance's leading eigenvectors ``u`` give the rows
+    ``P^T u``. The new channels are then uncorrelated with the old ones on the data and hold as
+    much of the rest as that many linear rows can; centred (their bias), at the typical size of
+    the last old group's channels.
+  - **The last group's networks** (``new_group="last"``): the new group's channel context,
+    parameter network, spatial context and integer-path layers start as copies of the last old
+    group's (of the same width), with zero weights on the inputs the copies never saw (that
+    group's own channels) and the predicted means at zero; the new channels' gains are that
+    group's mean gains. The new group's latent residual prediction still starts as the identity.
+
 Everything else (latent gains, integer scale path, entropy models, CDF tables) is copied.
 """
 
@@ -149,22 +167,87 @@ def regain(table: torch.Tensor, old_lambdas, new_lambdas) -> torch.Tensor:
 NEW_LATENT_SCALE = 0.5
 
 
-def _new_group_source(key: str, k: int) -> str | None:
+def _new_group_source(key: str, k: int, warm: bool = False) -> str | None:
     """For a tensor of the new channel group ``k``: the key it copies (the shared CDF tables of
-    group 0), or None where it starts fresh; the key itself where it is not the new group's."""
+    group 0; with ``warm`` the last old group's tensor, but for the residual prediction), or None
+    where it starts fresh; the key itself where it is not the new group's."""
     for pattern in (rf"latent_codec\.y\.(latent_codec|channel_context|residual_prediction)\.y{k}\.", rf"scale_path\.(channel_ctx|spatial_ctx|heads)\.{k}\."):
         if re.match(pattern, key):
             if ".gaussian_conditional." in key:
                 return key.replace(f".y{k}.", ".y0.", 1)
+            if warm and not key.startswith("latent_codec.y.residual_prediction."):
+                return re.sub(rf"^(latent_codec\.y\.\w+\.y|scale_path\.\w+\.){k}\.", rf"\g<1>{k - 1}.", key)
             return None
     return key
 
 
-def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> torch.Tensor:
-    """``old`` inside a tensor of the widened latent's shape ``fresh`` (see the module docstring)."""
+def _grow_inputs(old: torch.Tensor, fresh: torch.Tensor, planes: int) -> torch.Tensor:
+    """``old`` (out, planes * a, ...) in a zero tensor of ``fresh``'s shape (out, planes * b, ...),
+    b >= a: each of the ``planes`` blocks of input channels keeps its first ``a`` channels."""
+    a, b = old.shape[1] // planes, fresh.shape[1] // planes
+    if old.shape[0] != fresh.shape[0] or old.shape[2:] != fresh.shape[2:] or a * planes != old.shape[1] or b * planes != fresh.shape[1] or b < a:
+        raise ValueError(f"cannot grow the inputs of shape {tuple(old.shape)} to {tuple(fresh.shape)}")
+    out = torch.zeros_like(fresh)
+    for i in range(planes):
+        out[:, i * b : i * b + a] = old[:, i * a : (i + 1) * a]
+    return out
+
+
+@torch.no_grad()
+def analysis_patch_stats(model, x: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, covariance), float64, of the input patches of ``model``'s last analysis convolution
+    over the crops ``x`` (n, 3, H, W) in [0, 1]: the vectors that convolution maps to y's channels
+    (flattened as its weight is: channel, row, column)."""
+    last, head = model.g_a[-1], model.g_a[:-1]
+    dtype = next(model.parameters()).dtype
+    total, outer, count = 0, 0, 0
+    for chunk in x.split(batch):
+        f = head(chunk.to(dtype))
+        p = torch.nn.functional.unfold(f, last.kernel_size, padding=last.padding, stride=last.stride)  # (b, D, L)
+        p = p.transpose(1, 2).reshape(-1, p.shape[1]).double()
+        total, outer, count = total + p.sum(0), outer + p.T @ p, count + len(p)
+    mean = total / count
+    return mean, outer / count - torch.outer(mean, mean)
+
+
+def innovation_rows(weight: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor, count: int, size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (count, ...) shaped as ``weight``'s, their bias (count,)): the leading principal
+    components of the patches' part that the rows of ``weight`` do not predict (module docstring),
+    scaled together so that the root-mean-square deviation of their outputs is ``size``."""
+    W = weight.reshape(len(weight), -1).double()
+    D = W.shape[1]
+    if count > D - len(W):
+        raise ValueError(f"{count} new channels: patches of {D} values leave {D - len(W)} directions beside the {len(W)} rows")
+    A = W @ cov @ W.T
+    A = A + 1e-9 * torch.trace(A) / len(A) * torch.eye(len(A), dtype=A.dtype)
+    P = torch.eye(D, dtype=cov.dtype) - cov @ W.T @ torch.linalg.solve(A, W)
+    res = P @ cov @ P.T
+    values, vectors = torch.linalg.eigh((res + res.T) / 2)
+    rows = (P.T @ vectors[:, values.argsort(descending=True)[:count]]).T  # row i on p gives u_i . P p
+    spread = (rows @ cov * rows).sum(1).clamp_min(0).mean().sqrt()
+    if not spread > 0:
+        raise ValueError("the patches hold nothing beyond the present rows (degenerate statistics)")
+    rows = rows * (size / spread)
+    return rows.reshape(count, *weight.shape[1:]).to(weight.dtype), (-(rows @ mean)).to(weight.dtype)
+
+
+def channel_spread(weight: torch.Tensor, cov: torch.Tensor, channels: slice) -> float:
+    """Root-mean-square deviation of the outputs of ``weight``'s rows ``channels`` on patches of
+    covariance ``cov``."""
+    W = weight[channels].reshape(-1, cov.shape[0]).double()
+    return float((W @ cov * W).sum(1).mean().sqrt())
+
+
+def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str, gain_from: slice = slice(None),
+           rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``old`` inside a tensor of the widened latent's shape ``fresh`` (see the module docstring);
+    ``gain_from``: the old channels whose mean gains the new ones take; ``rows``: the new analysis
+    rows and their bias (None: random rows at :data:`NEW_LATENT_SCALE`, no bias)."""
     if key in ("log_gain", "log_inv_gain"):
-        grown = old.mean(1, keepdim=True).expand(-1, fresh.shape[1] - old.shape[1])
+        grown = old[:, gain_from].mean(1, keepdim=True).expand(-1, fresh.shape[1] - old.shape[1])
         return torch.cat([old, grown], 1)
+    if rows is not None and key in (last_ga + ".weight", last_ga + ".bias"):
+        return torch.cat([old, rows[0] if key.endswith(".weight") else rows[1]])
     if key == last_ga + ".weight":
         out = fresh * (NEW_LATENT_SCALE * old.square().mean().sqrt() / fresh.square().mean().sqrt())
     elif key in (last_ga + ".bias", "g_s.0.weight", "latent_codec.hyper.h_a.0.weight"):
@@ -177,7 +260,8 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str) -> to
 
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
             lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None, units=None,
-            lrp: int | None = None) -> tuple[dict, dict]:
+            lrp: int | None = None, patch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+            group_start: str = "fresh") -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
@@ -188,7 +272,16 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     at most the old one; ``units``: the new numbers of residual units at the 1/2 level of g_a and
     g_s, each at least the old one; ``lrp``: the hidden width of a latent residual prediction added
     after each channel group (the model must have none yet).
+
+    With ``latent`` (module docstring): ``patch_stats``, the (mean, covariance) of
+    :func:`analysis_patch_stats`, makes the new analysis rows the innovation components (None:
+    random rows); ``group_start`` "last" starts the new group's networks as copies of the last
+    old group's, "fresh" as new ones.
     """
+    if group_start not in ("fresh", "last"):
+        raise ValueError(f"group_start {group_start!r}: fresh or last")
+    if (patch_stats is not None or group_start != "fresh") and latent is None:
+        raise ValueError("patch_stats and group_start shape the channels a wider latent adds: give latent too")
     old = model_kwargs(sd)
     new = dict(old)
     side = old["side_width"] or old["M"]  # the entropy model's width (h_s output, channel context)
@@ -216,6 +309,9 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         dims[3] = int(latent)
         new.update(M=int(latent), dims=tuple(dims), groups=tuple(old["groups"]) + (int(latent) - old["M"],),
                    side_width=side)
+        if group_start == "last" and old["groups"][-1] != new["groups"][-1]:
+            raise ValueError(f"latent {latent}: the new group of {new['groups'][-1]} channels cannot start as a copy of "
+                             f"the last group of {old['groups'][-1]}")
     src = dict(sd)
     old_lambdas = tuple(sd["lambdas"].tolist())
     if lambdas is not None:
@@ -237,11 +333,26 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     out, used = {}, set()
     new_group = len(old["groups"]) if len(new["groups"]) > len(old["groups"]) else None
     last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."], "g_a.", new["units"])) - 1)
+    warm = group_start == "last"
+    last_group = slice(old["M"] - old["groups"][-1], old["M"])  # the last old group's channels
+    rows = None
+    if patch_stats is not None:
+        old_last = src[_source_key(last_ga + ".weight", old["depths"], new["depths"], old["units"], new["units"])[0]]
+        rows = innovation_rows(old_last, *patch_stats, new["M"] - old["M"], channel_spread(old_last, patch_stats[1], last_group))
+    signed = bool(old["int_scale"]) and old["int_scale"]["signed"]
     for key, fresh in template.items():
         source, is_new_block = _source_key(key, old["depths"], new["depths"], old["units"], new["units"])
         if new_group is not None and source is not None:
-            source = _new_group_source(source, new_group)
-            is_new_block = source is None
+            copied = _new_group_source(source, new_group, warm)
+            is_new_block = copied is None
+            if warm and copied not in (None, source) and ".gaussian_conditional." not in copied:
+                value = src[copied]
+                if value.shape != fresh.shape:  # a first layer that sees one more group's channels
+                    value = _grow_inputs(value, fresh, 2 if signed and key.startswith("scale_path.channel_ctx.") else 1)
+                out[key] = value.clone()
+                used.add(copied)
+                continue
+            source = copied
         if source is not None and source.startswith("latent_codec.y.residual_prediction.") and not old["lrp"]:
             is_new_block = True  # a new residual prediction: its second convolution is zero already
         if is_new_block:  # an RWKV block's gammas are zero, a unit's second convolution is zero already
@@ -254,10 +365,17 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
         if key in params and src[source].shape != fresh.shape:  # buffers (CDF tables) may have any size
             if new_group is None:
                 raise ValueError(f"{source}: shape {tuple(src[source].shape)}, expected {tuple(fresh.shape)}")
-            out[key] = _widen("latent_codec.hyper." + key if key.startswith(("h_a.", "h_s.")) else key, src[source], fresh, last_ga)
+            out[key] = _widen("latent_codec.hyper." + key if key.startswith(("h_a.", "h_s.")) else key, src[source], fresh, last_ga,
+                              gain_from=last_group if warm else slice(None), rows=rows)
         else:
             out[key] = src[source].clone()
         used.add(source)
+    if warm:  # the copied parameter network predicts the last group's means: the new group's start at zero
+        prefix = f"latent_codec.y.latent_codec.y{new_group}.entropy_parameters."
+        last = max(int(k[len(prefix):].split(".")[0]) for k in out if k.startswith(prefix))
+        g = new["groups"][-1]
+        for name in ("mix.weight", "mix.bias", "value.weight"):
+            out[f"{prefix}{last}.{name}"][g:] = 0
     left = sorted(set(src) - used)
     if left:
         raise ValueError(f"{len(left)} tensors have no place in the reshaped model, e.g. {left[0]}")

@@ -1260,8 +1260,16 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.option("--units", default=None, metavar="A,S", help="residual convolution units at the 1/2 level of g_a and g_s, each at least the current number: new ones start as identities")
 @click.option("--lrp", type=int, default=None, metavar="H",
               help="add a latent residual prediction of hidden width H after each channel group (starts as the identity)")
+@click.option("--latent-init", type=click.Choice(["random", "pca"]), default="random", show_default=True,
+              help="with --latent, the new analysis rows: random, or the principal components of what the present rows leave out of "
+                   "g_a's last convolution's input, measured on crops of --data")
+@click.option("--new-group", type=click.Choice(["fresh", "last"]), default="fresh", show_default=True,
+              help="with --latent, the new channel group's entropy networks: fresh, or copies of the last group's (the same width)")
+@click.option("--data", multiple=True, default=DEFAULT_TRAIN_DIRS, show_default=True, help="training images for --latent-init pca (repeat to pool)")
+@click.option("--holdout", default=24, show_default=True, help="images of --data left out, as codec train run holds them out")
+@click.option("--crops", default=64, show_default=True, help="random crops of 256 pixels for --latent-init pca")
 @exit_codes()
-def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units, lrp):
+def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units, lrp, latent_init, new_group, data, holdout, crops):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
     what it has learnt; continue with `codec train run --init-from OUT`."""
     from .models.checkpoints import load_state_dict_file
@@ -1280,7 +1288,19 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
             if len(ends) != 2:
                 raise ValueError(f"--lambdas {lambdas}: two numbers, LOW,HIGH")
             lam = ladder(*ends, levels=int(sd["lambdas"].numel()))
-        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u, lrp=lrp)
+        stats = None
+        if latent_init == "pca":
+            if latent is None:
+                raise ValueError("--latent-init pca: give --latent too")
+            from .klt_init import sample_crops
+            from .models.lalic import VariableRateLALIC
+            from .reshape import analysis_patch_stats
+
+            model = VariableRateLALIC(**model_kwargs(sd), lambdas=tuple(sd["lambdas"].tolist()))
+            model.load_state_dict(sd, strict=False)
+            stats = analysis_patch_stats(model.eval(), sample_crops(split_data(list(data), holdout)[0], count=crops, crop=256))
+        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u, lrp=lrp,
+                               patch_stats=stats, group_start=new_group)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     dest = Path(out)

@@ -249,6 +249,14 @@ def test_reshaped_file_starts_a_run_with_its_architecture(tmp_path, data_dir, tr
     for lam in ("0.01", "0.1,0.01", "a,b"):
         bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--lambdas", lam])
         assert bad.exit_code == 1 and "lambdas" in bad.output.lower() and not (tmp_path / "x.pt").exists(), bad.output
+    # a wider latent from innovation components of the training crops, the new group a copy of the last
+    res = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "w48.pt"), "--latent", "48", "--latent-init", "pca",
+                                      "--new-group", "last", "--data", str(data_dir), "--holdout", "1", "--crops", "12"])
+    assert res.exit_code == 0 and "M 32 (0, 1, 1, 1) x4/2 -> M 48 (0, 1, 1, 1) x4/2" in res.output, res.output
+    w48 = torch.load(tmp_path / "w48.pt", weights_only=True)["model"]
+    assert w48["log_gain"].shape[1] == 48 and w48["g_a.5.bias"][32:].any()  # centred rows: a bias, unlike random ones
+    bad = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "x.pt"), "--latent-init", "pca"])
+    assert bad.exit_code == 1 and "--latent" in bad.output and not (tmp_path / "x.pt").exists(), bad.output
     wide = CliRunner().invoke(tr.cli, ["reshape", str(weights), str(tmp_path / "wide.pt"), "--lambdas", "0.001,0.1"])
     assert wide.exit_code == 0 and "lambdas 0.001, " in wide.output and ", 0.1; wrote" in wide.output, wide.output
     assert torch.load(tmp_path / "wide.pt", weights_only=True)["model"]["lambdas"][-1].item() == pytest.approx(0.1)
@@ -328,3 +336,67 @@ def test_ceiling_benchmark_reads_any_image_size_and_refuses_an_empty_folder(tmp_
     empty.mkdir()
     with pytest.raises(SystemExit, match="no images in"):
         bench.main(["--images", str(empty)])
+
+
+def test_wider_latent_from_innovation_components_and_the_last_groups_networks(trained_like):
+    """The informed start of a wider latent: new channels uncorrelated with the old ones on the data,
+    the size of the last group's, the new group's networks copies of the last group's."""
+    from lalic_codec.reshape import analysis_patch_stats
+
+    src = trained_like.state_dict()
+    M, last = TINY["M"], TINY["groups"][-1]
+    torch.manual_seed(5)
+    crops = torch.rand(6, 3, 64, 64)
+    crops = (crops + torch.roll(crops, 1, -1) + torch.roll(crops, 1, -2)) / 3  # some spatial correlation
+    stats = analysis_patch_stats(trained_like, crops, batch=4)
+    D = TINY["dims"][2] * 9
+    assert stats[0].shape == (D,) and stats[1].shape == (D, D) and torch.allclose(stats[1], stats[1].T)
+    sd, arch = reshape(src, latent=M + last, patch_stats=stats, group_start="last")
+    wide = _load(sd).eval()
+    trained_like.eval()
+    with torch.no_grad():
+        y = wide.g_a(crops)
+        a, b = trained_like(crops[:1], quality=torch.tensor([3.0])), wide(crops[:1], quality=torch.tensor([3.0]))
+    # the reconstruction, z and the old groups' rates are the old model's
+    assert torch.equal(a["x_hat"], b["x_hat"]) and torch.equal(a["z"], b["z"])
+    assert torch.allclose(b["likelihoods"]["y"][:, :M], a["likelihoods"]["y"], atol=1e-6)
+    # on the crops the statistics came from: centred, uncorrelated with every old channel, as large
+    # as the last group's channels on average
+    flat = y.transpose(0, 1).reshape(y.shape[1], -1).double()
+    flat = flat - flat.mean(1, keepdim=True)
+    new, old = flat[M:], flat[:M]
+    assert y[:, M:].mean().abs() < 1e-4 * y[:, M:].std()
+    corr = (new @ old.T) / (new.norm(dim=1, keepdim=True) * old.norm(dim=1)[None])
+    assert corr.abs().max() < 1e-6
+    rms = lambda t: t.square().mean().sqrt()  # noqa: E731
+    assert torch.isclose(rms(new), rms(old[M - last :]), rtol=1e-4)
+    # the rows leave less of the patches unexplained (linearly) than random rows beside the old ones
+
+    def unexplained(rows):
+        w, cov = rows.reshape(len(rows), -1).double(), stats[1]
+        return torch.trace(cov - cov @ w.T @ torch.linalg.solve(w @ cov @ w.T, w @ cov))
+
+    ga = f"g_a.{len(wide.g_a) - 1}.weight"
+    assert unexplained(sd[ga]) < 0.9 * unexplained(torch.cat([src[ga], torch.randn_like(sd[ga][M:])]))
+    # the new group's networks are the last group's, its extra inputs zero, its means predicted at zero
+    n = len(TINY["groups"])
+    cc = "latent_codec.y.channel_context.y{}.0.weight"
+    assert torch.equal(sd[cc.format(n)][:, : M - last], src[cc.format(n - 1)]) and not sd[cc.format(n)][:, M - last :].any()
+    ep = "latent_codec.y.latent_codec.y{}.entropy_parameters.4."
+    assert torch.equal(sd[ep.format(n) + "key.weight"], src[ep.format(n - 1) + "key.weight"])
+    assert torch.equal(sd[ep.format(n) + "mix.weight"][:last], src[ep.format(n - 1) + "mix.weight"][:last])
+    assert not sd[ep.format(n) + "mix.weight"][last:].any() and not sd[ep.format(n) + "value.weight"][last:].any()
+    assert torch.equal(sd[f"scale_path.heads.{n}.0.weight"], src[f"scale_path.heads.{n - 1}.0.weight"])
+    with torch.no_grad():
+        side, _ = wide.channel_groups.side_params(n, torch.zeros(1, M, 4, 4), [torch.randn(1, g, 4, 4) for g in TINY["groups"]])
+        _, means = wide.group(n).pass_params(0, None, side)
+    assert not means.any()
+    assert torch.allclose(sd["log_gain"][:, M:], src["log_gain"][:, M - last :].mean(1, keepdim=True).expand(-1, last))
+    # it codes, and decodes what the encoder reconstructed
+    coded = wide.compress(crops[:1], quality=2.0)
+    assert torch.equal(wide.decompress(coded.streams, coded.z_shape, quality=2.0)["y_hat"], coded.y_hat)
+    # a copy needs a new group as wide as the last one, and both options need a wider latent
+    for kw in (dict(latent=M + last + 4, group_start="last"), dict(patch_stats=stats), dict(group_start="last"),
+               dict(latent=M + last, group_start="warm"), dict(latent=M + D, patch_stats=stats)):
+        with pytest.raises(ValueError):
+            reshape(src, **kw)
