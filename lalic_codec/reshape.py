@@ -261,7 +261,7 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str, gain_
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
             lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None, units=None,
             lrp: int | None = None, patch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-            group_start: str = "fresh") -> tuple[dict, dict]:
+            group_start: str = "fresh", origins: dict | None = None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
@@ -277,6 +277,8 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     :func:`analysis_patch_stats`, makes the new analysis rows the innovation components (None:
     random rows); ``group_start`` "last" starts the new group's networks as copies of the last
     old group's, "fresh" as new ones.
+
+    ``origins``, where given, receives for each tensor copied unchanged the old key it copies.
     """
     if group_start not in ("fresh", "last"):
         raise ValueError(f"group_start {group_start!r}: fresh or last")
@@ -369,6 +371,8 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
                               gain_from=last_group if warm else slice(None), rows=rows)
         else:
             out[key] = src[source].clone()
+            if origins is not None:
+                origins[key] = source
         used.add(source)
     if warm:  # the copied parameter network predicts the last group's means: the new group's start at zero
         prefix = f"latent_codec.y.latent_codec.y{new_group}.entropy_parameters."
@@ -380,3 +384,33 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     if left:
         raise ValueError(f"{len(left)} tensors have no place in the reshaped model, e.g. {left[0]}")
     return out, new
+
+
+def reshape_run(state: dict, patch_stats_of=None, **kw) -> dict:
+    """A training run's checkpoint (``codec train run``) with another architecture, to resume: the
+    weights and their moving average reshaped alike (``kw`` as :func:`reshape`; ``patch_stats_of``,
+    if given, maps a state dict to its ``patch_stats``), the Adam moments kept for every parameter
+    copied unchanged (the others, new or grown, start fresh), the step, samples and totals as
+    they were. A restart from the weights alone loses the optimizer's state, which a kept run
+    trains on from far better (model card, "What was tried")."""
+    if not all(k in state for k in ("model", "config", "optimizer")):
+        raise ValueError("not the checkpoint of a training run (no model, config or optimizer state)")
+    origins: dict = {}
+    model_sd, _ = reshape(state["model"], patch_stats=patch_stats_of(state["model"]) if patch_stats_of else None, origins=origins, **kw)
+    arch = model_kwargs(model_sd)
+    out = {**state, "model": model_sd, "config": {**state["config"], "arch": arch}}
+    names = [n for n, _ in VariableRateLALIC(**arch, lambdas=tuple(model_sd["lambdas"].tolist())).named_parameters()]
+    if "ema" in state:
+        avg = {**state["model"], **state["ema"]}
+        avg_sd, _ = reshape(avg, patch_stats=patch_stats_of(avg) if patch_stats_of else None, **kw)
+        out["ema"] = {n: avg_sd[n].float() for n in names}
+    opt = state["optimizer"]
+    if not all("names" in g for g in opt["param_groups"]):
+        raise ValueError("the run's optimizer state does not name its parameters (a checkpoint from before 2026-11)")
+    old_names = [n for g in opt["param_groups"] for n in g["names"]]
+    moments = {n: opt["state"][i] for i, n in enumerate(old_names) if i in opt["state"]}
+    kept = [n for n in names if origins.get(n) in moments and state["model"][origins[n]].shape == model_sd[n].shape]
+    group = {k: v for k, v in opt["param_groups"][0].items() if k not in ("names", "params")}
+    out["optimizer"] = {"state": {i: moments[origins[n]] for i, n in enumerate(kept)},
+                        "param_groups": [{**group, "names": kept, "params": list(range(len(kept)))}]}
+    return out

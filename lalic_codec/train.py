@@ -1268,14 +1268,23 @@ def _drop_optimizer_state(saved: dict, prefix: str) -> dict:
 @click.option("--data", multiple=True, default=DEFAULT_TRAIN_DIRS, show_default=True, help="training images for --latent-init pca (repeat to pool)")
 @click.option("--holdout", default=24, show_default=True, help="images of --data left out, as codec train run holds them out")
 @click.option("--crops", default=64, show_default=True, help="random crops of 256 pixels for --latent-init pca")
+@click.option("--keep-state", is_flag=True,
+              help="SOURCE is a run's checkpoint.pt and OUT a new run folder: its weights, moving average and Adam moments "
+                   "reshaped (new and grown tensors start fresh), to continue with codec train run --resume OUT/checkpoint.pt")
 @exit_codes()
-def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units, lrp, latent_init, new_group, data, holdout, crops):
+def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hidden_rate, units, lrp, latent_init, new_group, data, holdout, crops,
+                keep_state):
     """Write SOURCE (a checkpoint or weights file) with another architecture to OUT (.pt), keeping
-    what it has learnt; continue with `codec train run --init-from OUT`."""
+    what it has learnt; continue with `codec train run --init-from OUT` (or, with --keep-state,
+    `--resume OUT/checkpoint.pt`)."""
     from .models.checkpoints import load_state_dict_file
-    from .reshape import ladder, model_kwargs, reshape
+    from .reshape import ladder, model_kwargs, reshape, reshape_run
 
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict_file(source).items()}
+    state = read_training_state(source) if keep_state else None
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in (state["model"] if keep_state else load_state_dict_file(source)).items()}
+    dest = Path(out) / "checkpoint.pt" if keep_state else Path(out)
+    if keep_state and dest.exists():
+        raise click.ClickException(f"{dest} exists: --keep-state writes a new run folder")
     try:
         d = None if depths is None else tuple(int(v) for v in depths.split(","))
         u = None if units is None else tuple(int(v) for v in units.split(","))
@@ -1288,7 +1297,7 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
             if len(ends) != 2:
                 raise ValueError(f"--lambdas {lambdas}: two numbers, LOW,HIGH")
             lam = ladder(*ends, levels=int(sd["lambdas"].numel()))
-        stats = None
+        stats_of = None
         if latent_init == "pca":
             if latent is None:
                 raise ValueError("--latent-init pca: give --latent too")
@@ -1296,15 +1305,31 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
             from .models.lalic import VariableRateLALIC
             from .reshape import analysis_patch_stats
 
-            model = VariableRateLALIC(**model_kwargs(sd), lambdas=tuple(sd["lambdas"].tolist()))
-            model.load_state_dict(sd, strict=False)
-            stats = analysis_patch_stats(model.eval(), sample_crops(split_data(list(data), holdout)[0], count=crops, crop=256))
-        new_sd, arch = reshape(sd, d, ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u, lrp=lrp,
-                               patch_stats=stats, group_start=new_group)
+            sample = sample_crops(split_data(list(data), holdout)[0], count=crops, crop=256)
+
+            def stats_of(weights: dict):
+                model = VariableRateLALIC(**model_kwargs(weights), lambdas=tuple(weights["lambdas"].tolist()))
+                model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=False)
+                return analysis_patch_stats(model.eval(), sample)
+
+        kw = dict(depths=d, ctx_hidden_rate=ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u, lrp=lrp,
+                  group_start=new_group)
+        if keep_state:
+            new_state = reshape_run({**state, "model": sd}, stats_of, **kw)
+            new_sd = new_state["model"]
+        else:
+            new_sd, _ = reshape(sd, patch_stats=stats_of(sd) if stats_of else None, **kw)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    dest = Path(out)
-    save_checkpoint(dest, {"model": new_sd, "totals": _lineage_totals(source)})
+    arch = model_kwargs(new_sd)
+    if keep_state:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        log = Path(source).parent / "log.jsonl"
+        if log.is_file():  # the lineage's history goes on in the new folder
+            (dest.parent / "log.jsonl").write_bytes(log.read_bytes())
+        save_checkpoint(dest, new_state)
+    else:
+        save_checkpoint(dest, {"model": new_sd, "totals": _lineage_totals(source)})
     before = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     after = sum(v.numel() for k, v in new_sd.items() if v.is_floating_point() and not k.startswith(("h_a.", "h_s.")))
     was = model_kwargs(sd)

@@ -400,3 +400,43 @@ def test_wider_latent_from_innovation_components_and_the_last_groups_networks(tr
                dict(latent=M + last, group_start="warm"), dict(latent=M + D, patch_stats=stats)):
         with pytest.raises(ValueError):
             reshape(src, **kw)
+
+
+def test_a_runs_state_reshaped_with_its_moments_and_average_resumes(tmp_path, data_dir):  # noqa: F811
+    """--keep-state: a run's checkpoint reshaped (weights, moving average, Adam moments) and resumed."""
+    ckpt = tr.train(cfg_for(tmp_path / "r", data_dir, steps=2, val_count=0, ema_half_life=5))
+    state = torch.load(ckpt, weights_only=True)
+    new_dir = tmp_path / "wide"
+    args = ["reshape", str(ckpt), str(new_dir), "--keep-state", "--latent", "48", "--new-group", "last", "--units", "0,1"]
+    res = CliRunner().invoke(tr.cli, args)
+    assert res.exit_code == 0 and "-> M 48" in res.output, res.output
+    again = CliRunner().invoke(tr.cli, args)  # a run folder is never overwritten
+    assert again.exit_code == 1 and "exists" in again.output
+    new = torch.load(new_dir / "checkpoint.pt", weights_only=True)
+    assert new["step"] == state["step"] == 2 and new["samples"] == state["samples"] and new["config"]["arch"]["M"] == 48
+    assert (new_dir / "log.jsonl").read_bytes() == (tmp_path / "r" / "run" / "log.jsonl").read_bytes()
+    # the average is reshaped as the weights are: the same architecture, its own values
+    names = {n for n, _ in _load(new["model"]).named_parameters()}
+    assert set(new["ema"]) == names and new["ema"]["log_gain"].shape[1] == 48
+    assert torch.equal(new["ema"]["g_s.0.weight"][:32], state["ema"]["g_s.0.weight"]) and not new["ema"]["g_s.0.weight"][32:].any()
+    # Adam's moments: kept for the parameters copied unchanged, by name (the g_s unit's shift moves
+    # g_s's last convolution from g_s.5 to g_s.6), none for new or grown ones
+    opt = new["optimizer"]
+    kept = opt["param_groups"][0]["names"]
+    old_names = [n for g in state["optimizer"]["param_groups"] for n in g["names"]]
+
+    def moments(st, names, name):
+        return st["state"][names.index(name)]["exp_avg_sq"]
+
+    assert torch.equal(moments(opt, kept, "g_s.6.weight"), moments(state["optimizer"], old_names, "g_s.5.weight"))
+    assert torch.equal(moments(opt, kept, "g_a.1.weight"), moments(state["optimizer"], old_names, "g_a.1.weight"))
+    for fresh in ("g_s.0.weight", "g_a.5.weight", "log_gain", "g_s.5.c1.weight", "latent_codec.y.latent_codec.y4.entropy_parameters.0.mix.weight"):
+        assert fresh not in kept
+    # the run goes on from it: its steps, with the average resumed rather than restarted
+    res = CliRunner().invoke(tr.cli, ["run", "--resume", str(new_dir / "checkpoint.pt"), "--steps", "4"])
+    assert res.exit_code == 0 and "it starts at them" not in res.output, res.output
+    after = torch.load(new_dir / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 4 and after["config"]["arch"]["M"] == 48 and after["config"]["arch"]["units"] == (0, 1)
+    assert not torch.equal(after["ema"]["g_s.0.weight"], new["ema"]["g_s.0.weight"])
+    bad = CliRunner().invoke(tr.cli, ["reshape", str(tmp_path / "r" / "run" / "checkpoint.pt"), str(tmp_path / "x"), "--keep-state", "--lambdas", "a"])
+    assert bad.exit_code == 1 and not (tmp_path / "x").exists()
