@@ -406,7 +406,7 @@ def reshape_run(state: dict, patch_stats_of=None, **kw) -> dict:
         out["ema"] = {n: avg_sd[n].float() for n in names}
     opt = state["optimizer"]
     if not all("names" in g for g in opt["param_groups"]):
-        raise ValueError("the run's optimizer state does not name its parameters (a checkpoint from before 2026-11)")
+        raise ValueError("the run's optimizer state does not name its parameters (an older checkpoint)")
     old_names = [n for g in opt["param_groups"] for n in g["names"]]
     moments = {n: opt["state"][i] for i, n in enumerate(old_names) if i in opt["state"]}
     kept = [n for n in names if origins.get(n) in moments and state["model"][origins[n]].shape == model_sd[n].shape]
