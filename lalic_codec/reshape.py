@@ -261,7 +261,7 @@ def _widen(key: str, old: torch.Tensor, fresh: torch.Tensor, last_ga: str, gain_
 def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int = 0,
             lambdas=None, latent: int | None = None, param_hidden_rate: int | None = None, units=None,
             lrp: int | None = None, patch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-            group_start: str = "fresh", origins: dict | None = None) -> tuple[dict, dict]:
+            group_start: str = "fresh", origins: dict | None = None, names: list | None = None) -> tuple[dict, dict]:
     """(state dict, constructor arguments) of the reshaped model; ``sd`` is not modified.
 
     ``depths``: the new (L1, L2, L3, L4), each at least the old one; ``ctx_hidden_rate``: the new
@@ -278,7 +278,9 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     random rows); ``group_start`` "last" starts the new group's networks as copies of the last
     old group's, "fresh" as new ones.
 
-    ``origins``, where given, receives for each tensor copied unchanged the old key it copies.
+    ``origins``, where given, receives for each tensor copied unchanged the old key it copies;
+    ``names``, where given, receives the new model's parameter names in the order of
+    ``named_parameters()`` (an optimizer's order).
     """
     if group_start not in ("fresh", "last"):
         raise ValueError(f"group_start {group_start!r}: fresh or last")
@@ -332,6 +334,8 @@ def reshape(sd: dict, depths=None, ctx_hidden_rate: int | None = None, seed: int
     model = VariableRateLALIC(**new, lambdas=tuple(src["lambdas"].tolist()))
     template = model.state_dict()
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    if names is not None:
+        names.extend(k for k, _ in model.named_parameters())
     out, used = {}, set()
     new_group = len(old["groups"]) if len(new["groups"]) > len(old["groups"]) else None
     last_ga = "g_a.%d" % (len(_roles(new["depths"], _TRANSFORMS["g_a."], "g_a.", new["units"])) - 1)
@@ -396,10 +400,10 @@ def reshape_run(state: dict, patch_stats_of=None, **kw) -> dict:
     if not all(k in state for k in ("model", "config", "optimizer")):
         raise ValueError("not the checkpoint of a training run (no model, config or optimizer state)")
     origins: dict = {}
-    model_sd, _ = reshape(state["model"], patch_stats=patch_stats_of(state["model"]) if patch_stats_of else None, origins=origins, **kw)
-    arch = model_kwargs(model_sd)
-    out = {**state, "model": model_sd, "config": {**state["config"], "arch": arch}}
-    names = [n for n, _ in VariableRateLALIC(**arch, lambdas=tuple(model_sd["lambdas"].tolist())).named_parameters()]
+    names: list = []
+    model_sd, _ = reshape(state["model"], patch_stats=patch_stats_of(state["model"]) if patch_stats_of else None, origins=origins,
+                          names=names, **kw)
+    out = {**state, "model": model_sd, "config": {**state["config"], "arch": model_kwargs(model_sd)}}
     if "ema" in state:
         avg = {**state["model"], **state["ema"]}
         avg_sd, _ = reshape(avg, patch_stats=patch_stats_of(avg) if patch_stats_of else None, **kw)

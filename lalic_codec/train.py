@@ -1302,15 +1302,13 @@ def reshape_cmd(source, out, depths, ctx_hidden_rate, lambdas, latent, param_hid
             if latent is None:
                 raise ValueError("--latent-init pca: give --latent too")
             from .klt_init import sample_crops
-            from .models.lalic import VariableRateLALIC
+            from .loading import build_from_state_dict
             from .reshape import analysis_patch_stats
 
             sample = sample_crops(split_data(list(data), holdout)[0], count=crops, crop=256)
 
             def stats_of(weights: dict):
-                model = VariableRateLALIC(**model_kwargs(weights), lambdas=tuple(weights["lambdas"].tolist()))
-                model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=False)
-                return analysis_patch_stats(model.eval(), sample)
+                return analysis_patch_stats(build_from_state_dict(weights)[0].eval(), sample)
 
         kw = dict(depths=d, ctx_hidden_rate=ctx_hidden_rate, lambdas=lam, latent=latent, param_hidden_rate=param_hidden_rate, units=u, lrp=lrp,
                   group_start=new_group)
