@@ -27,7 +27,7 @@ from lalic_codec.batch import inputs
 from lalic_codec.cli import main
 
 SIZES = [(64, 64), (64, 96), (96, 64), (96, 128), (80, 112), (128, 96)]
-N_IMAGES = 24
+N_IMAGES = 12
 BAD = {"bad.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "notes.png": b"not an image at all\n"}
 
 
