@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from case_worker import case_workers, run_case_worker, serve_cases  # noqa: F401  (the tests import them from here)
 from lalic_codec._paths import shared_dir
 
 SHARED = shared_dir()
@@ -148,77 +149,7 @@ def run_with_grads(fn, args, gy=None, **kwargs):
     return [y.detach()] + [x.grad if x is not None else None for x in xs], gy
 
 
-# ---- kernel checks in a worker subprocess, case by case -------------------------------------
-# The Triton tests run their kernels under the interpreter (TRITON_INTERPRET=1), which must be set
-# before triton is imported and must not leak into other test modules: each test file is also a
-# worker script.  The tests of a file share one worker process, which runs only the cases of the
-# tests selected in this session (``-k`` runs one case alone); a case that raises fails only its
-# test, and a case that kills the worker (crash, timeout) fails alone too: the others run in a
-# fresh worker.
-
-
-def serve_cases(cases: dict, names) -> None:
-    """Worker side: run the named cases (every case when ``names`` is empty), printing ``START name``
-    before and one ``CASE {json}`` line after each: ``{"case", "seconds", "result" | "error"}``."""
-    import json
-    import time
-    import traceback
-
-    for name in list(names) or list(cases):
-        print("START " + name, flush=True)
-        t0 = time.perf_counter()
-        try:
-            entry = {"case": name, "result": cases[name]()}
-        except Exception:  # noqa: BLE001 - reported to the test of this case
-            entry = {"case": name, "error": traceback.format_exc(limit=-6)}
-        entry["seconds"] = time.perf_counter() - t0
-        print("CASE " + json.dumps(entry), flush=True)
-        print(f"{entry['seconds']:7.2f}s {name}", file=sys.stderr, flush=True)
-
-
-def run_case_worker(script, cases, flag: str = "--worker", interpret: bool = True, env_extra=None,
-                    timeout: float = 900) -> dict:
-    """Run ``python script flag case...`` (see :func:`serve_cases`); return {case: entry}.  A worker
-    that dies marks the case it was running as failed and the remaining cases run in a new one."""
-    import json
-    import os
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env.update(env_extra or {})
-    results: dict = {}
-    todo = list(dict.fromkeys(cases))
-    while todo:
-        try:
-            proc = subprocess.run([sys.executable, str(script), flag, *todo], env=env, capture_output=True,
-                                  text=True, timeout=timeout)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            text = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else b) or ""  # noqa: E731
-            out, err, rc = text(e.stdout), text(e.stderr), f"timeout after {timeout:g} s"
-        running = None
-        for line in out.splitlines():
-            if line.startswith("START "):
-                running = line[len("START "):]
-            elif line.startswith("CASE "):
-                entry = json.loads(line[len("CASE "):])
-                results[entry["case"]] = entry
-                running = None
-        if rc != 0 and "No module named 'triton'" in err:
-            pytest.skip("triton is not importable")
-        failure = f"worker exit status {rc}:\n{out[-2000:]}\n{err[-6000:]}"
-        if rc != 0 and running is not None:  # died inside a case: that case fails, the rest go on
-            results[running] = {"case": running, "error": "the worker died in this case; " + failure}
-            todo = [n for n in todo if n not in results]
-            continue
-        for n in todo:
-            results.setdefault(n, {"case": n, "error": "no result from the worker; " + failure})
-        break
-    return results
+# ---- kernel checks in worker subprocesses, case by case: run_case_worker and serve_cases (case_worker.py)
 
 
 def selected_cases(request, param: str = "case") -> list:

@@ -2,9 +2,9 @@
 
 The Triton kernels run under the Triton interpreter (``TRITON_INTERPRET=1``).  That variable
 must be set before triton is imported and must not leak into other test modules, so the checks
-run in a subprocess (this file executed as a script), case by case: the tests read the result
+run in worker subprocesses (this file executed as a script), case by case: the tests read the result
 of their case, a case that fails fails only its test, and ``-k`` runs only the selected cases
-(see ``conftest.run_case_worker``).  Shapes are small: the interpreter evaluates every program
+(see ``case_worker.run_case_worker``).  Shapes are small: the interpreter evaluates every program
 in Python.
 
 Covered: L = 1, 2, a tile boundary (33 with tiles of 16), prime L (97), L not a multiple of the
