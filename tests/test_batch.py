@@ -1,7 +1,8 @@
 """codec batch: whole folders, globs and manifests coded by a Ray Data actor pool.
 
 One local Ray instance (2 CPUs) serves the whole module; the jobs code a few dozen small images
-(64x64 to 128x96) with the bundled default model.  Checked: outputs byte-identical to
+(64x136 to 144x80: each more than 128 pixels on one side, so coded once, without the small-image
+search's dozen tries) with the bundled default model.  Checked: outputs byte-identical to
 single-process coding, a bad input is a failed row while the rest succeed, a rerun with
 --skip-existing codes only what is missing (a killed worker's temporary file never counts), an
 actor that dies mid-batch still leaves every output complete, --weights are shipped to the
@@ -26,7 +27,7 @@ from conftest import natural_image, torch_threads
 from lalic_codec.batch import inputs
 from lalic_codec.cli import main
 
-SIZES = [(64, 64), (64, 96), (96, 64), (96, 128), (80, 112), (128, 96)]
+SIZES = [(64, 136), (64, 144), (136, 64), (96, 144), (144, 80), (136, 96)]  # (height, width)
 N_IMAGES = 12
 BAD = {"bad.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "notes.png": b"not an image at all\n"}
 
@@ -114,8 +115,8 @@ def test_encode_is_byte_identical_and_bad_inputs_are_failed_rows(photos, encoded
     ok = [row for name, row in got.items() if name not in BAD]
     assert all(row["status"] == "ok" for row in ok)
     row = got["img01.png"]
-    assert (row["width"], row["height"]) == (96, 64) and row["bytes"] == len(expected["img01.lic"])
-    assert row["bpp"] == pytest.approx(8 * row["bytes"] / (96 * 64)) and row["seconds"] > 0
+    assert (row["width"], row["height"]) == (144, 64) and row["bytes"] == len(expected["img01.lic"])
+    assert row["bpp"] == pytest.approx(8 * row["bytes"] / (144 * 64)) and row["seconds"] > 0
     assert f"encoded {N_IMAGES} files" in r.output and "2 failed" in r.output and "images/s" in r.output
 
 

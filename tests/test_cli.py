@@ -208,7 +208,8 @@ def _batch_src(tmp_path, n=60):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(n):
-        Image.fromarray(natural_image(48, 64, seed=i)).save(src / f"img{i:03d}.png")
+        # more than 128 pixels wide: coded once, without the small-image search's dozen tries
+        Image.fromarray(natural_image(48, 136, seed=i)).save(src / f"img{i:03d}.png")
     return src
 
 
