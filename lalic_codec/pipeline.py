@@ -176,7 +176,7 @@ def _small_tile_search(lm: loading.LoadedModel, rgb: np.ndarray, pad, qt) -> tup
         # plain rounding: the search wants the least error within its byte budget, and a tiny
         # image's bytes are mostly headers, so trading error for rate does not pay here
         coded = _compress(lm, inp, qt, rdo=False)
-        return coded.streams, lm.model.synthesis(coded.y_hat, qt).clamp_(0, 1)
+        return coded.streams, lm.model.reconstruct(coded.y_hat, qt)
 
     def error(canvas, p):
         crop = crop_tile(canvas, p, h, w)
@@ -271,7 +271,7 @@ def encode_image(
                 coded = _compress(lm, tiling._to_tensor(rgb, pad, lm.device), qt)
                 streams = coded.streams
                 # the decoder's output from the coded latent (decode_tile, without the entropy decoding)
-                x_hat = None if canvas is None else crop_tile(lm.model.synthesis(coded.y_hat, qt).clamp_(0, 1), pad, th, tw)
+                x_hat = None if canvas is None else crop_tile(lm.model.reconstruct(coded.y_hat, qt), pad, th, tw)
                 del coded
             tile = fmt.Tile(tx, ty, tw, th, pad, streams)
             if canvas is not None:

@@ -133,6 +133,11 @@ class CodingModel(nn.Module):
         """The image from the decoded latent (not clamped)."""
         raise NotImplementedError
 
+    def reconstruct(self, y_hat: torch.Tensor, quality=None) -> torch.Tensor:
+        """What :meth:`decompress` outputs for the latent ``y_hat``: the synthesis clamped to [0, 1]
+        (an encoder calls it with the ``y_hat`` of :meth:`compress` to see what a decoder will)."""
+        return self.synthesis(y_hat, quality).clamp_(0, 1)
+
     def scale_indexes(self, quality=None):
         """None (tables from the network's scales), or a function of the z symbols that gives the
         ``latent_codecs.ScaleIndexes`` of an integer scale path."""
@@ -175,5 +180,5 @@ class CodingModel(nn.Module):
             io = StreamCoder(streams, merged=merged)
             out = tree.code(io, None, (zh, zw), scale_indexes=self.scale_indexes(quality))
             io.finish()
-            x_hat = self.synthesis(out["y_hat"], quality).clamp_(0, 1)
+            x_hat = self.reconstruct(out["y_hat"], quality)
         return {"x_hat": x_hat, "y_hat": out["y_hat"], "z_hat": out["z_hat"]}

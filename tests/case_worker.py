@@ -104,9 +104,11 @@ def run_case_worker(script, cases, flag: str = "--worker", interpret: bool = Tru
                 except BrokenPipeError:  # died before reading the name
                     pass
                 finally:
-                    if name is None:
+                    if name is None:  # every case taken: the worker ends at the end of its input
                         proc.stdin.close()
-                    rc = proc.wait() if name is None else (proc.kill(), proc.wait())[1]
+                    else:
+                        proc.kill()
+                    rc = proc.wait()
                     killer.cancel()
                 if name is None:
                     break

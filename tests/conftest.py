@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from case_worker import case_workers, run_case_worker, serve_cases  # noqa: F401  (the tests import them from here)
+from case_worker import run_case_worker, serve_cases  # noqa: F401  (the tests import them from here)
 from lalic_codec._paths import shared_dir
 
 SHARED = shared_dir()
